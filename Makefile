@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lab bench venv clean
+.PHONY: run test lab bench venv data clean
 
 venv: $(STAMP)
 
@@ -18,10 +18,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-run: $(STAMP)
+# The corpus: pip downloads the vaderSentiment sdist, peftkit checks its sha256 and extracts it.
+data: $(STAMP)
+	$(PY) -m peftkit data
+
+run: $(STAMP) data
 	$(PY) -m peftkit demo
 
-test: $(STAMP)
+test: $(STAMP) data
 	$(PY) -m pytest -q
 
 lab: $(STAMP)
