@@ -97,7 +97,10 @@ def _read_domain(path: Path, domain: str) -> pd.DataFrame:
         parts = line.strip("\r\n").split("\t", 2)
         if len(parts) != 3 or not parts[2].strip():
             continue
-        rows.append((int(parts[0]), float(parts[1]), html.unescape(parts[2].strip())))
+        text = parts[2].strip()
+        for _ in range(2):  # some snippets are escaped twice ("&amp;amp;")
+            text = html.unescape(text)
+        rows.append((int(parts[0]), float(parts[1]), text))
     return pd.DataFrame(rows, columns=["id", "rating", "text"]).assign(domain=domain)
 
 
