@@ -1,0 +1,154 @@
+"""Training-step time and peak memory on the real MiniLM: peftkit's methods against a full
+fine-tune and against Hugging Face PEFT's LoRA.
+
+Every (method, round) is a fresh Python process, so each peak resident set (ru_maxrss) belongs
+to that method alone; rounds interleave the methods, so machine noise hits them all alike.
+Each process trains on the same real movie-snippet batches (batch 32) with AdamW and reports
+the median seconds per step (forward, backward, optimizer step).
+
+    python benchmarks/bench_train.py                 # 3 rounds x 20 timed steps, 2 threads
+    python benchmarks/bench_train.py --quick         # a smoke run on the tiny model
+Writes benchmarks/results/train.csv and prints a ratio table against the full fine-tune.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name -> (what it is, how it is built)
+METHODS = {
+    "full": "full fine-tune (every parameter, AdamW)",
+    "head_only": "peftkit HeadOnly",
+    "peftkit_lora": "peftkit LoRA q,v r=8 alpha=16 dropout 0",
+    "peftkit_lora_do": "peftkit LoRA q,v r=8 alpha=16 dropout 0.1",
+    "peftkit_adapter": "peftkit Adapter pfeiffer reduction 16",
+    "peft_lora": "HF PEFT LoRA q,v r=8 alpha=16 dropout 0",
+    "peft_lora_do": "HF PEFT LoRA q,v r=8 alpha=16 dropout 0.1",
+}
+
+
+def build(name: str, base: str):
+    import peftkit as pk
+    model, tok = pk.load_base(base, num_labels=2, seed=0)
+    if name.startswith("peft_"):
+        import peft
+        cfg = peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"],
+                              lora_dropout=0.1 if name.endswith("_do") else 0.0)
+        model = peft.get_peft_model(model, cfg)
+    elif name == "full":
+        pk.apply(model, pk.FullFineTune())
+    elif name == "head_only":
+        pk.apply(model, pk.HeadOnly())
+    elif name.startswith("peftkit_lora"):
+        pk.apply(model, pk.LoRA(r=8, alpha=16, dropout=0.1 if name.endswith("_do") else 0.0))
+    elif name == "peftkit_adapter":
+        pk.apply(model, pk.Adapter(reduction=16, placement="pfeiffer"))
+    return model, tok
+
+
+def worker(name: str, base: str, steps: int, warmup: int, threads: int, batch_size: int) -> dict:
+    """One measurement in this process: returns median step seconds and peak RSS."""
+    import resource
+
+    import torch
+    import torch.nn.functional as F
+
+    from peftkit import data
+    from peftkit.loaders import make_loaders
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, tok = build(name, base)
+    splits = data.split(data.load_corpus("movies"), seed=0)
+    loader = make_loaders(tok, {"train": splits["train"]}, batch_size=batch_size, seed=0)["train"]
+    batches = []
+    for b in loader:
+        batches.append(b)
+        if len(batches) == steps + warmup:
+            break
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    model.train()
+    times = []
+    for i, b in enumerate(batches):
+        t0 = time.perf_counter()
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        loss = F.cross_entropy(out.logits, b["labels"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return {"method": name, "sec_per_step": statistics.median(times),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_after_load_mib": rss_loaded, "trainable": sum(p.numel() for p in params),
+            "tokens_per_step": statistics.mean(int(b["attention_mask"].sum()) for b in batches)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {list(METHODS)}")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per process (default 20)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--base", default="minilm")
+    ap.add_argument("--quick", action="store_true", help="tiny model, 1 round, 3 steps")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.csv"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.base, a.rounds, a.steps, a.warmup = "tiny", 1, 3, 1
+    if a.worker:
+        print(json.dumps(worker(a.worker, a.base, a.steps, a.warmup, a.threads, a.batch_size)))
+        return 0
+    names = [n.strip() for n in a.methods.split(",")]
+    unknown = set(names) - set(METHODS)
+    if unknown:
+        ap.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
+    import pandas as pd
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1"}
+    rows = []
+    for r in range(a.rounds):
+        for name in names:
+            cmd = [sys.executable, __file__, "--worker", name, "--base", a.base, "--steps", str(a.steps),
+                   "--warmup", str(a.warmup), "--threads", str(a.threads), "--batch-size", str(a.batch_size)]
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if p.returncode != 0:
+                print(p.stderr[-2000:], file=sys.stderr)
+                return 1
+            row = json.loads(p.stdout.strip().splitlines()[-1])
+            rows.append({**row, "round": r})
+            print(f"round {r + 1}/{a.rounds} {name:16s} {row['sec_per_step']:.3f} s/step  "
+                  f"peak {row['peak_rss_mib']:.0f} MiB", flush=True)
+    df = pd.DataFrame(rows)
+    import torch
+    df["threads"], df["torch"], df["base"], df["batch_size"] = a.threads, torch.__version__, a.base, a.batch_size
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(a.out, index=False)
+    med = df.groupby("method").agg(sec_per_step=("sec_per_step", "median"), peak_rss_mib=("peak_rss_mib", "median"),
+                                   trainable=("trainable", "first")).reindex(names)
+    if "full" in med.index:
+        med["step_vs_full"] = med.sec_per_step / med.loc["full", "sec_per_step"]
+        med["memory_vs_full"] = med.peak_rss_mib / med.loc["full", "peak_rss_mib"]
+    med["what"] = [METHODS[n] for n in med.index]
+    print(f"\nMiniLM training step, batch {a.batch_size}, {a.threads} threads, medians of {a.rounds} "
+          f"interleaved processes x {a.steps} steps (torch {torch.__version__}):\n")
+    print(med.round(3).to_markdown())
+    print(f"\nwrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

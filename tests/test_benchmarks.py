@@ -1,0 +1,21 @@
+"""The benchmark scripts run end to end (tiny settings; no timing is asserted)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_train_quick(tmp_path):
+    out = tmp_path / "train.csv"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--quick",
+                        "--methods", "full,peftkit_lora,peft_lora", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    df = pd.read_csv(out)
+    assert set(df.method) == {"full", "peftkit_lora", "peft_lora"}
+    assert (df.sec_per_step > 0).all() and (df.peak_rss_mib > 0).all()
+    assert "step_vs_full" in p.stdout
