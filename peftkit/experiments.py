@@ -206,5 +206,14 @@ def _worker() -> int:
     return 0
 
 
+def transfer_matrix(df: pd.DataFrame, metric: str = "acc") -> pd.DataFrame:
+    """Train domain (rows) x test domain (columns) from result rows with acc_/f1_ columns."""
+    from .data import FILES
+    m = df.drop_duplicates("domain", keep="last").set_index("domain")
+    out = m[[f"{metric}_{d}" for d in FILES]]
+    out.columns = list(FILES)
+    return out.reindex([d for d in FILES if d in out.index])
+
+
 if __name__ == "__main__" and "--worker" in sys.argv:
     raise SystemExit(_worker())

@@ -120,3 +120,46 @@ def adapter_bytes(model) -> int:
     with tempfile.TemporaryDirectory() as d:
         save_adapter(model, d)
         return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
+
+
+@torch.no_grad()
+def latency(model, batch: dict, repeats: int = 20, warmup: int = 3) -> float:
+    """Median seconds of one inference forward pass on `batch` (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        model_logits(model, batch)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    model.train(was_training)
+    return statistics.median(times)
+
+
+def state_bytes(model) -> int:
+    """Bytes of every distinct parameter and buffer: about the size of a full checkpoint."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def compare_latency(models: dict, batch: dict, repeats: int = 20, warmup: int = 2) -> pd.DataFrame:
+    """Median inference latency of several models, interleaved so machine noise hits all alike."""
+    for m in models.values():
+        m.eval()
+        for _ in range(warmup):
+            model_logits(m, batch)
+    times = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            model_logits(m, batch)
+            times[name].append(time.perf_counter() - t0)
+    df = pd.DataFrame({"model": list(times), "ms per batch": [1000 * statistics.median(t) for t in times.values()]})
+    df["vs first"] = (df["ms per batch"] / df["ms per batch"].iloc[0]).round(3)
+    return df

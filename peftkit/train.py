@@ -180,6 +180,7 @@ def fit(model, train_loader, val_loader=None, cfg: TrainConfig | None = None, re
             if cfg.patience and state["bad_evals"] >= cfg.patience:
                 state["stopped"] = True
 
+    was_training = model.training  # restored at the end: fit leaves the mode as it found it
     net.train()
     while state["epoch"] < cfg.epochs and state["step"] < total and not state["stopped"]:
         epoch = state["epoch"]
@@ -236,6 +237,7 @@ def fit(model, train_loader, val_loader=None, cfg: TrainConfig | None = None, re
             if done:
                 break
     bar.close()
+    model.train(was_training)
     hist = pd.DataFrame(state["history"])
     hist.attrs.update(stopped_early=state["stopped"], best=state["best"], device=str(device),
                       world_size=world, checkpoint=state["last_checkpoint"])
