@@ -47,12 +47,12 @@ def config_key(spec: dict) -> str:
 
 
 def make_spec(method: Method, base="minilm", domain="movies", n_train=None, cfg=None,
-              max_length: int = 128, eval_domains=True) -> dict:
+              max_length: int = 128, eval_domains=True, n_eval=None) -> dict:
     from .train import TrainConfig
     cfg = cfg or TrainConfig()
     tc = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_KEY}
     return {"method": method.to_dict(), "base": base, "domain": domain, "n_train": n_train,
-            "train": tc, "max_length": max_length, "eval_domains": bool(eval_domains)}
+            "train": tc, "max_length": max_length, "eval_domains": bool(eval_domains), "n_eval": n_eval}
 
 
 def environment(device: str) -> dict:
@@ -65,8 +65,13 @@ def environment(device: str) -> dict:
 
 
 def run(method: Method, base: str = "minilm", domain: str = "movies", n_train: int | None = None,
-        cfg=None, max_length: int = 128, eval_domains: bool = True, out: str | None = None) -> dict:
-    """Train `method` on `domain` and measure it. Returns one flat result row (a dict)."""
+        cfg=None, max_length: int = 128, eval_domains: bool = True, out: str | None = None,
+        n_eval: int | None = None) -> dict:
+    """Train `method` on `domain` and measure it. Returns one flat result row (a dict).
+
+    n_train: a random subset of the training split; n_eval: caps every validation and test
+    split (for quick runs; None evaluates on all of them).
+    """
     from . import data
     from .io import save_adapter
     from .loaders import make_loaders
@@ -76,8 +81,12 @@ def run(method: Method, base: str = "minilm", domain: str = "movies", n_train: i
     from .train import TrainConfig, fit, resolve_device
 
     cfg = cfg or TrainConfig()
-    spec = make_spec(method, base, domain, n_train, cfg, max_length, eval_domains)
+    spec = make_spec(method, base, domain, n_train, cfg, max_length, eval_domains, n_eval)
+
+    def cap(df):
+        return df if n_eval is None or len(df) <= n_eval else df.sample(n_eval, random_state=cfg.seed)
     splits = data.split(data.load_corpus(domain), seed=cfg.seed)
+    splits["val"], splits["test"] = cap(splits["val"]), cap(splits["test"])
     if n_train is not None:
         if n_train < 2 or n_train > len(splits["train"]):
             raise ValueError(f"n_train must be between 2 and {len(splits['train'])} for {domain}, got {n_train}.")
@@ -109,7 +118,7 @@ def run(method: Method, base: str = "minilm", domain: str = "movies", n_train: i
             if other == domain:
                 m = test
             else:
-                od = data.split(data.load_corpus(other), seed=cfg.seed)["test"]
+                od = cap(data.split(data.load_corpus(other), seed=cfg.seed)["test"])
                 m = evaluate(model, make_loaders(tok, {"test": od}, batch_size=cfg.batch_size,
                                                  max_length=max_length)["test"], num_labels=2)
             row[f"acc_{other}"], row[f"f1_{other}"] = m["accuracy"], m["f1_macro"]
@@ -158,8 +167,12 @@ def _run_in_subprocess(spec: dict, threads: int | None) -> dict:
 
 def compare(methods, base: str = "minilm", domain: str = "movies", n_train: int | None = None,
             cfg=None, max_length: int = 128, eval_domains: bool = True, cache=DEFAULT_CACHE,
-            fresh_process: bool = True, threads: int | None = None, progress: bool = True) -> pd.DataFrame:
-    """Run each method (reusing cached rows) and return one DataFrame row per method."""
+            fresh_process: bool = True, threads: int | None = None, progress: bool = True,
+            n_eval: int | None = None) -> pd.DataFrame:
+    """Run each method (reusing cached rows) and return one DataFrame row per method.
+
+    fresh_process=False runs in this process: faster to start, but peak memory then mixes runs.
+    """
     from tqdm.auto import tqdm
 
     from .train import TrainConfig
@@ -168,7 +181,7 @@ def compare(methods, base: str = "minilm", domain: str = "movies", n_train: int 
     rows = []
     bar = tqdm(methods, desc="compare", disable=not progress)
     for method in bar:
-        spec = make_spec(method, base, domain, n_train, cfg, max_length, eval_domains)
+        spec = make_spec(method, base, domain, n_train, cfg, max_length, eval_domains, n_eval)
         key = config_key(spec)
         bar.set_postfix_str(describe(method))
         if key in cached:
@@ -178,7 +191,7 @@ def compare(methods, base: str = "minilm", domain: str = "movies", n_train: int 
         if fresh_process:
             row = _run_in_subprocess({**spec, "cfg": dataclasses.asdict(quiet)}, threads)
         else:
-            row = run(method, base, domain, n_train, quiet, max_length, eval_domains)
+            row = run(method, base, domain, n_train, quiet, max_length, eval_domains, n_eval=n_eval)
         if cache:
             append_cache(row, cache)
         rows.append({**row, "cached": False})
@@ -201,7 +214,7 @@ def _worker() -> int:
     from .train import TrainConfig
     spec = json.loads(sys.stdin.read())
     row = run(Method.from_dict(spec["method"]), spec["base"], spec["domain"], spec["n_train"],
-              TrainConfig(**spec["cfg"]), spec["max_length"], spec["eval_domains"])
+              TrainConfig(**spec["cfg"]), spec["max_length"], spec["eval_domains"], n_eval=spec.get("n_eval"))
     print(json.dumps(row, default=str))
     return 0
 
