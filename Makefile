@@ -23,10 +23,11 @@ data: $(STAMP)
 	$(PY) -m peftkit data
 
 run: $(STAMP) data
-	$(PY) -m peftkit demo
+	$(PY) -m peftkit run
 
 test: $(STAMP) data
 	$(PY) -m pytest -q
+	PEFTKIT_QUICK=1 $(PY) -m pytest -q -p no:cacheprovider --nbval-lax notebooks/
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -147,9 +147,25 @@ def _compare(a) -> int:
     return 0
 
 
+def _run(a) -> int:
+    from .runner import NotebookFailed, run_all
+    only = [o for o in a.only.split(",") if o.strip()] if a.only else None
+    try:
+        run_all(quick=a.quick, only=only, out=a.out)
+    except NotebookFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog="python -m peftkit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+    rn = sub.add_parser("run", help="execute every notebook with papermill and write an HTML report")
+    rn.add_argument("--quick", action="store_true", help="quick mode: small models and data (tests)")
+    rn.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 02,04")
+    rn.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
+    rn.set_defaults(func=_run)
     demo = sub.add_parser("demo", help="a short end-to-end LoRA run on the real MiniLM")
     demo.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
     demo.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")

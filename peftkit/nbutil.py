@@ -44,6 +44,10 @@ def setup(seed: int = 0, threads: int | None = None) -> dict:
     torch.manual_seed(seed)
     if threads:
         torch.set_num_threads(threads)
+    import plotly.io as pio
+    # JupyterLab renders the mimetype bundle; the "notebook" part adds HTML with plotly.js inlined,
+    # so figures survive nbconvert's HTML export (the batch report) and need no network to view.
+    pio.renderers.default = "plotly_mimetype+notebook"
     import transformers
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu",

@@ -1,0 +1,53 @@
+"""Every notebook runs unattended under papermill in quick mode, and is committed without outputs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from peftkit.runner import NotebookFailed, execute, notebooks, run_all
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_stripped_and_follows_the_conventions(path):
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), \
+        f"{path.name} holds outputs: strip it (jupyter nbconvert --clear-output --inplace)"
+    first = code[0]
+    assert "parameters" in first["metadata"].get("tags", []), "the first code cell must be tagged parameters"
+    src = "".join(first["source"])
+    assert 'quick = os.environ.get("PEFTKIT_QUICK") == "1"' in src and "progress" in src
+    assert all("#" in line for line in src.splitlines() if "=" in line), "each parameter carries a # comment"
+    text = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    assert "## Summary" in text and "## Exercises" in text
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs_in_quick_mode(path, tmp_path):
+    try:
+        execute(path, tmp_path, quick=True)
+    except NotebookFailed as e:  # names the notebook, the cell and the error
+        pytest.fail(str(e))
+    out = json.loads((tmp_path / path.name).read_text())
+    errors = [o for c in out["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+
+
+def test_bad_parameter_names_the_cell_and_the_error(tmp_path):
+    path = next(p for p in NOTEBOOKS if p.name.startswith("02"))
+    with pytest.raises(NotebookFailed, match=r"02_lora_training.ipynb failed in cell \d+ \(ParameterError: .*domain='reddit'"):
+        execute(path, tmp_path, quick=True, parameters={"domain": "reddit"})
+    assert (tmp_path / path.name).exists()  # the executed copy is kept for inspection
+
+
+def test_runner_writes_report(tmp_path):
+    index = run_all(quick=True, only=["02"], out=str(tmp_path))
+    html = index.read_text()
+    assert "02_lora_training.html" in html and (tmp_path / "02_lora_training.html").exists()
+    assert json.loads((tmp_path / "timings.json").read_text())["quick"] is True
+    with pytest.raises(ValueError, match="no notebook numbered"):
+        notebooks(["99"])
