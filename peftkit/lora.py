@@ -58,17 +58,20 @@ class _LoRAFunction(torch.autograd.Function):
         x, w_eff, lora_A, lora_B, x_rT = ctx.saved_tensors
         s = ctx.scale
         g = grad_out.contiguous().view(-1, grad_out.shape[-1])  # (T, out), one copy at most
-        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
+        # Under autocast the forward ran in a lower precision than the fp32 factors: do the
+        # products in the gradient's dtype, and hand each gradient back in its input's dtype.
+        dt = g.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (T, in)
         grad_x = grad_A = grad_B = None
         # The skinny products are laid out (r, T) @ (T, n): on CPU BLAS that is 2-3x faster than
         # the (T, n) @ (n, r) orientation, because the long T axis is the reduction.
         if ctx.needs_input_grad[3]:
-            g_rT = lora_B.t() @ g.t()  # (r, T)
-            grad_A = (g_rT @ x2).mul_(s)  # (r, in)
+            g_rT = lora_B.to(dt).t() @ g.t()  # (r, T)
+            grad_A = (g_rT @ x2).mul_(s).to(lora_A.dtype)  # (r, in)
         if ctx.needs_input_grad[4]:
-            grad_B = (x_rT @ g).mul_(s).t().contiguous()  # (out, r)
+            grad_B = (x_rT.to(dt) @ g).mul_(s).t().contiguous().to(lora_B.dtype)  # (out, r)
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ w_eff).view(x.shape)  # (T, in)
+            grad_x = (g @ w_eff.to(dt)).view(x.shape).to(x.dtype)  # (T, in)
         return grad_x, None, None, grad_A, grad_B, None
 
 

@@ -120,7 +120,7 @@ def fit(model, train_loader, val_loader=None, cfg: TrainConfig | None = None, re
         raise ValueError("resume=True needs cfg.checkpoint_dir, where the checkpoints are.")
     torch.manual_seed(cfg.seed)
 
-    sampler = train_loader.batch_sampler
+    sampler = getattr(train_loader, "batch_sampler", None)  # a plain list of batches works too
     if not isinstance(sampler, EpochBatchSampler):
         if world > 1 or resume:
             raise ValueError("data-parallel runs and resuming need a loader from peftkit.make_loaders "

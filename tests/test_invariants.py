@@ -225,3 +225,18 @@ def test_teaching_wrappers():
         torch.testing.assert_close(logits(wl, x), logits(ref, x))
     wa = pk.ModelWithAdapters(fresh("tiny"), size=4)
     assert len(adapter_layers(wa)) == 4
+
+
+def test_lora_fast_path_under_autocast():
+    """bf16 autocast (what fit uses on CUDA) runs the fast path with fp32 factors."""
+    layer = pk.LoRALinear(torch.nn.Linear(16, 8), r=2)
+    perturb(layer)
+    x = torch.randn(4, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    exact = torch.autograd.grad((layer.base(x) + layer.scale * (x @ layer.lora_A.T @ layer.lora_B.T)).sum(),
+                                layer.lora_B)[0]
+    torch.testing.assert_close(layer.lora_B.grad, exact, atol=0.05, rtol=0.05)  # bf16 precision
