@@ -182,11 +182,17 @@ def update_spectrum(steps: int = 300, layer: int = 0, module: str = "query", n_t
 # --- 3. figures ----------------------------------------------------------------------------
 
 def spectrum_figure(df: pd.DataFrame, r: int = 8):
-    """Two panels: singular values (log scale) and cumulative energy, update against random."""
+    """Two panels: singular values and cumulative energy against rank k, update against random.
+
+    Both x axes are logarithmic: the top few directions, where LoRA lives, would otherwise be
+    squeezed against the left edge of a 384-wide axis.
+    """
+    import math
+
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=(
-        "singular values of the update", "energy held by the top-k directions"))
+        "singular values s_k", "energy held by the top-k directions"))
     styles = {"update": dict(color="#1f77b4"), "random": dict(color="#7f7f7f", dash="dot")}
     label = {"update": "fine-tuning update", "random": "random, same norm"}
     for which, line in styles.items():
@@ -194,16 +200,19 @@ def spectrum_figure(df: pd.DataFrame, r: int = 8):
                         legendgroup=which, row=1, col=1)
         fig.add_scatter(x=df["k"], y=df[f"energy_{which}"], name=label[which], line=line,
                         legendgroup=which, showlegend=False, row=1, col=2)
-    fig.add_vline(x=r, line_dash="dash", line_color="#d62728", row=1, col=2)
-    fig.add_annotation(x=r, y=energy_at(df, r), text=f"r = {r}: {energy_at(df, r):.0%}",
-                       showarrow=True, arrowhead=2, ax=50, ay=30, row=1, col=2)
-    fig.update_yaxes(type="log", title_text="singular value", row=1, col=1)
-    fig.update_yaxes(title_text="fraction of ||dW||_F^2", range=[0, 1.02], row=1, col=2)
-    fig.update_xaxes(title_text="k", row=1, col=1)
-    fig.update_xaxes(title_text="k (rank)", row=1, col=2)
-    title = df.attrs.get("weight", "weight update")
+    # The marker for r is a trace, not a shape: shapes on log axes take log10 coordinates.
+    fig.add_scatter(x=[r, r], y=[0, 1], mode="lines", name=f"LoRA rank r = {r}",
+                    line=dict(color="#d62728", dash="dash"), row=1, col=2)
+    e = energy_at(df, r)
+    fig.add_annotation(x=math.log10(r), y=e, text=f"r = {r}: {e:.0%}", showarrow=True, arrowhead=2,
+                       ax=-60, ay=40 if e > 0.8 else -30, row=1, col=2)  # stay clear of the title
+    fig.update_xaxes(type="log", title_text="k (rank)")
+    fig.update_yaxes(type="log", dtick=1, exponentformat="power", title_text="singular value",
+                     row=1, col=1)  # dtick=1: one label per decade
+    fig.update_yaxes(title_text="fraction of ||dW||²_F", range=[0, 1.02], row=1, col=2)
+    title = df.attrs.get("weight", "a weight update")
     fig.update_layout(title=f"Spectrum of dW = W - W0 for {title}", height=420,
-                      legend=dict(orientation="h", y=-0.2))
+                      legend=dict(orientation="h", y=-0.25))
     return fig
 
 
