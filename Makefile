@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lab bench venv data clean
+.PHONY: run test lab bench venv data chromium clean
 
 venv: $(STAMP)
 
@@ -25,7 +25,11 @@ data: $(STAMP)
 run: $(STAMP) data
 	$(PY) -m peftkit run
 
-test: $(STAMP) data
+# The browser test drives Debian's Chromium (never a downloaded browser build).
+chromium:
+	@test -x /usr/bin/chromium || (command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || echo "apt-get unavailable: the browser test will skip")
+
+test: $(STAMP) data chromium
 	$(PY) -m pytest -q
 	PEFTKIT_QUICK=1 $(PY) -m pytest -q -p no:cacheprovider --nbval-lax notebooks/
 
