@@ -20,6 +20,14 @@ gets dA and dB from skinny products in the r-dimensional space:
     g_r = g B            (tokens, r)      dA = s * g_r^T x      (r, in)
     x_r = x A^T          (tokens, r)      dB = s * g^T x_r      (out, r)
 
+x_r is taken in the forward pass, right after the main GEMM has brought x into cache. The scale
+s rides on the dA and dB GEMMs (addmm's alpha) rather than on a separate pass.
+
+Folding is not free: it reads W0 and writes and re-reads an (out, in) matrix, while the two-path
+formula costs rank-r passes over the (tokens, in) input and (tokens, out) output. So folding
+pays from about in * out / (in + out) tokens on (192 at 384x384, 2,048 at 4096x4096); with
+fewer tokens, e.g. generating one token at a time, the layer uses the two-path formula.
+
 With dropout > 0 each token sees a different mask, so the update no longer folds into the
 weight and the plain two-path formula is used.
 """
@@ -44,34 +52,53 @@ class _LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale):
-        # (out, r) @ (r, in): the merged weight, formed on the fly, never stored on the layer.
+        need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        # (out, in) + s * (out, r) @ (r, in) in one addmm: the merged weight, formed on the fly and
+        # never stored on the layer.
         w_eff = torch.addmm(weight, lora_B, lora_A, alpha=scale)
-        y = F.linear(x, w_eff, bias)
-        # (r, T): taken while x is still warm in cache from the main GEMM; dB needs it.
-        x_rT = lora_A @ x.reshape(-1, x.shape[-1]).t() if ctx.needs_input_grad[4] else None
-        ctx.save_for_backward(x, w_eff, lora_A, lora_B, x_rT)
-        ctx.scale = scale
+        y = F.linear(x, w_eff, bias)  # (..., out): the one big GEMM, as in nn.Linear
+        x2 = x.reshape(-1, x.shape[-1])  # (T, in); a view unless x is non-contiguous
+        # x_r = x A^T, (T, r); only dB needs it. Taken now, while x is still warm in cache from the
+        # main GEMM. As F.linear ((T, in) @ (in, r), A transposed inside BLAS) it measured as fast
+        # as or faster than A @ x^T -> (r, T), and its transpose feeds dB below without a copy.
+        x_r = F.linear(x2, lora_A) if need_B else None
+        # Save only what backward reads: x for dA, B for g_r and dA, w_eff for dx, x_r for dB.
+        ctx.save_for_backward(x2 if need_A else None, w_eff if need_x else None,
+                              lora_B if need_A else None, x_r)
+        ctx.scale, ctx.x_shape = scale, x.shape
+        ctx.dtype_x, ctx.dtype_A, ctx.dtype_B = x.dtype, lora_A.dtype, lora_B.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w_eff, lora_A, lora_B, x_rT = ctx.saved_tensors
+        x2, w_eff, lora_B, x_r = ctx.saved_tensors
         s = ctx.scale
-        g = grad_out.contiguous().view(-1, grad_out.shape[-1])  # (T, out), one copy at most
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (T, out)
+        if not g.is_contiguous():
+            g = g.contiguous()  # one copy at most; every product below wants unit inner stride
         # Under autocast the forward ran in a lower precision than the fp32 factors: do the
-        # products in the gradient's dtype, and hand each gradient back in its input's dtype.
+        # products in the gradient's dtype (.to is free when they already agree), and hand each
+        # gradient back in its input's dtype.
         dt = g.dtype
-        x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (T, in)
+        if x2 is not None:
+            x2 = x2.to(dt)
+        if lora_B is not None:
+            lora_B = lora_B.to(dt)
+        if x_r is not None:
+            x_r = x_r.to(dt)
         grad_x = grad_A = grad_B = None
         # The skinny products are laid out (r, T) @ (T, n): on CPU BLAS that is 2-3x faster than
-        # the (T, n) @ (n, r) orientation, because the long T axis is the reduction.
+        # the (T, n) @ (n, r) orientation, because the long T axis is the reduction. addmm with
+        # beta=0 applies the scale s inside the GEMM (its 0-d `input` is never read), which saves a
+        # separate mul_ over the result.
         if ctx.needs_input_grad[3]:
-            g_rT = lora_B.to(dt).t() @ g.t()  # (r, T)
-            grad_A = (g_rT @ x2).mul_(s).to(lora_A.dtype)  # (r, in)
+            g_rT = lora_B.t() @ g.t()  # (r, T) = (g B)^T
+            grad_A = torch.addmm(g.new_zeros(()), g_rT, x2, beta=0, alpha=s).to(ctx.dtype_A)  # (r, in)
         if ctx.needs_input_grad[4]:
-            grad_B = (x_rT.to(dt) @ g).mul_(s).t().contiguous().to(lora_B.dtype)  # (out, r)
+            # (r, T) @ (T, out) -> (r, out), then into B's (out, r) layout: a copy of out*r floats.
+            grad_B = torch.addmm(g.new_zeros(()), x_r.t(), g, beta=0, alpha=s).t().contiguous().to(ctx.dtype_B)
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ w_eff.to(dt)).view(x.shape).to(x.dtype)  # (T, in)
+            grad_x = (g @ w_eff.to(dt)).view(ctx.x_shape).to(ctx.dtype_x)  # (T, out) @ (out, in): the other big GEMM
         return grad_x, None, None, grad_A, grad_B, None
 
 
@@ -131,17 +158,23 @@ class LoRALinear(nn.Module):
         w, b = self.base.weight, self.base.bias
         if self.merged:
             return F.linear(x, w, b)
+        A, B, s = self.lora_A, self.lora_B, self.scale
         if self.dropout_p > 0 and self.training:
             # Plain path: a fresh mask per token means the update cannot fold into W.
-            h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
-            return F.linear(x, w, b) + F.linear(h, self.lora_B) * self.scale
-        A, B = self.lora_A, self.lora_B
-        if w.requires_grad or (b is not None and b.requires_grad):
-            # Someone unfroze the base: let autograd see every term.
-            return F.linear(x, w, b) + F.linear(F.linear(x, A), B) * self.scale
+            h = F.linear(self.lora_dropout(x), A)  # (..., r)
+            # add_ into the base output (its backward does not need it) spares one (..., out) pass.
+            return F.linear(x, w, b).add_(F.linear(h, B), alpha=s)
+        n_out, n_in = w.shape
+        # Folding s*B@A into W costs passes over an (out, in) matrix; the two-path formula costs
+        # rank-r passes over (T, in) and (T, out). Below T = in*out/(in+out) tokens (192 at
+        # 384x384, 2,048 at 4096x4096), e.g. token-by-token generation, the two-path is cheaper.
+        few_tokens = x.numel() * (n_in + n_out) < n_in * n_in * n_out
+        if few_tokens or w.requires_grad or (b is not None and b.requires_grad):
+            # Two-path; also when someone unfroze the base, so autograd sees every term.
+            return F.linear(x, w, b).add_(F.linear(F.linear(x, A), B), alpha=s)
         if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad or x.requires_grad):
-            return _LoRAFunction.apply(x, w, b, A, B, self.scale)
-        return F.linear(x, torch.addmm(w, B, A, alpha=self.scale), b)
+            return _LoRAFunction.apply(x, w, b, A, B, s)
+        return F.linear(x, torch.addmm(w, B, A, alpha=s), b)
 
     @torch.no_grad()
     def merge(self) -> None:
