@@ -26,7 +26,10 @@ Usage::
     python benchmarks/bench_layers.py --quick              # a few seconds, small shapes
 
 Writes ``benchmarks/results/layers.csv`` (``--out``), one row per shape x mode x implementation,
-and a markdown copy of the printed tables next to it (``layers.md``).
+and a markdown copy of the printed tables next to it (``layers.md``); both are rewritten after
+every shape. The ``other_load`` column is the share of the machine's CPU time that other
+processes took while that shape ran (from /proc/stat): on a shared machine ratios measured
+above ~10% are not to be trusted, and the report says so.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ TRAIN_IMPLS = ["frozen_linear", "trainable_linear", "peftkit", "peft", "loralib"
 DROPOUT_IMPLS = ["peftkit", "peft"]
 INFER_IMPLS = ["linear", "peftkit_unmerged", "peftkit_merged", "peft_unmerged", "loralib_unmerged"]
 CSV_FIELDS = ["shape", "tokens", "rank", "mode", "impl", "baseline", "median_ms",
-              "ratio_vs_baseline", "repeats", "threads", "torch", "cpu"]
+              "ratio_vs_baseline", "repeats", "threads", "torch", "cpu", "other_load"]
+BUSY_WARN = 0.10  # other processes' share of the CPUs above which the report warns
 
 
 def cpu_model() -> str:
@@ -71,6 +75,27 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+def _cpu_ticks():
+    """(busy ticks of the whole machine, ticks of this process, all ticks), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        idle = v[3] + v[4]  # idle + iowait
+        return sum(v[:8]) - idle, int(own[11]) + int(own[12]), sum(v[:8])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def other_load(t0, t1):
+    """Share of the machine's CPU time that other processes used between two _cpu_ticks()."""
+    if t0 is None or t1 is None or t1[2] <= t0[2]:
+        return float("nan")
+    others = (t1[0] - t0[0]) - (t1[1] - t0[1])
+    return max(0.0, others / (t1[2] - t0[2]))
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -290,6 +315,13 @@ def report(rows: list[dict], env: dict) -> str:
     infer = markdown_table(rows, INFER, INFER_IMPLS)
     if infer:
         out += ["Inference (no_grad), ratio to the plain nn.Linear:", "", infer, ""]
+    busy = {r["shape"]: r.get("other_load", float("nan")) for r in rows}
+    loaded = {k: v for k, v in busy.items() if v > BUSY_WARN}
+    if loaded:
+        out += ["WARNING: other processes used " + ", ".join(f"{v:.0%} at {k}" for k, v in loaded.items())
+                + " of the CPUs while this ran. With threads competing for cores, every extra"
+                " parallel op waits for a descheduled thread, so multi-op layers look much slower"
+                " than they are: rerun on a quiet machine before trusting those ratios.", ""]
     return "\n".join(out)
 
 
@@ -300,6 +332,7 @@ def write_csv(rows: list[dict], env: dict, path: Path) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({**r, "median_ms": f"{r['median_ms']:.4f}",
+                        "other_load": f"{r.get('other_load', float('nan')):.3f}",
                         "ratio_vs_baseline": f"{r['ratio_vs_baseline']:.4f}",
                         "tokens": env["tokens"], "rank": R, "repeats": env["repeats"],
                         "threads": env["threads"], "torch": env["torch"], "cpu": env["cpu"]})
@@ -343,14 +376,20 @@ def main(argv=None) -> int:
                    tokens=tokens, repeats=repeats)
         rows = []
         for n_in, n_out in shapes:
-            rows += bench_shape(n_in, n_out, tokens, repeats, warmup, modes)
+            t0 = _cpu_ticks()
+            new = bench_shape(n_in, n_out, tokens, repeats, warmup, modes)
+            load = other_load(t0, _cpu_ticks())
+            for r in new:
+                r["other_load"] = load
+            rows += new
+            # Rewritten after every shape, so a long run that is stopped keeps what it measured.
+            write_csv(rows, env, args.out)
+            args.out.with_suffix(".md").write_text(report(rows, env))
             print(f"  done {n_in}x{n_out}", file=sys.stderr, flush=True)
     finally:
         torch.set_num_threads(old_threads)
 
-    write_csv(rows, env, args.out)
     text = report(rows, env)
-    args.out.with_suffix(".md").write_text(text)
     print(text)
     print(f"wrote {args.out}")
     return 0

@@ -50,6 +50,10 @@ def write_json(path: Path, obj) -> None:
 
 
 def write_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    # safetensors writes the header's metadata map in hash order, so two or more keys make the
+    # bytes differ from run to run. Callers pass at most one key; everything else goes to JSON.
+    if metadata is not None and len(metadata) > 1:
+        raise ValueError("write_tensors keeps files byte-reproducible: pass at most one metadata key")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     _atomic_write(Path(path), lambda t: save_file(tensors, t, metadata=metadata))
 
@@ -133,7 +137,7 @@ def save_adapter(model: nn.Module, directory) -> Path:
     meta = {"format": "peftkit-adapter", "peftkit_version": __version__, "method": done.method.to_dict(),
             "head": done.head, "base": fingerprint(model, done.head, done.method),
             "tensors": {k: list(v.shape) for k, v in state.items()}}
-    write_tensors(d / WEIGHTS, state, {"format": "pt", "producer": "peftkit"})
+    write_tensors(d / WEIGHTS, state, {"format": "pt"})
     write_json(d / CONFIG, meta)
     return d
 

@@ -136,3 +136,15 @@ def test_load_into_an_adapted_model_is_refused(tmp_path):
     pk.save_adapter(model, tmp_path)
     with pytest.raises(ValueError, match="fresh base"):
         pk.load_adapter(model, tmp_path)
+
+
+def test_saved_files_are_byte_reproducible(tmp_path):
+    # safetensors orders a multi-key metadata map by hash, which would make identical adapters
+    # differ byte for byte from one process to the next; write_tensors refuses that.
+    model = trained("lora", "tiny")
+    for name in ("a", "b"):
+        pk.save_adapter(model, tmp_path / name)
+    assert (tmp_path / "a" / "adapter.safetensors").read_bytes() == (tmp_path / "b" / "adapter.safetensors").read_bytes()
+    from peftkit.io import write_tensors
+    with pytest.raises(ValueError, match="at most one metadata key"):
+        write_tensors(tmp_path / "x.safetensors", {"w": torch.zeros(2)}, {"a": "1", "b": "2"})

@@ -286,6 +286,7 @@ def test_bench_layers_quick(tmp_path, capsys):
         assert r["shape"] == "32x48"
         assert float(r["median_ms"]) > 0 and float(r["ratio_vs_baseline"]) > 0
         assert r["repeats"] == "2" and int(r["threads"]) >= 1 and r["torch"] == torch.__version__
+        assert r["cpu"] and r["other_load"]  # the environment is recorded with the numbers
         if r["impl"] == r["baseline"]:
             assert float(r["ratio_vs_baseline"]) == 1.0
     printed = capsys.readouterr().out
