@@ -125,6 +125,7 @@ def run(method: Method, base: str = "minilm", domain: str = "movies", n_train: i
     row["env"] = environment(device)
     row["history"] = hist[[c for c in ("step", "loss", "lr", "val_accuracy", "val_f1_macro") if c in hist]].to_dict("list")
     if out:
+        row["adapter_dir"] = str(out)
         save_adapter(model, out)
         Path(out, "metrics.json").write_text(json.dumps(row, indent=2, default=str))
     return row
@@ -168,9 +169,11 @@ def _run_in_subprocess(spec: dict, threads: int | None) -> dict:
 def compare(methods, base: str = "minilm", domain: str = "movies", n_train: int | None = None,
             cfg=None, max_length: int = 128, eval_domains: bool = True, cache=DEFAULT_CACHE,
             fresh_process: bool = True, threads: int | None = None, progress: bool = True,
-            n_eval: int | None = None) -> pd.DataFrame:
+            n_eval: int | None = None, need_adapters: bool = False) -> pd.DataFrame:
     """Run each method (reusing cached rows) and return one DataFrame row per method.
 
+    Each trained adapter is saved under `runs/adapters/<key>/` (next to the cache), and the row's
+    `adapter_dir` names it. need_adapters=True retrains a cached row whose adapter folder is gone.
     fresh_process=False runs in this process: faster to start, but peak memory then mixes runs.
     """
     from tqdm.auto import tqdm
@@ -184,18 +187,25 @@ def compare(methods, base: str = "minilm", domain: str = "movies", n_train: int 
         spec = make_spec(method, base, domain, n_train, cfg, max_length, eval_domains, n_eval)
         key = config_key(spec)
         bar.set_postfix_str(describe(method))
-        if key in cached:
-            rows.append({**cached[key], "cached": True})
+        hit = cached.get(key)
+        if hit is not None and not (need_adapters and not _has_adapter(hit)):
+            rows.append({**hit, "cached": True})
             continue
         quiet = dataclasses.replace(cfg, progress=False)
+        out = str(Path(cache).parent / "adapters" / key) if cache else None
         if fresh_process:
-            row = _run_in_subprocess({**spec, "cfg": dataclasses.asdict(quiet)}, threads)
+            row = _run_in_subprocess({**spec, "cfg": dataclasses.asdict(quiet), "out": out}, threads)
         else:
-            row = run(method, base, domain, n_train, quiet, max_length, eval_domains, n_eval=n_eval)
+            row = run(method, base, domain, n_train, quiet, max_length, eval_domains, out=out, n_eval=n_eval)
         if cache:
             append_cache(row, cache)
         rows.append({**row, "cached": False})
     return results_frame(rows)
+
+
+def _has_adapter(row: dict) -> bool:
+    d = row.get("adapter_dir")
+    return bool(d) and (Path(d) / "adapter.json").exists()
 
 
 TABLE_COLUMNS = ["label", "method", "accuracy", "f1_macro", "trainable", "trainable_pct", "sec_per_step",
@@ -214,7 +224,8 @@ def _worker() -> int:
     from .train import TrainConfig
     spec = json.loads(sys.stdin.read())
     row = run(Method.from_dict(spec["method"]), spec["base"], spec["domain"], spec["n_train"],
-              TrainConfig(**spec["cfg"]), spec["max_length"], spec["eval_domains"], n_eval=spec.get("n_eval"))
+              TrainConfig(**spec["cfg"]), spec["max_length"], spec["eval_domains"], out=spec.get("out"),
+              n_eval=spec.get("n_eval"))
     print(json.dumps(row, default=str))
     return 0
 

@@ -35,6 +35,18 @@ def test_compare_caches_rows_and_keys_on_the_whole_config(tmp_path):
     again = compare(methods, base="tiny", domain="tweets", n_train=48, cfg=CFG, cache=cache, eval_domains=False, progress=False)
     assert list(again.cached) == [True, True]
     assert again.accuracy.tolist() == first.accuracy.tolist()
+    # every trained adapter is kept beside the cache and loads back onto a fresh base
+    lora_dir = Path(first.adapter_dir.iloc[1])
+    assert lora_dir.parent == tmp_path / "adapters" and lora_dir.name == first.key.iloc[1]
+    model, _ = pk.load_base("tiny", seed=0)
+    pk.load_adapter(model, lora_dir)
+    import shutil
+    shutil.rmtree(lora_dir)  # an adapter folder that is gone is retrained only when one is needed
+    assert list(compare(methods, base="tiny", domain="tweets", n_train=48, cfg=CFG, cache=cache,
+                        eval_domains=False, progress=False).cached) == [True, True]
+    need = compare(methods, base="tiny", domain="tweets", n_train=48, cfg=CFG, cache=cache, eval_domains=False,
+                   progress=False, need_adapters=True)
+    assert list(need.cached) == [True, False] and (lora_dir / "adapter.json").exists()
     a = config_key(make_spec(pk.LoRA(), "tiny", "tweets", 48, CFG))
     assert a == config_key(make_spec(pk.LoRA(), "tiny", "tweets", 48, TrainConfig(epochs=1, lr=1e-3, batch_size=16, progress=True)))
     assert a != config_key(make_spec(pk.LoRA(), "tiny", "tweets", 48, TrainConfig(epochs=1, lr=2e-3, batch_size=16)))
