@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -142,9 +143,20 @@ def save_adapter(model: nn.Module, directory) -> Path:
     return d
 
 
-def load_adapter(model: nn.Module, directory) -> nn.Module:
-    """Apply the saved method to a fresh base `model` and load its tensors. Checks the base
-    fingerprint and every shape first; on any error the model is left as it was."""
+@dataclass(frozen=True)
+class AdapterFile:
+    """An adapter folder read and checked for itself, not yet applied to any model."""
+
+    path: Path
+    method: Method
+    head: str | None
+    tensors: dict  # unwrapped name -> CPU tensor
+    meta: dict     # adapter.json as written
+
+
+def read_adapter(directory) -> AdapterFile:
+    """Read adapter.json and adapter.safetensors and check that they describe a peftkit adapter.
+    Touches no model; raises AdapterFileError for a missing, corrupt or pickled file."""
     d = Path(directory)
     meta = read_json(d / CONFIG, "load_adapter")
     if meta.get("format") != "peftkit-adapter":
@@ -154,12 +166,13 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
         method = Method.from_dict(meta["method"])
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterFileError(f"{d / CONFIG} holds an invalid method spec: {e}") from None
-    tensors = read_tensors(d / WEIGHTS)
-    if applied(model) is not None:
-        raise ValueError("load_adapter needs a fresh base model, but this one already has "
-                         f"{applied(model).method} applied. Load the base again with load_base().")
-    head = meta.get("head")
-    want, have = meta.get("base", {}), fingerprint(model, head, method)
+    return AdapterFile(d, method, meta.get("head"), read_tensors(d / WEIGHTS), meta)
+
+
+def check_base(model: nn.Module, adapter: AdapterFile) -> None:
+    """Raise AdapterFileError unless `model` is the base `adapter` was saved from (by its
+    fingerprint: architecture, parameter names and shapes, and the frozen non-Linear values)."""
+    want, have = adapter.meta.get("base", {}), fingerprint(model, adapter.head, adapter.method)
     for key, what in (("architecture", "architecture"), ("params_sha256", "parameter names and shapes")):
         if want.get(key) != have[key]:
             raise AdapterFileError(
@@ -170,7 +183,32 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     if want.get("stable_values_sha256") != have["stable_values_sha256"]:
         raise AdapterFileError("this adapter was trained on a base with the same architecture but "
                                "different weights (its embeddings and norms differ). Load it into the base it was saved from.")
-    return _apply_and_fill(model, method, head, tensors, str(d / WEIGHTS))
+
+
+def load_adapter(model: nn.Module, directory) -> nn.Module:
+    """Apply the saved method to a fresh base `model` and load its tensors. Checks the base
+    fingerprint and every shape first; on any error the model is left as it was."""
+    adapter = read_adapter(directory)
+    if applied(model) is not None:
+        raise ValueError("load_adapter needs a fresh base model, but this one already has "
+                         f"{applied(model).method} applied. Load the base again with load_base().")
+    check_base(model, adapter)
+    return _apply_and_fill(model, adapter.method, adapter.head, adapter.tensors, str(adapter.path / WEIGHTS))
+
+
+def check_tensors(state: dict, tensors: dict, source: str) -> None:
+    """Raise AdapterFileError unless `tensors` has exactly the names and shapes of `state`."""
+    missing = sorted(set(state) - set(tensors))
+    unexpected = sorted(set(tensors) - set(state))
+    if missing or unexpected:
+        raise AdapterFileError(f"{source} does not match the method: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}.")
+    bad = [(k, tuple(tensors[k].shape), tuple(v.shape)) for k, v in state.items()
+           if tensors[k].shape != v.shape]
+    if bad:
+        k, got, exp = bad[0]
+        raise AdapterFileError(f"{source}: tensor {k} has shape {got}, the model expects {exp} "
+                               f"({len(bad)} mismatches; e.g. a different num_labels or rank).")
 
 
 def _apply_and_fill(model, method, head, tensors, source: str):
@@ -179,17 +217,7 @@ def _apply_and_fill(model, method, head, tensors, source: str):
     apply(model, method, head=head)
     try:
         state = adapter_state(model)
-        missing = sorted(set(state) - set(tensors))
-        unexpected = sorted(set(tensors) - set(state))
-        if missing or unexpected:
-            raise AdapterFileError(f"{source} does not match the method: missing {missing[:5]}, "
-                                   f"unexpected {unexpected[:5]}.")
-        bad = [(k, tuple(tensors[k].shape), tuple(v.shape)) for k, v in state.items()
-               if tensors[k].shape != v.shape]
-        if bad:
-            k, got, exp = bad[0]
-            raise AdapterFileError(f"{source}: tensor {k} has shape {got}, the model expects {exp} "
-                                   f"({len(bad)} mismatches; e.g. a different num_labels or rank).")
+        check_tensors(state, tensors, source)
         with torch.no_grad():
             for k, v in state.items():
                 v.copy_(tensors[k])
