@@ -241,3 +241,21 @@ def transfer_matrix(df: pd.DataFrame, metric: str = "acc") -> pd.DataFrame:
 
 if __name__ == "__main__" and "--worker" in sys.argv:
     raise SystemExit(_worker())
+
+
+def trained_model(method: Method, base: str = "minilm", domain: str = "movies", n_train: int | None = None,
+                  cfg=None, n_eval: int | None = None, cache=DEFAULT_CACHE, fresh_process: bool = True,
+                  threads: int | None = None):
+    """(model, tokenizer, result row) for a trained `method`: from the cache when its adapter is
+    there (as `compare` left it), else trained now. The model is a fresh base with the adapter loaded."""
+    from .io import load_adapter
+    from .models import load_base
+    from .train import TrainConfig
+    cfg = cfg or TrainConfig()
+    if not cache:
+        raise ValueError("trained_model keeps adapters beside the result cache: pass a cache path, not None.")
+    row = compare([method], base=base, domain=domain, n_train=n_train, cfg=cfg, cache=cache, progress=False,
+                  n_eval=n_eval, fresh_process=fresh_process, threads=threads, need_adapters=True).iloc[0].to_dict()
+    model, tok = load_base(base, num_labels=2, seed=cfg.seed)
+    load_adapter(model, row["adapter_dir"])
+    return model.eval(), tok, row

@@ -163,3 +163,24 @@ def compare_latency(models: dict, batch: dict, repeats: int = 20, warmup: int = 
     df = pd.DataFrame({"model": list(times), "ms per batch": [1000 * statistics.median(t) for t in times.values()]})
     df["vs first"] = (df["ms per batch"] / df["ms per batch"].iloc[0]).round(3)
     return df
+
+
+def test_split(domain: str, seed: int = 0, n_eval: int | None = None) -> pd.DataFrame:
+    """The seed-`seed` test split of `domain`, capped at `n_eval` rows (a seeded sample)."""
+    from .data import load_corpus, split
+    test = split(load_corpus(domain), seed=seed)["test"]
+    return test if n_eval is None or len(test) <= n_eval else test.sample(n_eval, random_state=seed)
+
+
+def evaluate_domains(model, tokenizer, domains=None, n_eval: int | None = None, seed: int = 0,
+                     batch_size: int = 64, max_length: int = 128) -> pd.DataFrame:
+    """Accuracy and macro F1 of `model` on the test split of each domain (all four by default)."""
+    from .data import FILES
+    from .loaders import make_loaders
+    rows = []
+    for d in domains or list(FILES):
+        loader = make_loaders(tokenizer, {"test": test_split(d, seed, n_eval)}, batch_size=batch_size,
+                              max_length=max_length)["test"]
+        r = evaluate(model, loader)
+        rows.append({"domain": d, "accuracy": r["accuracy"], "f1_macro": r["f1_macro"], "n": len(loader.dataset)})
+    return pd.DataFrame(rows)

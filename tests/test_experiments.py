@@ -95,3 +95,19 @@ def test_cli_bad_arguments_give_one_line_and_exit_2(args, match):
 def test_cli_help(cmd):
     p = _cli(cmd, "--help")
     assert p.returncode == 0 and "usage" in p.stdout
+
+
+def test_trained_model_reuses_the_cached_adapter_and_evaluates_by_domain(tmp_path):
+    from peftkit.experiments import trained_model
+    from peftkit.metrics import evaluate_domains
+    cache = tmp_path / "results.jsonl"
+    kw = dict(base="tiny", domain="tweets", n_train=48, cfg=CFG, cache=cache, n_eval=40, fresh_process=False)
+    model, tok, row = trained_model(pk.LoRA(r=2, alpha=4), **kw)
+    again, _, row2 = trained_model(pk.LoRA(r=2, alpha=4), **kw)
+    assert not row["cached"] and row2["cached"]
+    table = evaluate_domains(model, tok, n_eval=40)
+    assert list(table.domain) == ["movies", "amazon", "nyt", "tweets"] and (table.n == 40).all()
+    assert table.set_index("domain").accuracy["tweets"] == pytest.approx(row["acc_tweets"])
+    assert evaluate_domains(again, tok, ["tweets"], n_eval=40).accuracy[0] == pytest.approx(row["acc_tweets"])
+    with pytest.raises(ValueError, match="cache"):
+        trained_model(pk.LoRA(r=2, alpha=4), **{**kw, "cache": None})
