@@ -107,8 +107,13 @@ def _iterate(loader):
     return it
 
 
-def fit(model, train_loader, val_loader=None, cfg: TrainConfig | None = None, resume: bool = False) -> pd.DataFrame:
-    """Train `model` in place; returns the history (step, epoch, loss, lr, val_*, elapsed)."""
+def fit(model, train_loader, val_loader=None, cfg: TrainConfig | None = None, resume: bool = False,
+        on_eval=None) -> pd.DataFrame:
+    """Train `model` in place; returns the history (step, epoch, loss, lr, val_*, elapsed).
+
+    on_eval: called with a copy of each evaluation's history row (step, epoch, loss, lr, val_*);
+    an exception it raises (e.g. optuna.TrialPruned) stops training and propagates.
+    """
     cfg = cfg or TrainConfig()
     device = resolve_device(cfg.device)
     rank, world = _distributed(device)
@@ -179,6 +184,13 @@ def fit(model, train_loader, val_loader=None, cfg: TrainConfig | None = None, re
             state["bad_evals"] += 1
             if cfg.patience and state["bad_evals"] >= cfg.patience:
                 state["stopped"] = True
+        if on_eval is not None:
+            try:
+                on_eval(dict(row))
+            except BaseException:
+                bar.close()
+                model.train(was_training)
+                raise
 
     was_training = model.training  # restored at the end: fit leaves the mode as it found it
     net.train()
