@@ -166,12 +166,14 @@ def _is_int8_module(m: nn.Module) -> bool:
     return ao is not None and isinstance(m, ao[2])
 
 
-def quantize_int8(model: nn.Module, skip="head", inplace: bool = False, backend: str = "auto") -> nn.Module:
+def quantize_int8(model: nn.Module, skip="head", inplace: bool = False, backend: str = "auto",
+                  per_channel: bool = True) -> nn.Module:
     """An int8 copy of `model` for CPU inference: LoRA merged, every Linear outside `skip` in int8.
 
     Weights get one scale per output channel; activations are quantized per batch as they come.
     backend: "auto" (torch.ao where available), "ao" or "int_mm" (our fallback, see the module
-    docstring). Bottleneck adapters stay as modules; their Linears are quantized too.
+    docstring). per_channel=False gives torch.ao's default, one weight scale per tensor (for
+    comparison: it loses points on tweets). Bottleneck adapters stay as modules; their Linears are quantized too.
     """
     if backend not in ("auto", "ao", "int_mm"):
         raise ValueError(f"backend={backend!r} is not one of 'auto', 'ao', 'int_mm'.")
@@ -182,8 +184,12 @@ def quantize_int8(model: nn.Module, skip="head", inplace: bool = False, backend:
     ao = _ao_dynamic()
     if backend == "ao" and ao is None:
         raise RuntimeError("this PyTorch has no torch.ao.quantization.quantize_dynamic; use backend='int_mm'.")
+    if not per_channel and (backend == "int_mm" or ao is None):
+        raise ValueError("per_channel=False exists to compare with torch.ao's default; the int_mm path is per channel only.")
     if backend != "int_mm" and ao is not None:
         quantize_dynamic, qconfig, _ = ao
+        if not per_channel:
+            from torch.ao.quantization import default_dynamic_qconfig as qconfig
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*(deprecat|quantize_per_channel).*")
             quantize_dynamic(model, {n: qconfig for n in targets}, dtype=torch.qint8, inplace=True)
@@ -410,6 +416,51 @@ def merge_int8_lora(qmodel: nn.Module, lora_model: nn.Module) -> nn.Module:
                 qw = torch.quantize_per_channel(merged, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
             m.set_weight_bias(qw, bias)
     return qmodel
+
+
+ORDERS = ("merge then quantize", "quantize then merge", "unmerged LoRA on quantized base")
+
+
+def quantized_with_lora(model: nn.Module, bits: int, order: str, per_channel: bool = True, skip="head") -> nn.Module:
+    """A copy of a LoRA model deployed on a `bits`-bit base in one of the three ORDERS.
+
+    "merge then quantize" rounds W + sBA; "quantize then merge" rounds W, then merges sBA into
+    the rounded weight (dequantize, add, requantize); "unmerged LoRA on quantized base" rounds W
+    and keeps the LoRA beside it in float (QLoRA's deployment). Every other Linear is rounded too.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r} is not one of {list(ORDERS)}.")
+    if not lora_layers(model):
+        raise ValueError("quantized_with_lora needs a model with LoRA layers.")
+    if order == "merge then quantize":
+        return simulate_kbit(model, bits, per_channel, skip)
+    model = copy.deepcopy(model)
+    was_merged = {m: m.merged for m in lora_layers(model)}
+    for m in was_merged:
+        m.unmerge()
+    prefixes = _skip_prefix(model, skip)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if type(m) is nn.Linear and not any(name == p or name.startswith(p + ".") for p in prefixes):
+                m.weight.copy_(fake_quantize(m.weight, bits, per_channel))
+    if order == "unmerged LoRA on quantized base":
+        return model
+    with torch.no_grad():
+        for m in lora_layers(model):
+            codes, scale = quantize_codes(m.base.weight, bits, per_channel)
+            codes, scale = merge_into_quantized(codes, scale, m.delta_weight(), bits, per_channel)
+            m.base.weight.copy_(codes.float() * scale)
+    _strip_without_merge(model)
+    return model
+
+
+def _strip_without_merge(model: nn.Module) -> None:
+    """Drop LoRA wrappers whose update is already inside the base weight."""
+    from .targets import replace_module
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]:
+        replace_module(model, name, m.base)
+    if hasattr(model, "peftkit"):
+        del model.peftkit
 
 
 def merge_order_errors(model: nn.Module, bits: int = 4, per_channel: bool = True) -> pd.DataFrame:

@@ -47,12 +47,13 @@ def config_key(spec: dict) -> str:
 
 
 def make_spec(method: Method, base="minilm", domain="movies", n_train=None, cfg=None,
-              max_length: int = 128, eval_domains=True, n_eval=None) -> dict:
+              max_length: int = 128, eval_domains=True, n_eval=None, base_bits=None) -> dict:
     from .train import TrainConfig
     cfg = cfg or TrainConfig()
     tc = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_KEY}
     return {"method": method.to_dict(), "base": base, "domain": domain, "n_train": n_train,
-            "train": tc, "max_length": max_length, "eval_domains": bool(eval_domains), "n_eval": n_eval}
+            "train": tc, "max_length": max_length, "eval_domains": bool(eval_domains), "n_eval": n_eval,
+            **({"base_bits": base_bits} if base_bits else {})}  # absent when unused: older keys stay valid
 
 
 def environment(device: str) -> dict:
@@ -66,22 +67,22 @@ def environment(device: str) -> dict:
 
 def run(method: Method, base: str = "minilm", domain: str = "movies", n_train: int | None = None,
         cfg=None, max_length: int = 128, eval_domains: bool = True, out: str | None = None,
-        n_eval: int | None = None) -> dict:
+        n_eval: int | None = None, base_bits: int | None = None) -> dict:
     """Train `method` on `domain` and measure it. Returns one flat result row (a dict).
 
     n_train: a random subset of the training split; n_eval: caps every validation and test
-    split (for quick runs; None evaluates on all of them).
+    split (for quick runs; None evaluates on all of them). base_bits: freeze the base's Linear
+    weights at that many bits (simulated, per channel) before applying the method: QLoRA's setting.
     """
     from . import data
     from .io import save_adapter
     from .loaders import make_loaders
     from .metrics import adapter_bytes, evaluate, peak_memory_mib
-    from .models import load_base
     from .surgery import apply, trainable_fraction
     from .train import TrainConfig, fit, resolve_device
 
     cfg = cfg or TrainConfig()
-    spec = make_spec(method, base, domain, n_train, cfg, max_length, eval_domains, n_eval)
+    spec = make_spec(method, base, domain, n_train, cfg, max_length, eval_domains, n_eval, base_bits)
 
     def cap(df):
         return df if n_eval is None or len(df) <= n_eval else df.sample(n_eval, random_state=cfg.seed)
@@ -91,7 +92,7 @@ def run(method: Method, base: str = "minilm", domain: str = "movies", n_train: i
         if n_train < 2 or n_train > len(splits["train"]):
             raise ValueError(f"n_train must be between 2 and {len(splits['train'])} for {domain}, got {n_train}.")
         splits["train"] = splits["train"].sample(n_train, random_state=cfg.seed).reset_index(drop=True)
-    model, tok = load_base(base, num_labels=2, seed=cfg.seed)
+    model, tok = _base(base, cfg.seed, base_bits)
     apply(model, method)
     loaders = make_loaders(tok, splits, batch_size=cfg.batch_size, max_length=max_length, seed=cfg.seed)
     t0 = time.perf_counter()
@@ -129,6 +130,15 @@ def run(method: Method, base: str = "minilm", domain: str = "movies", n_train: i
         save_adapter(model, out)
         Path(out, "metrics.json").write_text(json.dumps(row, indent=2, default=str))
     return row
+
+
+def _base(base: str, seed: int, bits: int | None):
+    from .models import load_base
+    model, tok = load_base(base, num_labels=2, seed=seed)
+    if bits:
+        from .compress import quantize_base
+        quantize_base(model, bits, inplace=True)
+    return model, tok
 
 
 def read_cache(path=DEFAULT_CACHE) -> dict[str, dict]:
@@ -169,7 +179,7 @@ def _run_in_subprocess(spec: dict, threads: int | None) -> dict:
 def compare(methods, base: str = "minilm", domain: str = "movies", n_train: int | None = None,
             cfg=None, max_length: int = 128, eval_domains: bool = True, cache=DEFAULT_CACHE,
             fresh_process: bool = True, threads: int | None = None, progress: bool = True,
-            n_eval: int | None = None, need_adapters: bool = False) -> pd.DataFrame:
+            n_eval: int | None = None, need_adapters: bool = False, base_bits: int | None = None) -> pd.DataFrame:
     """Run each method (reusing cached rows) and return one DataFrame row per method.
 
     Each trained adapter is saved under `runs/adapters/<key>/` (next to the cache), and the row's
@@ -184,7 +194,7 @@ def compare(methods, base: str = "minilm", domain: str = "movies", n_train: int 
     rows = []
     bar = tqdm(methods, desc="compare", disable=not progress)
     for method in bar:
-        spec = make_spec(method, base, domain, n_train, cfg, max_length, eval_domains, n_eval)
+        spec = make_spec(method, base, domain, n_train, cfg, max_length, eval_domains, n_eval, base_bits)
         key = config_key(spec)
         bar.set_postfix_str(describe(method))
         hit = cached.get(key)
@@ -196,7 +206,8 @@ def compare(methods, base: str = "minilm", domain: str = "movies", n_train: int 
         if fresh_process:
             row = _run_in_subprocess({**spec, "cfg": dataclasses.asdict(quiet), "out": out}, threads)
         else:
-            row = run(method, base, domain, n_train, quiet, max_length, eval_domains, out=out, n_eval=n_eval)
+            row = run(method, base, domain, n_train, quiet, max_length, eval_domains, out=out, n_eval=n_eval,
+                      base_bits=base_bits)
         if cache:
             append_cache(row, cache)
         rows.append({**row, "cached": False})
@@ -225,7 +236,7 @@ def _worker() -> int:
     spec = json.loads(sys.stdin.read())
     row = run(Method.from_dict(spec["method"]), spec["base"], spec["domain"], spec["n_train"],
               TrainConfig(**spec["cfg"]), spec["max_length"], spec["eval_domains"], out=spec.get("out"),
-              n_eval=spec.get("n_eval"))
+              n_eval=spec.get("n_eval"), base_bits=spec.get("base_bits"))
     print(json.dumps(row, default=str))
     return 0
 
@@ -245,17 +256,17 @@ if __name__ == "__main__" and "--worker" in sys.argv:
 
 def trained_model(method: Method, base: str = "minilm", domain: str = "movies", n_train: int | None = None,
                   cfg=None, n_eval: int | None = None, cache=DEFAULT_CACHE, fresh_process: bool = True,
-                  threads: int | None = None):
+                  threads: int | None = None, base_bits: int | None = None):
     """(model, tokenizer, result row) for a trained `method`: from the cache when its adapter is
     there (as `compare` left it), else trained now. The model is a fresh base with the adapter loaded."""
     from .io import load_adapter
-    from .models import load_base
     from .train import TrainConfig
     cfg = cfg or TrainConfig()
     if not cache:
         raise ValueError("trained_model keeps adapters beside the result cache: pass a cache path, not None.")
     row = compare([method], base=base, domain=domain, n_train=n_train, cfg=cfg, cache=cache, progress=False,
-                  n_eval=n_eval, fresh_process=fresh_process, threads=threads, need_adapters=True).iloc[0].to_dict()
-    model, tok = load_base(base, num_labels=2, seed=cfg.seed)
+                  n_eval=n_eval, fresh_process=fresh_process, threads=threads, need_adapters=True,
+                  base_bits=base_bits).iloc[0].to_dict()
+    model, tok = _base(base, cfg.seed, base_bits)
     load_adapter(model, row["adapter_dir"])
     return model.eval(), tok, row

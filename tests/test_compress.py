@@ -226,3 +226,26 @@ def test_no_deprecation_noise_from_int8():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         C.quantize_int8(fresh("tiny"))
+
+
+def test_the_three_orders_on_a_model():
+    model = lora_model()
+    x = make_inputs("tiny", batch=8)
+    with torch.no_grad():
+        ref = logits(model, x)
+        outs = {o: logits(C.quantized_with_lora(model, 8, o), x) for o in C.ORDERS}
+    for o, out in outs.items():
+        assert (out - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3, o
+    assert not lora_layers(C.quantized_with_lora(model, 4, "quantize then merge"))
+    assert lora_layers(C.quantized_with_lora(model, 4, "unmerged LoRA on quantized base"))
+    w = C.quantized_with_lora(model, 3, "quantize then merge").bert.encoder.layer[0].attention.self.query.weight
+    assert len(torch.unique(w[0])) <= 7  # on the 3-bit grid after the merge
+    with pytest.raises(ValueError, match="not one of"):
+        C.quantized_with_lora(model, 4, "sideways")
+
+
+def test_int8_per_tensor_is_available_for_comparison():
+    q = C.quantize_int8(fresh("tiny"), per_channel=False)
+    assert any(C._is_int8_module(m) for m in q.modules())
+    with pytest.raises(ValueError, match="per channel only"):
+        C.quantize_int8(fresh("tiny"), per_channel=False, backend="int_mm")

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import peftkit as pk
 from peftkit.experiments import compare, config_key, make_spec, read_cache, run
@@ -111,3 +112,13 @@ def test_trained_model_reuses_the_cached_adapter_and_evaluates_by_domain(tmp_pat
     assert evaluate_domains(again, tok, ["tweets"], n_eval=40).accuracy[0] == pytest.approx(row["acc_tweets"])
     with pytest.raises(ValueError, match="cache"):
         trained_model(pk.LoRA(r=2, alpha=4), **{**kw, "cache": None})
+
+
+def test_base_bits_trains_on_a_rounded_base_and_keys_apart(tmp_path):
+    from peftkit.experiments import trained_model
+    kw = dict(base="tiny", domain="tweets", n_train=32, cfg=CFG, cache=tmp_path / "r.jsonl", n_eval=20, fresh_process=False)
+    model, _, row = trained_model(pk.LoRA(r=2, alpha=4), base_bits=4, **kw)
+    assert row["spec"]["base_bits"] == 4
+    assert "base_bits" not in make_spec(pk.LoRA(), "tiny")  # old cache keys stay valid
+    w = model.bert.encoder.layer[0].attention.self.query.base.weight
+    assert len(torch.unique(w[0])) <= 15
