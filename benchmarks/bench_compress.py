@@ -1,0 +1,90 @@
+"""Compression measured on MiniLM fine-tuned with LoRA on movies: int8, k-bit, orders, QLoRA, pruning.
+
+The LoRA (q, v, r=8, alpha=16; 1 epoch on 2,000 movie snippets at lr 1e-3: the recipe of
+notebook 04) comes from the result cache when notebook 04 or an earlier run trained it. Then:
+
+* int8: latency of one batch of 32 real movie snippets (median of interleaved repeats) against
+  the merged fp32 model, file size, and accuracy on the full test split of every domain;
+* simulated 8..2-bit, per tensor and per channel, accuracy on movies;
+* the three merge/quantize orders at 4 bits;
+* a LoRA trained on a 4-bit base against the float LoRA rounded after training (QLoRA's idea);
+* unstructured pruning against FFN shrinking: accuracy and latency.
+
+    python benchmarks/bench_compress.py            # about 15 minutes on 2 cores (with training)
+    python benchmarks/bench_compress.py --quick    # the tiny model, seconds: a smoke run
+
+Writes benchmarks/results/compress.md (the tables) and compress.json (the same, machine-readable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model, few examples (a smoke run)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=30, help="timed repeats per variant (median)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compress.md")
+    ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "results.jsonl")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import pandas as pd
+    import torch
+
+    import peftkit as pk
+    from peftkit import compress_eval as E
+    from peftkit.experiments import trained_model
+    from peftkit.train import TrainConfig
+
+    torch.set_num_threads(args.threads)
+    base, n_train, n_eval = ("tiny", 64, 60) if args.quick else ("minilm", 2000, None)
+    repeats = 3 if args.quick else args.repeats
+    cfg = TrainConfig(epochs=1, lr=1e-3, batch_size=32, seed=0, progress=False)
+    lora = pk.LoRA(r=8, alpha=16)
+    kw = dict(base=base, domain="movies", n_train=n_train, cfg=cfg, cache=args.cache, n_eval=n_eval,
+              threads=args.threads)
+    model, tok, row = trained_model(lora, **kw)
+    _, _, qrow = trained_model(lora, base_bits=4, **kw)
+
+    int8 = E.int8_study(model, tok, n_eval=n_eval, repeats=repeats, progress=False)
+    bits = E.bits_study(model, tok, n_eval=n_eval, progress=False)
+    orders = E.order_study(model, tok, bits=4, n_eval=n_eval, progress=False)
+    ptq = float(orders.set_index("order").accuracy["unmerged LoRA on quantized base"])
+    qlora = E.qlora_study(row, qrow, ptq)
+    pruning = E.pruning_study(model, tok, n_eval=n_eval, repeats=max(3, repeats // 3), progress=False)
+
+    drop = E.accuracy_drop(int8["accuracy"])
+    tables = {"int8 accuracy per domain (%)": drop, "int8 speed (batch 32)": int8["speed"],
+              "size on disk": int8["size"], "simulated k-bit on movies": bits,
+              "merge/quantize order at 4 bits (movies)": orders, "QLoRA-style recovery (movies)": qlora,
+              "pruning (movies)": pruning}
+    env = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, base {base}, "
+           f"LoRA r=8 trained on {row['n_train']} movie snippets ({'cached' if row['cached'] else 'trained now'}), "
+           f"test splits {'capped at ' + str(n_eval) if n_eval else 'in full'}, int8 path: {pk.compress.int8_backend()}")
+    md = [f"# Compression ({'quick smoke run' if args.quick else 'measured'})", "", env, ""]
+    for title, df in tables.items():
+        md += [f"## {title}", "", df.round(4).to_markdown(), ""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(md))
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"env": env, **{k: json.loads(v.reset_index().to_json(orient="records")) for k, v in tables.items()}}, indent=1))
+    print("\n".join(md))
+    speed = int8["speed"].set_index("model")["speedup vs fp32"]
+    print(f"int8 per-channel: {speed['int8 per-channel']:.2f}x faster than fp32; worst domain drop "
+          f"{drop['int8 per-channel drop (pt)'].max():.2f} pt; file {int8['size']['vs fp32'].iloc[-1]:.2f}x")
+    pd.set_option("display.width", 160)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
