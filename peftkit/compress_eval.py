@@ -123,3 +123,67 @@ def qlora_study(lora_row: dict, qlora_row: dict, ptq_accuracy: float) -> pd.Data
     df["share of the rounding loss recovered"] = [float("nan"), 0.0,
                                                   (qlora_row["accuracy"] - ptq_accuracy) / lost if lost > 0 else float("nan")]
     return df
+
+
+# --------------------------------------------------------------------------- figures
+
+def _figures():
+    import plotly.express as px
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from .plots import TEMPLATE
+    return px, go, make_subplots, TEMPLATE
+
+
+def bits_figure(df: pd.DataFrame):
+    """Accuracy against bits, one line per scheme (from `bits_study`)."""
+    px, _, _, template = _figures()
+    fig = px.line(df.sort_values("bits"), x="bits", y="accuracy", color="scheme", markers=True,
+                  hover_data=["f1_macro", "weight_rel_err"], title="Accuracy after rounding every weight")
+    fig.update_layout(template=template, height=380, xaxis=dict(dtick=1, autorange="reversed"))
+    return fig
+
+
+def int8_figure(study: dict):
+    """Three panels: accuracy per domain, speed-up, and file size, fp32 against int8."""
+    _, go, make_subplots, template = _figures()
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("test accuracy per domain", "speed-up vs fp32 (batch 32)",
+                                                         "file size vs fp32"), column_widths=[0.5, 0.25, 0.25])
+    for v, g in study["accuracy"].groupby("variant", sort=False):
+        fig.add_trace(go.Bar(x=g.domain, y=g.accuracy, name=v), 1, 1)
+    sp = study["speed"]
+    fig.add_trace(go.Bar(x=sp.model, y=sp["speedup vs fp32"], showlegend=False, marker_color="#555"), 1, 2)
+    sz = study["size"]
+    fig.add_trace(go.Bar(x=sz.variant, y=sz["vs fp32"], showlegend=False, marker_color="#999"), 1, 3)
+    fig.update_layout(template=template, height=420, barmode="group")
+    return fig
+
+
+def orders_figure(df: pd.DataFrame, qlora: pd.DataFrame | None = None):
+    """Accuracy of the merge/quantize orders (and the QLoRA-style settings, when given)."""
+    _, go, make_subplots, template = _figures()
+    cols = 2 if qlora is not None else 1
+    fig = make_subplots(rows=1, cols=cols, subplot_titles=("merge and quantize: the order", "training on the rounded base")[:cols])
+    fig.add_trace(go.Bar(x=df.order, y=df.accuracy, showlegend=False, text=(100 * df.accuracy).round(1)), 1, 1)
+    if qlora is not None:
+        fig.add_trace(go.Bar(x=qlora.setting, y=qlora.accuracy, showlegend=False, text=(100 * qlora.accuracy).round(1),
+                             marker_color="#2ca02c"), 1, 2)
+    fig.update_yaxes(title_text="movies test accuracy")
+    fig.update_layout(template=template, height=440)
+    return fig
+
+
+def pruning_figure(df: pd.DataFrame):
+    """Accuracy and speed-up against the amount pruned, unstructured against FFN neurons."""
+    _, go, make_subplots, template = _figures()
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy", "speed-up vs dense (batch 32)"))
+    dense = df[df.kind == "dense"].iloc[0]
+    for i, (kind, g) in enumerate(df[df.kind != "dense"].groupby("kind")):
+        g = pd.concat([pd.DataFrame([dense]), g]).sort_values("amount")
+        fig.add_trace(go.Scatter(x=g.amount, y=g.accuracy, name=kind, mode="lines+markers", legendgroup=kind), 1, 1)
+        fig.add_trace(go.Scatter(x=g.amount, y=g["speedup vs dense"], name=kind, mode="lines+markers",
+                                 legendgroup=kind, showlegend=False), 1, 2)
+    fig.update_xaxes(title_text="fraction pruned", tickformat=".0%")
+    fig.update_layout(template=template, height=400)
+    return fig
