@@ -19,3 +19,18 @@ def test_bench_train_quick(tmp_path):
     assert set(df.method) == {"full", "peftkit_lora", "peft_lora"}
     assert (df.sec_per_step > 0).all() and (df.peak_rss_mib > 0).all()
     assert "step_vs_full" in p.stdout
+
+
+def test_bench_compress_quick(tmp_path):
+    out = tmp_path / "compress.md"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_compress.py"), "--quick", "--threads", "1",
+                        "--out", str(out), "--cache", str(tmp_path / "r.jsonl")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    text = out.read_text()
+    for title in ("int8 accuracy per domain", "int8 speed", "size on disk", "simulated k-bit",
+                  "merge/quantize order", "QLoRA-style recovery", "pruning"):
+        assert f"## {title}" in text, title
+    import json
+    tables = json.loads(out.with_suffix(".json").read_text())
+    assert {r["variant"] for r in tables["size on disk"]} >= {"fp32 merged", "int8 per-channel"}
+    assert "faster than fp32" in p.stdout
