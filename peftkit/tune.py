@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import fcntl
 import math
 import os
 import socket
@@ -208,15 +209,28 @@ def resolve_storage(storage=None):
             raise StorageError(f"{shown}: the folder {folder} does not exist; create it, or use the default "
                                "(storage=None: runs/optuna.db).")
         kwargs = {"connect_args": {"timeout": 60}}  # wait for another worker's write lock
+    lock = None
+    if url.get_backend_name() == "sqlite":  # workers on one machine create the tables one at a time
+        lock = open(f"{Path(url.database).expanduser()}.lock", "a")
+        fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        return optuna.storages.RDBStorage(storage, engine_kwargs=kwargs)
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(storage, engine_kwargs=kwargs)
+            except sqlalchemy.exc.SQLAlchemyError as e:
+                # another worker (on another machine) was creating the same tables: they exist now
+                racing = any(s in str(e) for s in ("already exists", "UNIQUE constraint", "duplicate key"))
+                if not racing or attempt == 4:
+                    first = str(e).strip().splitlines()[0]
+                    raise StorageError(f"could not open the study database {shown}: {first}. Check that the "
+                                       "server is up, the database exists and the user may create tables.") from None
+                time.sleep(0.2 * (attempt + 1))
     except ImportError as e:
         raise StorageError(f"{shown}: the database driver is not installed ({e}). For PostgreSQL: "
                            "pip install psycopg2-binary.") from None
-    except sqlalchemy.exc.SQLAlchemyError as e:
-        first = str(e).strip().splitlines()[0]
-        raise StorageError(f"could not open the study database {shown}: {first}. Check that the server "
-                           "is up, the database exists and the user may create tables.") from None
+    finally:
+        if lock is not None:
+            lock.close()  # releases the lock
 
 
 def _worker_id() -> str:
