@@ -9,6 +9,8 @@ so the browser tests can find it without depending on layout or description text
 
 from __future__ import annotations
 
+import math
+
 import ipywidgets as W
 
 from .principles import adapter_params, linear_params, lora_params
@@ -111,3 +113,154 @@ class ParamCalculator:
     def _ipython_display_(self):
         from IPython.display import display
         display(self.widget)
+
+
+# --- method selection (notebook 06) ----------------------------------------------------------
+
+def _show(out: W.Output, fig) -> None:
+    """Replace what `out` shows with `fig`; outside a kernel (tests) only the attribute is kept."""
+    from IPython import get_ipython
+    if get_ipython() is None:
+        return
+    from IPython.display import display
+    with out:
+        out.clear_output(wait=True)
+        display(fig)
+
+
+def _esc(text: str) -> str:
+    import html
+    return html.escape(str(text))
+
+
+def recommendation_html(rec, article=None) -> str:
+    """A Recommendation (and, optionally, the article's answer to the same inputs) as HTML."""
+    path = " &rarr; ".join(f"<b>{_esc(s.rule)}</b>" if s.matched else _esc(s.rule) for s in rec.path)
+    parts = [f"<h4 class='peftkit-tree-answer'>Recommended: {_esc(rec.label)}</h4>",
+             "<ul>" + "".join(f"<li>{_esc(r)}</li>" for r in rec.reasons) + "</ul>",
+             f"<p>Path: {path}</p>"]
+    if article is not None:
+        verdict = "agrees" if article.method.name == rec.method.name else "<b>disagrees</b>"
+        parts.append(f"<p>The article's tree, on its four inputs, says {_esc(article.label)}: it {verdict}.</p>")
+    return "".join(parts)
+
+
+class MethodChooser:
+    """Dropdowns for the decision table's questions; the recommendation, its reasons and the
+    tree with the path taken, all live.
+
+    Attributes: dropdowns (question -> Dropdown), text (HTML), recommendation, article (the
+    article's table on the same answers), figure (the tree), widget (the VBox to display).
+    """
+
+    def __init__(self, rules=None, **answers):
+        from .select import ARTICLE_INPUTS, QUESTIONS, RULES, validate_answers
+        self.rules = rules or RULES
+        self._article_inputs = ARTICLE_INPUTS
+        start = validate_answers(answers)
+        self.dropdowns: dict[str, W.Dropdown] = {}
+        for name, (choices, _, help_text) in QUESTIONS.items():
+            d = W.Dropdown(options=list(choices), value=start[name], description=name,
+                           tooltip=help_text, style={"description_width": "170px"},
+                           layout=W.Layout(width="330px"))
+            d.add_class(f"peftkit-tree-{name.replace('_', '-')}")
+            d.observe(self._update, names="value")
+            self.dropdowns[name] = d
+        self.text = W.HTML()
+        self.text.add_class("peftkit-tree-text")
+        self.out = W.Output()
+        self._update()
+        controls = W.VBox(list(self.dropdowns.values()))
+        self.widget = W.VBox([W.HBox([controls, self.text]), self.out])
+        self.widget.add_class("peftkit-tree")
+
+    def answers(self) -> dict:
+        return {k: d.value for k, d in self.dropdowns.items()}
+
+    def _update(self, change=None) -> None:
+        from .plots import tree_figure
+        from .select import ARTICLE_RULES, choose_method
+        answers = self.answers()
+        self.recommendation = choose_method(self.rules, **answers)
+        self.article = choose_method(ARTICLE_RULES, **{k: answers[k] for k in self._article_inputs})
+        self.text.value = recommendation_html(self.recommendation, self.article)
+        self.figure = tree_figure(self.rules, self.recommendation)
+        _show(self.out, self.figure)
+
+    def _ipython_display_(self):
+        from IPython.display import display
+        display(self.widget)
+
+
+def evidence_html(ev) -> str:
+    head = (f"<h4 class='peftkit-evidence-answer'>Recommended: {_esc(ev.label)}</h4>" if ev.chosen is not None
+            else "<h4 class='peftkit-evidence-answer'>Nothing meets every limit</h4>")
+    return head + "<ul>" + "".join(f"<li>{_esc(r)}</li>" for r in ev.reasons) + "</ul>"
+
+
+class ConstraintExplorer:
+    """Sliders for the five constraints over a compare() DataFrame; the recommendation and a
+    Pareto chart with the feasible region and the chosen run, live. Every slider starts at the
+    loosest value the results need, so everything is feasible until a slider moves.
+
+    Attributes: sliders (constraint -> slider), text (HTML), evidence (from `recommend`),
+    figure, widget.
+    """
+
+    def __init__(self, results, tolerance="se"):
+        from .evidence import _prepare, recommend
+        df = _prepare(results, set())  # the same checks (one set-up, the columns) as recommend
+        recommend(df, tolerance=tolerance)  # and fail now, before any widget exists
+        self.results, self.tolerance = df, tolerance
+        style, layout = {"description_width": "170px"}, W.Layout(width="520px")
+        frac = df["trainable_fraction"]
+        lo = math.floor(math.log10(frac.min())) - 1
+        self.sliders = {
+            "max_trainable_fraction": W.FloatLogSlider(value=1.0, base=10, min=lo, max=0, step=0.1,
+                                                       description="max trainable fraction", readout_format=".2g"),
+            "max_sec_per_step": W.FloatSlider(value=_ceil(df.sec_per_step.max()), min=0,
+                                              max=_ceil(df.sec_per_step.max()), step=_ceil(df.sec_per_step.max()) / 100,
+                                              description="max s / step", readout_format=".3g"),
+            "max_peak_mem_mib": W.FloatSlider(value=_ceil(df.peak_mem_mib.max()), min=0,
+                                              max=_ceil(df.peak_mem_mib.max()), step=_ceil(df.peak_mem_mib.max()) / 100,
+                                              description="max peak MiB", readout_format=",.0f"),
+            "max_adapter_bytes": W.FloatLogSlider(value=10 ** math.ceil(math.log10(df.adapter_bytes.max())), base=10,
+                                                  min=max(0, math.floor(math.log10(df.adapter_bytes.min()))),
+                                                  max=math.ceil(math.log10(df.adapter_bytes.max())), step=0.1,
+                                                  description="max adapter bytes", readout_format=".2g"),
+            "min_accuracy": W.FloatSlider(value=0.0, min=0.0, max=1.0, step=0.005, description="min accuracy",
+                                          readout_format=".1%"),
+        }
+        for name, s in self.sliders.items():
+            s.style, s.layout, s.continuous_update = style, layout, False
+            s.add_class(f"peftkit-evidence-{name.replace('_', '-')}")
+            s.observe(self._update, names="value")
+        self.text = W.HTML()
+        self.text.add_class("peftkit-evidence-text")
+        self.out = W.Output()
+        self._update()
+        self.widget = W.VBox([W.HBox([W.VBox(list(self.sliders.values())), self.text]), self.out])
+        self.widget.add_class("peftkit-evidence")
+
+    def constraints(self) -> dict:
+        return {k: s.value for k, s in self.sliders.items()}
+
+    def _update(self, change=None) -> None:
+        from .evidence import recommend
+        from .plots import evidence_figure
+        self.evidence = recommend(self.results, tolerance=self.tolerance, **self.constraints())
+        self.text.value = evidence_html(self.evidence)
+        self.figure = evidence_figure(self.evidence)
+        _show(self.out, self.figure)
+
+    def _ipython_display_(self):
+        from IPython.display import display
+        display(self.widget)
+
+
+def _ceil(v: float) -> float:
+    """v rounded up to two significant figures: a slider end a person can read."""
+    if v <= 0:
+        return 1.0
+    p = 10 ** (math.floor(math.log10(v)) - 1)
+    return math.ceil(v / p) * p
