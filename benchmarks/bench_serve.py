@@ -1,0 +1,203 @@
+"""Serving: how long a hot swap between two adapters takes, and what four adapters add to memory.
+
+Each round is a fresh Python process (so its resident memory is its own) that
+  1. loads the base in a `peftkit.serve.Deployer` and reads its resident set (RSS): the base's memory;
+  2. registers four LoRA adapters (q, v, r=8) and makes each live once, then reads RSS again;
+  3. times `activate` alternating between two adapters (every call a real switch), unmerged and
+     with merged=True (which also subtracts the old update from W and adds the new one);
+  4. times a switch that must rebuild the live modules (LoRA <-> Pfeiffer adapter) for contrast;
+  5. times `predict` on a batch of 32 real movie snippets, unmerged and merged.
+
+    python benchmarks/bench_serve.py                 # MiniLM, 3 rounds x 500 switches, 2 threads
+    python benchmarks/bench_serve.py --adapters runs/adapters/<key1>,...   # your trained adapters
+    python benchmarks/bench_serve.py --quick         # a smoke run on the tiny model
+Without --adapters, four adapters with MiniLM's real shapes and random values are written to a
+temporary folder first (by a separate process): timing and memory do not depend on the values.
+Writes benchmarks/results/serve.csv and serve.md and prints the table. Figures are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_adapters(out: Path, base: str) -> list[str]:
+    """Four LoRA q,v r=8 adapters and one Pfeiffer adapter with random values, saved under `out`."""
+    import torch
+
+    import peftkit as pk
+    dirs = []
+    for i, method in enumerate([pk.LoRA(r=8, alpha=16)] * 4 + [pk.Adapter(reduction=16)]):
+        model, _ = pk.load_base(base, seed=0)
+        pk.apply(model, method)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        d = out / (f"lora{i}" if i < 4 else "pfeiffer")
+        pk.save_adapter(model, d)
+        dirs.append(str(d))
+    return dirs
+
+
+def texts(n: int) -> list[str]:
+    try:
+        from peftkit import data
+        return data.split(data.load_corpus("movies"), seed=0)["test"]["text"].head(n).tolist()
+    except Exception:  # no corpus fetched: plain sentences of snippet length
+        return [f"this is review number {i}, neither the best nor the worst film of the year" for i in range(n)]
+
+
+def worker(base: str, loras: list[str], pfeiffer: str | None, repeats: int, threads: int, batch: int) -> dict:
+    import gc
+
+    import numpy as np
+    import torch
+
+    import peftkit.experiments  # noqa: F401  (imported by register; not adapter memory)
+    from peftkit.serve import Deployer, current_rss_mib, swap_times
+    torch.set_num_threads(threads)
+    batch_texts = texts(batch)
+    gc.collect()
+    rss_start = current_rss_mib()
+    dep = Deployer(base, device="cpu")
+    gc.collect()
+    rss_base = current_rss_mib()
+    base_bytes = sum(p.numel() * p.element_size() for p in dep.model.parameters())
+    names = [f"a{i}" for i in range(len(loras))]
+    for n, d in zip(names, loras):
+        dep.register(n, d)
+    for n in names:
+        dep.activate(n)  # the live LoRA modules exist from here on
+    gc.collect()
+    rss_adapters = current_rss_mib()
+    held = int(dep.adapters()["bytes"].sum())
+    live = sum(p.numel() * p.element_size() for n, p in dep.model.named_parameters() if "lora_" in n)
+
+    out = {"base_rss_mib": rss_base, "import_rss_mib": rss_start, "adapters_rss_mib": rss_adapters - rss_base,
+           "adapter_bytes_held": held, "live_adapter_bytes": live, "base_param_bytes": base_bytes,
+           "adapters": len(names), "tensors_per_adapter": int(dep.adapters()["tensors"].iloc[0])}
+    for mode in ("unmerged", "merged"):
+        dep.set_merged(mode == "merged")
+        t = swap_times(dep, names[:2], repeats)
+        out[f"{mode}_switch_ms"] = 1000 * float(np.median(t))
+        out[f"{mode}_switch_p90_ms"] = 1000 * float(np.percentile(t, 90))
+    dep.set_merged(False)
+    if pfeiffer:
+        dep.register("pfeiffer", pfeiffer)
+        t = swap_times(dep, [names[0], "pfeiffer"], max(10, repeats // 25))
+        out["rebuild_switch_ms"] = 1000 * float(np.median(t))
+    # predict latency: interleave the two modes so machine noise hits both alike
+    lat = {"unmerged": [], "merged": []}
+    dep.predict(batch_texts, adapter=names[0], batch_size=batch)  # warm-up
+    for _ in range(max(3, repeats // 50)):
+        for mode in lat:
+            dep.set_merged(mode == "merged")
+            t0 = time.perf_counter()
+            dep.predict(batch_texts, adapter=names[0], batch_size=batch)
+            lat[mode].append(time.perf_counter() - t0)
+    for mode, v in lat.items():
+        out[f"{mode}_predict_ms"] = 1000 * statistics.median(v)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", default="minilm")
+    ap.add_argument("--adapters", help="four or more comma-separated adapter folders of the same LoRA shape")
+    ap.add_argument("--rounds", type=int, default=3, help="fresh processes (default 3)")
+    ap.add_argument("--repeats", type=int, default=500, help="switches timed per mode and round (default 500)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="tiny model, 1 round, 50 switches")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.csv"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--make-adapters", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.base, a.rounds, a.repeats = "tiny", 1, 50
+    if a.make_adapters:  # in its own process, so the measuring processes start clean
+        print(json.dumps(make_adapters(Path(a.make_adapters), a.base)))
+        return 0
+    if a.worker:
+        spec = json.loads(a.worker)
+        print(json.dumps(worker(a.base, spec["loras"], spec["pfeiffer"], a.repeats, a.threads, a.batch_size)))
+        return 0
+    import pandas as pd
+    import torch
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.adapters:
+            loras, pfeiffer = [d.strip() for d in a.adapters.split(",")], None
+            if len(loras) < 2:
+                ap.error("--adapters needs at least two folders to switch between")
+        else:
+            p = subprocess.run([sys.executable, __file__, "--make-adapters", tmp, "--base", a.base],
+                               capture_output=True, text=True, env=env)
+            if p.returncode != 0:
+                print(p.stderr[-2000:], file=sys.stderr)
+                return 1
+            made = json.loads(p.stdout.strip().splitlines()[-1])
+            loras, pfeiffer = made[:4], made[4]
+        rows = []
+        for r in range(a.rounds):
+            spec = json.dumps({"loras": loras, "pfeiffer": pfeiffer})
+            cmd = [sys.executable, __file__, "--worker", spec, "--base", a.base, "--repeats", str(a.repeats),
+                   "--threads", str(a.threads), "--batch-size", str(a.batch_size)]
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if p.returncode != 0:
+                print(p.stderr[-2000:], file=sys.stderr)
+                return 1
+            row = json.loads(p.stdout.strip().splitlines()[-1])
+            rows.append({**row, "round": r})
+            print(f"round {r + 1}/{a.rounds}: switch {row['unmerged_switch_ms']:.3f} ms unmerged, "
+                  f"{row['merged_switch_ms']:.3f} ms merged; {len(loras)} adapters add "
+                  f"{row['adapters_rss_mib']:.1f} MiB to {row['base_rss_mib']:.0f} MiB", flush=True)
+    raw = pd.DataFrame(rows)
+    med = raw.median(numeric_only=True)
+    base_rss, held = med["base_rss_mib"], med["adapter_bytes_held"] + med["live_adapter_bytes"]
+    table = []
+    for mode in ("unmerged", "merged"):
+        table.append({"mode": mode, "switch_ms_median": med[f"{mode}_switch_ms"],
+                      "switch_ms_p90": med[f"{mode}_switch_p90_ms"], "predict_ms_batch": med[f"{mode}_predict_ms"],
+                      "rebuild_switch_ms": med.get("rebuild_switch_ms", float("nan")),
+                      "adapters": int(med["adapters"]), "tensors_per_adapter": int(med["tensors_per_adapter"]),
+                      "adapter_bytes_held": int(med["adapter_bytes_held"]), "live_adapter_bytes": int(med["live_adapter_bytes"]),
+                      "base_rss_mib": base_rss, "adapters_rss_mib": med["adapters_rss_mib"],
+                      "adapters_pct_of_base_rss": 100 * med["adapters_rss_mib"] / base_rss,
+                      "adapters_pct_of_base_params": 100 * held / med["base_param_bytes"],
+                      "base": a.base, "rounds": a.rounds, "repeats": a.repeats, "threads": a.threads,
+                      "batch_size": a.batch_size, "torch": torch.__version__})
+    df = pd.DataFrame(table)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(a.out, index=False)
+    head = (f"{a.base}, torch {torch.__version__}, {a.threads} threads, {len(loras)} LoRA adapters "
+            f"({int(med['tensors_per_adapter'])} tensors each), medians of {a.rounds} fresh processes x "
+            f"{a.repeats} switches")
+    show = df[["mode", "switch_ms_median", "switch_ms_p90", "rebuild_switch_ms", "predict_ms_batch",
+               "adapters_rss_mib", "adapters_pct_of_base_rss", "adapters_pct_of_base_params"]]
+    md = (f"{head}\n\n{show.round(3).to_markdown(index=False)}\n\n"
+          f"base RSS {base_rss:.0f} MiB (process after loading the base); adapter tensors held "
+          f"{med['adapter_bytes_held'] / 1024:.0f} KiB + live modules {med['live_adapter_bytes'] / 1024:.0f} KiB; "
+          f"predict: one batch of {a.batch_size} movie snippets.\n")
+    print("\n" + md)
+    if not a.quick:
+        Path(a.out).with_suffix(".md").write_text(md)
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
