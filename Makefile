@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lab bench venv data chromium clean
+.PHONY: run test lab dashboard bench venv data chromium clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,12 @@ test: $(STAMP) data chromium
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
+
+# Notebook 06 as an app (code hidden): Voila on 127.0.0.1. Quick mode by default, so it starts in
+# seconds: it reads the cached comparison, or computes tiny runs. PEFTKIT_QUICK=0 computes MiniLM runs.
+dashboard: $(STAMP)
+	PEFTKIT_QUICK=$${PEFTKIT_QUICK:-1} $(VENV)/bin/voila notebooks/06_method_selection.ipynb \
+		--Voila.ip=127.0.0.1 --port=$${PORT:-8866} --no-browser
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_layers.py
