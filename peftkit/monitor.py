@@ -197,6 +197,11 @@ class Monitor:
         return self.record(df["text"].tolist(), df["label"].tolist(), df["probability"].tolist(), labels,
                            unk_rates=unk, tag=tag, now=now)
 
+    @property
+    def seen(self) -> int:
+        """Examples recorded so far."""
+        return self._n
+
     def note(self, text: str, now=None) -> None:
         """Mark an event (say, "switched to tweets") at the current position; shown on the dashboard."""
         with self._lock:

@@ -429,3 +429,30 @@ def current_rss_mib() -> float:
     import sys
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def serve_stream(deployer: Deployer, monitor, texts, labels, adapter: str, batch: int = 20,
+                 stop_on: str | None = None) -> tuple[pd.DataFrame, list]:
+    """Serve `texts` in requests of `batch` with `adapter`, recording every request in `monitor`
+    with its true labels (here they arrive with the request; in production they come later).
+
+    stop_on: "degradation" or "drift" stops after the first request that raises that kind of alert.
+    Returns (one row per text served, with `truth`, `correct` and the monitor's position `n`;
+    the alerts raised).
+    """
+    if stop_on not in (None, "degradation", "drift"):
+        raise ValueError(f"stop_on must be None, 'degradation' or 'drift', got {stop_on!r}.")
+    texts, labels = check_texts(texts), list(labels)
+    if len(labels) != len(texts):
+        raise ValueError(f"serve_stream got {len(texts)} texts and {len(labels)} labels; pass one label per text.")
+    frames, raised = [], []
+    for start in range(0, len(texts), batch):
+        y = labels[start:start + batch]
+        df = deployer.predict(texts[start:start + batch], adapter=adapter, batch_size=batch)
+        new = monitor.record_frame(df, labels=y)
+        frames.append(df.assign(truth=y, correct=df["label"].to_numpy() == np.asarray(y), n=monitor.seen))
+        raised += new
+        if stop_on and any(a["kind"] == stop_on for a in new):
+            break
+    served = pd.concat(frames, ignore_index=True) if frames else deployer.predict([], adapter=adapter)
+    return served, raised

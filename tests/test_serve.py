@@ -400,3 +400,22 @@ def test_bench_serve_quick(tmp_path):
     assert {"unmerged", "merged"} <= set(df["mode"])
     assert (df["switch_ms_median"] > 0).all() and (df["adapters_pct_of_base_rss"] >= 0).all()
     assert "switch" in p.stdout
+
+
+def test_serve_stream_records_every_request_and_stops_on_an_alert(dep):
+    from peftkit.monitor import Monitor
+    from peftkit.serve import serve_stream
+    texts = [f"{t} {i}" for i in range(8) for t in TEXTS]  # 64 texts
+    answers = dep.predict(texts, adapter="lora_a")["label"].to_numpy()
+    wrong = 1 - answers  # every label disagrees: accuracy 0
+    mon = Monitor(window=20, min_accuracy=0.5, min_labeled=10, drift_test="ks")
+    served, alerts = serve_stream(dep, mon, texts, wrong, "lora_a", batch=5, stop_on="degradation")
+    assert len(served) == 10 and mon.seen == 10  # the second request fills min_labeled and fires
+    assert [a["kind"] for a in alerts] == ["degradation"] and not served["correct"].any()
+    assert served["n"].tolist() == [5] * 5 + [10] * 5
+    full, _ = serve_stream(dep, Monitor(window=20, drift_test="ks"), texts, answers, "lora_b", batch=7)
+    assert len(full) == 64 and (full["adapter"] == "lora_b").all()
+    with pytest.raises(ValueError, match="one label per text"):
+        serve_stream(dep, mon, texts, wrong[:3], "lora_a")
+    with pytest.raises(ValueError, match="stop_on"):
+        serve_stream(dep, mon, texts, wrong, "lora_a", stop_on="error")
