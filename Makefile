@@ -44,6 +44,7 @@ dashboard: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_layers.py
+	$(PY) benchmarks/bench_serve.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
