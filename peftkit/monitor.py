@@ -9,21 +9,15 @@ and a reason) and answered by a "recovered" entry when it stops:
 - degradation: rolling accuracy below `min_accuracy` (the article's rule), or more than
   `drop_tolerance` below the baseline (given, or the accuracy of the first full labelled window);
 - drift: a statistic's distribution in the window has moved away from the reference window
-  (the first `window` examples, or whatever `rebase()` sets), judged by
+  (the first `window` examples, or whatever `rebase()` sets), by the population stability index
+  or the Kolmogorov-Smirnov test (equations in drift.py). Labels need not arrive for drift to be
+  seen, which is why it is watched at all.
 
-      PSI = sum_i (q_i - p_i) ln(q_i / p_i)        over bins cut at the reference's deciles,
-
-  the population stability index (p: reference shares, q: current; 0.1 is a small shift and
-  0.25 a major one by the usual credit-scoring convention, Siddiqi 2006), or by the two-sample
-  Kolmogorov-Smirnov test, D = max |F_ref - F_cur| with the asymptotic p-value
-  Q(D sqrt(nm / (n + m))), Q(x) = 2 sum_k (-1)^(k-1) exp(-2 k^2 x^2). Labels need not
-  arrive for drift to be seen, which is why it is watched at all.
-
-PSI has a noise floor: between two samples of one distribution, (nm / (n + m)) PSI is about
-chi-square with bins - 1 degrees of freedom, so PSI averages (bins - 1)(1/n + 1/m): 0.09 for
-windows of 200 with 10 bins (measured: 0.092, and above 0.2 in 2% of pairs), but 0.18 for
-windows of 100. Hence the defaults: window 200, threshold 0.25, and a warning for windows too
-small for the threshold. The checks run after every batch, so the KS level is 0.001, not 0.05.
+PSI's noise floor between two samples of one distribution is about (bins - 1)(1/n + 1/m): 0.09
+for windows of 200 with 10 bins (measured 0.092, and above 0.2 in 2% of pairs), 0.18 for windows
+of 100. Hence the defaults: window 200, threshold 0.25 (the convention's "major shift"), and a
+warning for windows too small for the threshold. The checks run after every batch, so the KS
+level is 0.001, not 0.05.
 
 The predicted-label balance is always compared by PSI (it is categorical). Labels are the
 ground truth of a sample; None marks an example whose label has not arrived.
@@ -44,53 +38,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .drift import ks_2samp, psi, psi_categorical
+
 CONTINUOUS = ("confidence", "length", "unk_rate")  # drift by `drift_test`; "prediction" by PSI
-
-
-def psi(reference, current, bins: int = 10, eps: float = 1e-4) -> float:
-    """Population stability index of `current` against `reference` (bins at the reference's quantiles).
-
-    Bins are (-inf, e1], (e1, e2], ..., (ek, inf) with repeated edges dropped, so a point mass
-    (say, most texts with no unknown token) keeps a bin of its own. Empty bins count as `eps`.
-    """
-    ref, cur = np.asarray(reference, dtype=float), np.asarray(current, dtype=float)
-    if len(ref) == 0 or len(cur) == 0:
-        raise ValueError("psi needs at least one value in each sample.")
-    edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1]))
-    p = np.bincount(np.searchsorted(edges, ref, side="left"), minlength=len(edges) + 1) / len(ref)
-    q = np.bincount(np.searchsorted(edges, cur, side="left"), minlength=len(edges) + 1) / len(cur)
-    p, q = np.maximum(p, eps), np.maximum(q, eps)
-    return float(np.sum((q - p) * np.log(q / p)))
-
-
-def psi_categorical(reference, current, eps: float = 1e-4) -> float:
-    """PSI over the categories seen in either sample (e.g. predicted labels)."""
-    ref, cur = np.asarray(reference), np.asarray(current)
-    cats = np.union1d(ref, cur)
-    p = np.maximum(np.array([(ref == c).mean() for c in cats]), eps)
-    q = np.maximum(np.array([(cur == c).mean() for c in cats]), eps)
-    return float(np.sum((q - p) * np.log(q / p)))
-
-
-def ks_2samp(reference, current) -> tuple[float, float]:
-    """(D, asymptotic p-value) of the two-sample Kolmogorov-Smirnov test."""
-    a, b = np.sort(np.asarray(reference, dtype=float)), np.sort(np.asarray(current, dtype=float))
-    n, m = len(a), len(b)
-    if n == 0 or m == 0:
-        raise ValueError("ks_2samp needs at least one value in each sample.")
-    grid = np.concatenate([a, b])
-    d = float(np.max(np.abs(np.searchsorted(a, grid, side="right") / n - np.searchsorted(b, grid, side="right") / m)))
-    return d, kolmogorov_sf(d * math.sqrt(n * m / (n + m)))
-
-
-def kolmogorov_sf(x: float) -> float:
-    """P(K > x) for the Kolmogorov distribution: 2 sum_k (-1)^(k-1) exp(-2 k^2 x^2)."""
-    if x <= 0:
-        return 1.0
-    if x < 0.2:  # the alternating series converges slowly here, and the value is 1 to 1e-20
-        return 1.0
-    s = sum((-1) ** (k - 1) * math.exp(-2 * k * k * x * x) for k in range(1, 101))
-    return float(min(1.0, max(0.0, 2 * s)))
 
 
 def _now() -> datetime:

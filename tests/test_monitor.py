@@ -13,7 +13,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from peftkit.monitor import Monitor, kolmogorov_sf, ks_2samp, psi, psi_categorical, read_export
+from peftkit.drift import kolmogorov_sf, ks_2samp, psi, psi_categorical
+from peftkit.monitor import Monitor, read_export
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
