@@ -226,8 +226,11 @@ class Deployer:
     def activate(self, name: str) -> float:
         """Make `name` the live adapter now. Returns the seconds the switch took (0 if it was live)."""
         with self._lock:
+            entry = self._get(name)
+            if self._active == name:
+                return 0.0
             t0 = time.perf_counter()
-            self._switch(self._get(name))
+            self._switch(entry)
             return time.perf_counter() - t0
 
     def set_merged(self, merged: bool) -> None:
