@@ -118,14 +118,18 @@ class ParamCalculator:
 # --- method selection (notebook 06) ----------------------------------------------------------
 
 def _show(out: W.Output, fig) -> None:
-    """Replace what `out` shows with `fig`; outside a kernel (tests) only the attribute is kept."""
+    """Replace what `out` shows with `fig`; outside a kernel (tests) only the attribute is kept.
+
+    Only plotly's mimetype bundle goes into the Output widget: the "notebook" renderer that
+    nbutil.setup adds for HTML export inlines plotly.js (megabytes) into every widget state
+    message, which stalls Voila, and an exported widget is not live anyway.
+    """
     from IPython import get_ipython
     if get_ipython() is None:
         return
-    from IPython.display import display
     with out:
         out.clear_output(wait=True)
-        display(fig)
+        fig.show(renderer="plotly_mimetype")
 
 
 def _esc(text: str) -> str:
@@ -170,7 +174,7 @@ class MethodChooser:
         self.text.add_class("peftkit-tree-text")
         self.out = W.Output()
         self._update()
-        controls = W.VBox(list(self.dropdowns.values()))
+        controls = W.VBox(list(self.dropdowns.values()), layout=W.Layout(min_width="340px"))
         self.widget = W.VBox([W.HBox([controls, self.text]), self.out])
         self.widget.add_class("peftkit-tree")
 

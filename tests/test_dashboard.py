@@ -1,0 +1,113 @@
+"""`make dashboard` in a real browser: notebook 06 served by Voila on 127.0.0.1, driven through
+Debian's Chromium (never a downloaded browser build).
+
+What the widget tests cannot see: that Voila executes the whole notebook, that the dropdowns and
+the recommendation render as an app with the code hidden, and that choosing another answer in
+the page reaches the kernel's observer and changes the recommendation shown. The server runs
+the committed notebook in quick mode with a private Jupyter configuration. A screenshot goes to
+runs/dashboard_06_method_selection.png.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from test_browser import chromium_or_skip, free_port, fresh_jupyter_env, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "06_method_selection.ipynb"
+SCREENSHOT = ROOT / "runs" / "dashboard_06_method_selection.png"
+RENDER_TIMEOUT_S = 240  # quick mode runs in seconds alone; the machine may be busy
+
+
+@contextlib.contextmanager
+def voila(home: Path, start_timeout: float = 90):
+    """Serve notebook 06 with Voila on 127.0.0.1 (the `make dashboard` command); always stop it."""
+    port = free_port()
+    env = fresh_jupyter_env(home)
+    log = open(home / "voila.log", "w")
+    cmd = [sys.executable, "-m", "voila", str(NOTEBOOK), "--no-browser", "--Voila.ip=127.0.0.1",
+           f"--port={port}", "--Voila.port_retries=0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+
+    def log_tail() -> str:
+        log.flush()
+        return "".join((home / "voila.log").read_text().splitlines(True)[-30:])
+
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"voila exited with {proc.returncode}:\n{log_tail()}")
+            with contextlib.suppress(OSError):
+                # the voila.js bundle: served once the server is up, without starting a kernel
+                urllib.request.urlopen(f"{url}voila/static/voila.js", timeout=5).close()
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"voila did not answer within {start_timeout} s:\n{log_tail()}")
+            time.sleep(0.5)
+        yield url, log_tail
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and the notebook's kernel
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+def test_dashboard_changes_the_recommendation_when_an_answer_changes(tmp_path):
+    chromium = chromium_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    with voila(tmp_path / "home") as (url, server_log), sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=chromium, headless=True,
+            viewport={"width": 1400, "height": 1000},
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        try:
+            page = ctx.pages[0] if ctx.pages else ctx.new_page()
+            page.set_default_timeout(30_000)
+            # Voila streams the page while the kernel runs the cells: wait for the widget, not "load".
+            page.goto(url, timeout=RENDER_TIMEOUT_S * 1000, wait_until="commit")
+            text = page.locator(".peftkit-tree-text")
+            try:
+                text.wait_for(timeout=RENDER_TIMEOUT_S * 1000)
+            except Exception:
+                page.screenshot(path=str(SCREENSHOT))
+                raise AssertionError(f"the recommendation never rendered\nserver log:\n{server_log()}") from None
+            assert page.locator(".jp-CodeCell .jp-InputArea, .jp-CodeMirrorEditor").count() == 0, "Voila should hide the code"
+            wait_until(lambda: "Recommended:" in text.inner_text(), 30, "the recommendation text")
+            before = text.inner_text()
+            assert "lora r=8" in before and "otherwise" in before  # the defaults reach the fallback rule
+
+            dropdown = page.locator(".peftkit-tree-task-complexity select")
+            dropdown.select_option("high")
+            page.locator(".peftkit-tree-deployment-constraints select").select_option("flexible")
+            wait_until(lambda: "Recommended: adapter" in text.inner_text(), 60,
+                       "the recommendation to become the adapter after task_complexity=high, deployment=flexible")
+            after = text.inner_text()
+            assert after != before and "complex-and-flexible" in after
+            assert "it agrees" in after  # the article's tree says adapter too
+
+            plot = page.locator(".js-plotly-plot").first
+            plot.wait_for(timeout=30_000)
+            assert plot.locator(".main-svg").count() > 0, "the tree figure has no SVG"
+            page.locator(".peftkit-tree").scroll_into_view_if_needed()
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(SCREENSHOT))
+        finally:
+            ctx.close()
