@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     lora = pk.LoRA(r=8, alpha=16)
     kw = dict(base=base, domain="movies", n_train=n_train, cfg=cfg, cache=args.cache, n_eval=n_eval,
               threads=args.threads)
+    kw["fresh_process"] = not args.quick  # quick: no subprocess start-up
     model, tok, row = trained_model(lora, **kw)
     _, _, qrow = trained_model(lora, base_bits=4, **kw)
 

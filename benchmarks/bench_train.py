@@ -56,7 +56,8 @@ def build(name: str, base: str):
     return model, tok
 
 
-def worker(name: str, base: str, steps: int, warmup: int, threads: int, batch_size: int) -> dict:
+def worker(name: str, base: str, steps: int, warmup: int, threads: int, batch_size: int,
+           attention_dropout: float | None = None) -> dict:
     """One measurement in this process: returns median step seconds and peak RSS."""
     import resource
 
@@ -68,6 +69,9 @@ def worker(name: str, base: str, steps: int, warmup: int, threads: int, batch_si
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, tok = build(name, base)
+    if attention_dropout is not None:
+        from peftkit.models import set_attention_dropout
+        set_attention_dropout(model, attention_dropout)
     splits = data.split(data.load_corpus("movies"), seed=0)
     loader = make_loaders(tok, {"train": splits["train"]}, batch_size=batch_size, seed=0)["train"]
     batches = []
@@ -104,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--base", default="minilm")
+    ap.add_argument("--attention-dropout", type=float, default=None,
+                    help="set the attention-probability dropout of every method (default: the model's, 0.1)")
     ap.add_argument("--quick", action="store_true", help="tiny model, 1 round, 3 steps")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.csv"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -111,7 +117,7 @@ def main(argv=None) -> int:
     if a.quick:
         a.base, a.rounds, a.steps, a.warmup = "tiny", 1, 3, 1
     if a.worker:
-        print(json.dumps(worker(a.worker, a.base, a.steps, a.warmup, a.threads, a.batch_size)))
+        print(json.dumps(worker(a.worker, a.base, a.steps, a.warmup, a.threads, a.batch_size, a.attention_dropout)))
         return 0
     names = [n.strip() for n in a.methods.split(",")]
     unknown = set(names) - set(METHODS)
@@ -124,6 +130,8 @@ def main(argv=None) -> int:
         for name in names:
             cmd = [sys.executable, __file__, "--worker", name, "--base", a.base, "--steps", str(a.steps),
                    "--warmup", str(a.warmup), "--threads", str(a.threads), "--batch-size", str(a.batch_size)]
+            if a.attention_dropout is not None:
+                cmd += ["--attention-dropout", str(a.attention_dropout)]
             p = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if p.returncode != 0:
                 print(p.stderr[-2000:], file=sys.stderr)
@@ -135,6 +143,7 @@ def main(argv=None) -> int:
     df = pd.DataFrame(rows)
     import torch
     df["threads"], df["torch"], df["base"], df["batch_size"] = a.threads, torch.__version__, a.base, a.batch_size
+    df["attention_dropout"] = "model default (0.1)" if a.attention_dropout is None else a.attention_dropout
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(a.out, index=False)
     med = df.groupby("method").agg(sec_per_step=("sec_per_step", "median"), peak_rss_mib=("peak_rss_mib", "median"),

@@ -26,6 +26,7 @@ from .methods import Method
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = ROOT / "runs" / "results.jsonl"
 _NOT_IN_KEY = ("progress", "checkpoint_dir", "checkpoint_every", "device")
+_KEYED_WHEN_SET = ("attention_dropout",)
 
 
 def describe(method: Method) -> str:
@@ -51,6 +52,9 @@ def make_spec(method: Method, base="minilm", domain="movies", n_train=None, cfg=
     from .train import TrainConfig
     cfg = cfg or TrainConfig()
     tc = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_KEY}
+    for k in _KEYED_WHEN_SET:  # fields added later: absent at their default, so older cache keys stay valid
+        if tc.get(k) is None:
+            tc.pop(k, None)
     return {"method": method.to_dict(), "base": base, "domain": domain, "n_train": n_train,
             "train": tc, "max_length": max_length, "eval_domains": bool(eval_domains), "n_eval": n_eval,
             **({"base_bits": base_bits} if base_bits else {})}  # absent when unused: older keys stay valid

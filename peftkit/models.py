@@ -87,6 +87,28 @@ def load_base(name: str = "minilm", num_labels: int = 2, seed: int = 0):
     return model, tokenizer
 
 
+ATTENTION_DROPOUT_NAMES = ("attention.self.dropout", "attention.dropout")  # BERT, DistilBERT
+
+
+def set_attention_dropout(model: nn.Module, p: float) -> int:
+    """Set the dropout on attention probabilities (BERT/DistilBERT naming) to `p`; returns how many.
+
+    With p = 0, PyTorch's scaled-dot-product attention can use its fused CPU kernel, which keeps
+    no (batch, heads, length, length) probability and mask tensors for the backward pass: on
+    MiniLM at 128 tokens that is about 65 MB less per layer, and a faster step.
+    """
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p < 1:
+        raise ValueError(f"attention dropout must be a probability in [0, 1), got {p!r}.")
+    found = [m for n, m in model.named_modules()
+             if isinstance(m, nn.Dropout) and n.endswith(ATTENTION_DROPOUT_NAMES)]
+    if not found:
+        raise ValueError(f"no attention-probability dropout found in this {type(model).__name__} "
+                         f"(looked for modules named *{' or *'.join(ATTENTION_DROPOUT_NAMES)}).")
+    for m in found:
+        m.p = float(p)
+    return len(found)
+
+
 class MLP(nn.Module):
     """A small classifier on 16 features: fc1, act, fc2, classifier. For fast invariant tests."""
 

@@ -168,3 +168,32 @@ def test_two_process_data_parallel_equals_single_process(tmp_path):
         assert torch.equal(r0[k], r1[k]), k
         torch.testing.assert_close(r0[k], one[k], atol=1e-5, rtol=0)
     assert (tmp_path / "ck2" / "latest.json").exists()
+
+
+def test_set_attention_dropout():
+    from peftkit.models import set_attention_dropout
+    model, _ = pk.load_base("tiny")
+    assert set_attention_dropout(model, 0.0) == 2  # one per layer
+    assert all(m.p == 0.0 for n, m in model.named_modules() if n.endswith("attention.self.dropout"))
+    assert model.bert.encoder.layer[0].output.dropout.p == 0.1  # hidden dropout untouched
+    for bad in (-0.1, 1.0, "0"):
+        with pytest.raises(ValueError, match="probability"):
+            set_attention_dropout(model, bad)
+    with pytest.raises(ValueError, match="no attention-probability dropout"):
+        set_attention_dropout(pk.load_base("mlp")[0], 0.0)
+
+
+def test_attention_dropout_in_the_config_is_applied_and_keyed_only_when_set():
+    from peftkit.experiments import config_key, make_spec
+    from peftkit.train import TrainConfig, fit
+    model, tok = pk.load_base("tiny")
+    pk.apply(model, pk.LoRA(r=2, alpha=4))
+    x = torch.randint(1000, 2000, (8, 6))
+    batches = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": torch.randint(0, 2, (8,))}]
+    fit(model, batches, None, TrainConfig(attention_dropout=0.0, max_steps=1, progress=False))
+    assert model.bert.encoder.layer[1].attention.self.dropout.p == 0.0
+    spec = make_spec(pk.LoRA(), "tiny", cfg=TrainConfig())
+    assert "attention_dropout" not in spec["train"]  # the default keeps older cache keys
+    assert config_key(spec) != config_key(make_spec(pk.LoRA(), "tiny", cfg=TrainConfig(attention_dropout=0.0)))
+    with pytest.raises(ValueError, match="attention_dropout"):
+        TrainConfig(attention_dropout=1.5)
