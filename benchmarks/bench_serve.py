@@ -155,7 +155,7 @@ def main(argv=None) -> int:
                 return 1
             made = json.loads(p.stdout.strip().splitlines()[-1])
             loras, pfeiffer = made[:4], made[4]
-        rows = []
+        rows, load = [], [os.getloadavg()[0]]  # other processes' load: this machine is shared
         for r in range(a.rounds):
             spec = json.dumps({"loras": loras, "pfeiffer": pfeiffer})
             cmd = [sys.executable, __file__, "--worker", spec, "--base", a.base, "--repeats", str(a.repeats),
@@ -166,6 +166,7 @@ def main(argv=None) -> int:
                 return 1
             row = json.loads(p.stdout.strip().splitlines()[-1])
             rows.append({**row, "round": r})
+            load.append(os.getloadavg()[0])
             print(f"round {r + 1}/{a.rounds}: switch {row['unmerged_switch_ms']:.3f} ms unmerged, "
                   f"{row['merged_switch_ms']:.3f} ms merged; {len(loras)} adapters add "
                   f"{row['adapters_rss_mib']:.1f} MiB to {row['base_rss_mib']:.0f} MiB", flush=True)
@@ -183,13 +184,13 @@ def main(argv=None) -> int:
                       "adapters_pct_of_base_rss": 100 * med["adapters_rss_mib"] / base_rss,
                       "adapters_pct_of_base_params": 100 * held / med["base_param_bytes"],
                       "base": a.base, "rounds": a.rounds, "repeats": a.repeats, "threads": a.threads,
-                      "batch_size": a.batch_size, "torch": torch.__version__})
+                      "batch_size": a.batch_size, "torch": torch.__version__, "load_avg_max": max(load)})
     df = pd.DataFrame(table)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(a.out, index=False)
     head = (f"{a.base}, torch {torch.__version__}, {a.threads} threads, {len(loras)} LoRA adapters "
             f"({int(med['tensors_per_adapter'])} tensors each), medians of {a.rounds} fresh processes x "
-            f"{a.repeats} switches")
+            f"{a.repeats} switches; 1-minute load average up to {max(load):.1f} on {os.cpu_count()} cores")
     show = df[["mode", "switch_ms_median", "switch_ms_p90", "rebuild_switch_ms", "predict_ms_batch",
                "adapters_rss_mib", "adapters_pct_of_base_rss", "adapters_pct_of_base_params"]]
     md = (f"{head}\n\n{show.round(3).to_markdown(index=False)}\n\n"
