@@ -420,3 +420,16 @@ def test_serve_stream_records_every_request_and_stops_on_an_alert(dep):
         serve_stream(dep, mon, texts, wrong[:3], "lora_a")
     with pytest.raises(ValueError, match="stop_on"):
         serve_stream(dep, mon, texts, wrong, "lora_a", stop_on="error")
+
+
+def test_an_adapter_saved_without_a_head_gets_the_bases_own_head_back(adapters, tmp_path):
+    model, _ = pk.load_base("tiny")
+    pk.apply(model, pk.LoRA(r=4, alpha=8), head=None)  # the head stays frozen and is not saved
+    perturb(model, seed=5, std=0.3)
+    pk.save_adapter(model, tmp_path / "headless")
+    d = Deployer("tiny", device="cpu")
+    d.register("with_head", adapters["lora_a"])
+    d.register("headless", tmp_path / "headless")
+    d.predict(TEXTS, adapter="with_head")  # writes lora_a's trained head into the live model
+    got = d.predict(TEXTS, adapter="headless")
+    np.testing.assert_allclose(got["probability"], reference_probs(tmp_path / "headless", TEXTS).max(-1), atol=1e-5)
