@@ -402,7 +402,11 @@ def dashboard(monitor: Monitor, title: str | None = None):
                                      text=sub["reason"], hovertemplate="%{text}<extra></extra>"), row_i, 1)
     for note in notes.itertuples():
         fig.add_vline(x=note.n, line=dict(color="grey", dash="dash"))
-        fig.add_annotation(x=note.n, y=1.02, yref="paper", text=note.note, showarrow=False, font=dict(size=11))
+        # written up the line inside the accuracy panel, so close notes do not overlap each other
+        fig.add_annotation(x=note.n, y=0.02, xref="x", yref="y domain", text=note.note, showarrow=False,
+                           textangle=-90, xanchor="right", yanchor="bottom", font=dict(size=11, color="grey"))
+    fig.update_yaxes(title_text="words", row=4, col=1)
+    fig.update_yaxes(title_text="unknown %", rangemode="tozero", row=4, col=1, secondary_y=True)
     fig.update_xaxes(title_text="examples served", row=4, col=1)
     fig.update_layout(template=TEMPLATE, height=900, title=title, legend=dict(orientation="h", y=-0.08))
     return fig
