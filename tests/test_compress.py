@@ -249,3 +249,33 @@ def test_int8_per_tensor_is_available_for_comparison():
     assert any(C._is_int8_module(m) for m in q.modules())
     with pytest.raises(ValueError, match="per channel only"):
         C.quantize_int8(fresh("tiny"), per_channel=False, backend="int_mm")
+
+
+def _calibration(n=3):
+    return [make_inputs("tiny", seed=s, batch=8) for s in range(n)]
+
+
+def test_smoothing_changes_nothing_in_float_and_moves_the_range():
+    model = lora_model()
+    x = make_inputs("tiny", seed=9)
+    sm = C.smooth(model, _calibration())
+    wrapped = [m for m in sm.modules() if isinstance(m, C.Smoothed)]
+    assert len(wrapped) == len(C.linear_layers(C._merged_plain(model, False)))
+    with torch.no_grad():
+        assert torch.allclose(logits(sm, x), logits(model, x), atol=1e-5)
+    with pytest.raises(ValueError, match="alpha"):
+        C.smooth(model, _calibration(), alpha=1.5)
+    with pytest.raises(ValueError, match="no batches"):
+        C.smooth(model, [])
+
+
+def test_int8_with_calibration_round_trips_through_a_file(tmp_path):
+    model = lora_model()
+    q = C.quantize_int8(model, calibration=_calibration())
+    assert any(isinstance(m, C.Smoothed) for m in q.modules()) and any(C._is_int8_module(m) for m in q.modules())
+    x = make_inputs("tiny", batch=8)
+    with torch.no_grad():
+        ref = logits(model, x)
+        assert (logits(q, x) - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3
+        path = C.save_int8(q, tmp_path / "s.safetensors")
+        assert torch.equal(logits(C.load_int8(fresh("tiny"), path), x), logits(q, x))
