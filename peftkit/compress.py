@@ -4,21 +4,25 @@ Every function here leaves its input alone and returns a compressed copy (``inpl
 skip the copy), so a fine-tuned model is never lost to an experiment.
 
 **Real int8 (`quantize_int8`).** LoRA layers are merged first (a merged LoRA is a plain Linear),
-then every Linear but the task head runs int8 GEMMs. Three CPU paths were measured on MiniLM
-fine-tuned on movies (batch 32, 2 threads; the issue's table and `benchmarks/bench_compress.py`):
+then every Linear but the task head runs int8 GEMMs. Paths measured on MiniLM fine-tuned on
+movies (batch 32, 2 threads; the issue's table, notebook 05 and `benchmarks/bench_compress.py`):
 
-* ``torch.ao.quantization.quantize_dynamic`` (fbgemm/x86 int8 kernels, activations quantized
-  per batch on the fly): about 2x faster than fp32. With the default *per-tensor* weight scale it
-  lost 4.3 points on tweets; with one scale per output channel (what we use) the error per layer
-  falls several-fold and accuracy stays within a point on every domain (see the benchmark).
-* torchao's int8 dynamic-activation config: no gain on this CPU; its int8 weight-only config:
-  about 1.1x. Neither reaches the 1.5x target, and torchao is one more heavy dependency.
+* ``torch.ao.quantization.quantize_dynamic`` (fbgemm int8 kernels): 2.0-2.9x faster than fp32.
+  It quantizes the activations with **one scale per batch**, so a text's prediction depends on
+  the other texts in its batch (their outliers, their padding). Measured: up to 1.0 point lost
+  on a domain with per-channel weights at batch 64 and 0.7 at batch 8; with per-tensor weights
+  (its default) 4.3 points on tweets. Smoothing the activations first (`smooth`, SmoothQuant's
+  idea) helped or hurt by up to 2.4 points depending on the calibration sample. PyTorch also
+  marks the API deprecated.
+* torchao 0.18: int8 dynamic activations gave no gain on this CPU, int8 weight-only about 1.1x.
+* **Ours, `Int8Linear` (the default):** weights per output row, activations quantized **per
+  token**, and ``torch._int_mm`` for the int8 GEMM (exact int32 accumulation). 1.9x faster than
+  fp32 here, within half a point on every domain, and a text's answer does not depend on its
+  batch (tested). It needs no deprecated API; where ``torch._int_mm`` is missing, or a call
+  has 16 rows or fewer, it multiplies the dequantized weights in float instead (correct, slower).
 
-So the ``torch.ao`` path is the one we use. PyTorch marks it deprecated; we silence that one
-warning (it is about the API, not the numbers) and, for the day the API is gone, fall back to
-`Int8Linear`: our own module that quantizes activations per row and calls ``torch._int_mm``, a
-real int8 kernel. The fallback is correct but not faster on CPUs without fast int8 GEMM, and it
-says so in a warning, so nobody mistakes it for the fast path.
+``backend="ao"`` keeps the torch.ao path for comparison (its deprecation warning silenced: it is
+about the API, not the numbers) and raises a clear error once PyTorch has removed it.
 
 **Simulated k-bit (`fake_quantize`, `simulate_kbit`).** Symmetric round-to-nearest for 2 to 8
 bits, one scale per tensor (the article's) or per output channel. It runs in float: it shows the
@@ -114,9 +118,12 @@ def _ao_dynamic():
     return quantize_dynamic, per_channel_dynamic_qconfig, DynamicLinear
 
 
+_HAS_INT_MM = hasattr(torch, "_int_mm")
+
+
 def int8_backend() -> str:
-    """Which int8 path `quantize_int8` takes on this PyTorch: "torch.ao dynamic" or "peftkit int_mm"."""
-    return "torch.ao dynamic" if _ao_dynamic() is not None else "peftkit int_mm"
+    """What `quantize_int8`'s default path runs on this PyTorch."""
+    return "peftkit Int8Linear, torch._int_mm" if _HAS_INT_MM else "peftkit Int8Linear, float fallback"
 
 
 def _row_scale(w: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -124,9 +131,10 @@ def _row_scale(w: torch.Tensor, qmax: int) -> torch.Tensor:
 
 
 class Int8Linear(nn.Module):
-    """A Linear in int8: per-row weight scales, activations quantized per row, ``torch._int_mm``.
+    """A Linear in int8: weights per output row, activations per token, ``torch._int_mm``.
 
-    The fallback of `quantize_int8` where torch.ao's dynamic quantization is unavailable.
+    Each token's activation row gets its own scale, so no token's rounding depends on another's:
+    a text gets the same answer alone or in any batch. The int8 GEMM accumulates exactly in int32.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -145,7 +153,7 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         # _int_mm wants more than 16 rows and sizes that are multiples of 8: else use the float path.
-        if x2.shape[0] > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0:
+        if _HAS_INT_MM and x2.shape[0] > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0:
             xs = _row_scale(x2, 127)
             xq = torch.round(x2 / xs).clamp(-127, 127).to(torch.int8)
             y = torch._int_mm(xq, self.weight_int8.t()).float() * xs * self.weight_scale
@@ -235,20 +243,19 @@ def smooth(model: nn.Module, calibration, alpha: float = 0.8, skip="head", inpla
     return model
 
 
-def quantize_int8(model: nn.Module, skip="head", inplace: bool = False, backend: str = "auto",
+def quantize_int8(model: nn.Module, skip="head", inplace: bool = False, backend: str = "int_mm",
                   per_channel: bool = True, calibration=None, alpha: float = 0.8) -> nn.Module:
     """An int8 copy of `model` for CPU inference: LoRA merged, every Linear outside `skip` in int8.
 
-    Weights get one scale per output channel; activations are quantized per batch as they come.
-    backend: "auto" (torch.ao where available), "ao" or "int_mm" (our fallback, see the module
-    docstring). per_channel=False gives torch.ao's default, one weight scale per tensor (for
-    comparison). Bottleneck adapters stay as modules; their Linears are quantized too.
-    calibration: a few batches of model inputs; when given, input channels are rescaled first
-    (`smooth`, with `alpha`), which kept the int8 MiniLM within a point of fp32 on every domain
-    where plain dynamic quantization lost more (notebook 05).
+    backend: "int_mm" (default: `Int8Linear`, weights per output row, activations per token) or
+    "ao" (torch.ao dynamic quantization, activations per batch; see the module docstring).
+    per_channel=False (ao only) gives torch.ao's default, one weight scale per tensor.
+    calibration: a few batches of model inputs; when given, input channels are first rescaled
+    into the weights (`smooth`, with `alpha`). Bottleneck adapters stay as modules; their
+    Linears are quantized too. skip: "head", or module names to keep in float.
     """
-    if backend not in ("auto", "ao", "int_mm"):
-        raise ValueError(f"backend={backend!r} is not one of 'auto', 'ao', 'int_mm'.")
+    if backend not in ("ao", "int_mm"):
+        raise ValueError(f"backend={backend!r} is not one of 'int_mm', 'ao'.")
     model = _merged_plain(model, inplace).eval()
     if calibration is not None:
         smooth(model, calibration, alpha, skip, inplace=True)
@@ -257,10 +264,11 @@ def quantize_int8(model: nn.Module, skip="head", inplace: bool = False, backend:
         raise ValueError("this model has no nn.Linear outside the skipped modules: nothing to quantize.")
     ao = _ao_dynamic()
     if backend == "ao" and ao is None:
-        raise RuntimeError("this PyTorch has no torch.ao.quantization.quantize_dynamic; use backend='int_mm'.")
-    if not per_channel and (backend == "int_mm" or ao is None):
+        raise RuntimeError("this PyTorch has no torch.ao.quantization.quantize_dynamic any more; "
+                           "use backend='int_mm' (the default).")
+    if not per_channel and backend == "int_mm":
         raise ValueError("per_channel=False exists to compare with torch.ao's default; the int_mm path is per channel only.")
-    if backend != "int_mm" and ao is not None:
+    if backend == "ao":
         quantize_dynamic, qconfig, _ = ao
         if not per_channel:
             from torch.ao.quantization import default_dynamic_qconfig as qconfig
@@ -268,10 +276,9 @@ def quantize_int8(model: nn.Module, skip="head", inplace: bool = False, backend:
             warnings.filterwarnings("ignore", message=r".*(deprecat|quantize_per_channel).*")
             quantize_dynamic(model, {n: qconfig for n in targets}, dtype=torch.qint8, inplace=True)
         return model
-    if backend == "auto":
-        warnings.warn("torch.ao dynamic quantization is not available in this PyTorch, so peftkit uses "
-                      "its own Int8Linear (torch._int_mm). It is correct, but on CPUs without fast int8 "
-                      "GEMM it is no faster than fp32.", RuntimeWarning, stacklevel=2)
+    if not _HAS_INT_MM:
+        warnings.warn("this PyTorch has no torch._int_mm: the int8 layers multiply dequantized weights "
+                      "in float (same answers, no speed-up).", RuntimeWarning, stacklevel=2)
     from .targets import replace_module
     for name, lin in targets.items():
         replace_module(model, name, Int8Linear(lin))
@@ -308,7 +315,8 @@ def save_int8(model: nn.Module, path) -> Path:
         raise ValueError("save_int8 needs a model from quantize_int8: this one has no int8 layer.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_tensors(path, state, {"format": "peftkit-int8"})
+    backend = "int_mm" if any(isinstance(m, Int8Linear) for m in model.modules()) else "ao"
+    write_tensors(path, state, {"format": f"peftkit-int8/{backend}"})  # load_int8 rebuilds the same kind
     return path
 
 
@@ -318,6 +326,12 @@ def load_int8(base: nn.Module, path) -> nn.Module:
     The file's layers and shapes are checked against `base` before anything changes.
     """
     tensors = read_tensors(Path(path))
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        fmt = (f.metadata() or {}).get("format", "")
+    backend = fmt.split("/", 1)[1] if fmt.startswith("peftkit-int8/") else "int_mm"
+    if backend not in ("int_mm", "ao"):
+        raise AdapterFileError(f"{path} says its int8 layers are {backend!r}, which this peftkit does not know.")
     names = sorted(k[: -len(".weight_int8")] for k in tensors if k.endswith(".weight_int8"))
     if not names:
         raise AdapterFileError(f"{path} holds no int8 layers: was it written by peftkit.compress.save_int8?")
@@ -341,7 +355,7 @@ def load_int8(base: nn.Module, path) -> nn.Module:
     if unexpected:
         raise AdapterFileError(f"{path} has tensors this base lacks: {unexpected[:5]}.")
     skip = [n for n, m in modules.items() if type(m) is nn.Linear and n not in names]
-    model = quantize_int8(model, skip=skip, inplace=True)
+    model = quantize_int8(model, skip=skip, inplace=True, backend=backend)
     for n in names:  # then the stored codes and scales, exactly
         m, codes, scale = model.get_submodule(n), tensors[f"{n}.weight_int8"], tensors[f"{n}.weight_scale"]
         bias = tensors.get(f"{n}.bias")

@@ -34,15 +34,18 @@ def calibration_batches(tokenizer, domain: str = "movies", n: int = 256, batch_s
 
 def int8_study(model, tokenizer, domains=None, n_eval: int | None = None, repeats: int = 20,
                batch_size: int = 32, progress: bool = True, alpha: float = 0.8, domain: str = "movies") -> dict[str, pd.DataFrame]:
-    """fp32 (LoRA merged) against int8: smoothed (ours: calibrated on 256 training texts of
-    `domain`), plain per-channel weights, and per-tensor weights (torch's default).
+    """fp32 (LoRA merged) against int8: ours (activations per token, `Int8Linear`) and torch.ao's
+    dynamic quantization (activations per batch) with per-channel weights, per-tensor weights
+    (its default), and per-channel after smoothing (calibrated on 256 training texts of `domain`).
 
     Returns {"accuracy": per domain and variant, "speed": ms per batch and ratio, "size": bytes}.
     """
     variants = {"fp32 merged": C._merged_plain(model, inplace=False).eval(),
-                "int8 smoothed": C.quantize_int8(model, calibration=calibration_batches(tokenizer, domain), alpha=alpha),
-                "int8 per-channel": C.quantize_int8(model),
-                "int8 per-tensor": C.quantize_int8(model, per_channel=False)}
+                "int8 per-token (ours)": C.quantize_int8(model),
+                "ao per-channel": C.quantize_int8(model, backend="ao"),
+                "ao per-tensor": C.quantize_int8(model, backend="ao", per_channel=False),
+                "ao smoothed": C.quantize_int8(model, backend="ao", alpha=alpha,
+                                               calibration=calibration_batches(tokenizer, domain))}
     rows = []
     for name, m in tqdm(variants.items(), desc="int8 accuracy", disable=not progress):
         acc = evaluate_domains(m, tokenizer, domains, n_eval=n_eval)
@@ -50,10 +53,10 @@ def int8_study(model, tokenizer, domains=None, n_eval: int | None = None, repeat
     accuracy = pd.concat(rows, ignore_index=True)
     speed = compare_latency(variants, latency_batch(tokenizer, batch_size=batch_size), repeats=repeats)
     speed["speedup vs fp32"] = (speed["ms per batch"].iloc[0] / speed["ms per batch"]).round(2)
-    fp32_file, int8_file = C.file_size(variants["fp32 merged"]), C.file_size(variants["int8 smoothed"], int8=True)
+    fp32_file, int8_file = C.file_size(variants["fp32 merged"]), C.file_size(variants["int8 per-token (ours)"], int8=True)
     size = pd.DataFrame([{"variant": "fp32 merged", "file bytes": fp32_file},
                          {"variant": "bf16 (computed)", "file bytes": C.model_size(variants["fp32 merged"], "bf16")},
-                         {"variant": "int8 smoothed", "file bytes": int8_file}])
+                         {"variant": "int8 per-token (ours)", "file bytes": int8_file}])
     size["vs fp32"] = (size["file bytes"] / fp32_file).round(3)
     return {"accuracy": accuracy, "speed": speed, "size": size}
 

@@ -222,10 +222,27 @@ def test_shrink_ffn_on_an_unknown_architecture_says_what_to_use():
         C.shrink_ffn(fresh("mlp"), 0.5)
 
 
-def test_no_deprecation_noise_from_int8():
+@pytest.mark.parametrize("backend", ["int_mm", "ao"])
+def test_no_deprecation_noise_from_int8(backend):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        C.quantize_int8(fresh("tiny"))
+        C.quantize_int8(fresh("tiny"), backend=backend)
+
+
+def test_default_int8_answers_do_not_depend_on_the_batch():
+    # Activations are quantized per token and the int8 GEMM is exact, so one text's logits are the
+    # same alone or beside others, up to float reordering (torch.ao's per-batch scale is not).
+    model = lora_model()
+    q = C.quantize_int8(model)
+    assert C.int8_backend().startswith("peftkit Int8Linear")
+    ids = torch.randint(1000, 5000, (24, 12), generator=torch.Generator().manual_seed(3))
+    ids[5:, :] *= 1  # others in the batch
+    with torch.no_grad():
+        ids[7] = torch.randint(20000, 30000, (12,))  # an unusual neighbour
+        together = logits(q, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        alone = torch.cat([logits(q, {"input_ids": ids[i:i + 1].repeat(17, 1),
+                                      "attention_mask": torch.ones(17, 12, dtype=torch.long)})[:1] for i in range(3)])
+    assert torch.allclose(together[:3], alone, atol=1e-5)
 
 
 def test_the_three_orders_on_a_model():
@@ -245,7 +262,7 @@ def test_the_three_orders_on_a_model():
 
 
 def test_int8_per_tensor_is_available_for_comparison():
-    q = C.quantize_int8(fresh("tiny"), per_channel=False)
+    q = C.quantize_int8(fresh("tiny"), per_channel=False, backend="ao")
     assert any(C._is_int8_module(m) for m in q.modules())
     with pytest.raises(ValueError, match="per channel only"):
         C.quantize_int8(fresh("tiny"), per_channel=False, backend="int_mm")
@@ -271,7 +288,7 @@ def test_smoothing_changes_nothing_in_float_and_moves_the_range():
 
 def test_int8_with_calibration_round_trips_through_a_file(tmp_path):
     model = lora_model()
-    q = C.quantize_int8(model, calibration=_calibration())
+    q = C.quantize_int8(model, calibration=_calibration(), backend="ao")
     assert any(isinstance(m, C.Smoothed) for m in q.modules()) and any(C._is_int8_module(m) for m in q.modules())
     x = make_inputs("tiny", batch=8)
     with torch.no_grad():
