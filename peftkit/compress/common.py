@@ -1,0 +1,41 @@
+"""What the compression modules share: which Linears to touch, and working on a merged copy."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..surgery import find_head, lora_layers, unload
+
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+
+
+def _copy(model: nn.Module, inplace: bool) -> nn.Module:
+    return model if inplace else copy.deepcopy(model)
+
+
+def _skip_prefix(model: nn.Module, skip) -> list[str]:
+    if skip == "head":
+        head = find_head(model)
+        return [head] if head else []
+    return list(skip or [])
+
+
+def linear_layers(model: nn.Module, skip="head") -> dict[str, nn.Linear]:
+    """Every plain nn.Linear outside `skip` ("head": the task head; or a list of module names)."""
+    prefixes = _skip_prefix(model, skip)
+    return {n: m for n, m in model.named_modules() if type(m) is nn.Linear
+            and not any(n == p or n.startswith(p + ".") for p in prefixes)}
+
+
+def _merged_plain(model: nn.Module, inplace: bool) -> nn.Module:
+    model = _copy(model, inplace)
+    if lora_layers(model):
+        unload(model)  # merge every LoRA and drop the wrappers: plain Linears with the same outputs
+    return model
+
+
+def _row_scale(w: torch.Tensor, qmax: int) -> torch.Tensor:
+    return (w.abs().amax(dim=1, keepdim=True) / qmax).clamp_min(torch.finfo(torch.float32).tiny)
