@@ -85,42 +85,33 @@ def fresh_jupyter_env(home: Path) -> dict:
 
 
 @contextlib.contextmanager
-def jupyter_lab(root_dir: Path, home: Path, token: str, start_timeout: float = 90):
-    """Start JupyterLab on 127.0.0.1 and yield its base URL; always stop it and its kernels."""
-    port = free_port()
-    env = fresh_jupyter_env(home)  # creates home
-    log = open(home / "jupyter.log", "w")
-    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root",
-           "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root_dir}",
-           "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
-    # A session of its own, so stopping the server can reach the whole process group.
-    proc = subprocess.Popen(cmd, cwd=root_dir, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+def server(cmd: list, cwd: Path, env: dict, log_path: Path, ready_url: str, what: str,
+           start_timeout: float = 90, before_stop=None):
+    """Start a local server in a session of its own, wait until `ready_url` answers, yield a
+    log-tail function; always stop it (after `before_stop()`) with its whole process group."""
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def log_tail() -> str:
         log.flush()
-        return "".join((home / "jupyter.log").read_text().splitlines(True)[-30:])
+        return "".join(log_path.read_text().splitlines(True)[-30:])
 
     try:
         deadline = time.monotonic() + start_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"jupyter lab exited with {proc.returncode}:\n{log_tail()}")
+                raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log_tail()}")
             with contextlib.suppress(OSError):
-                _get(f"{url}/api/status?token={token}")
+                urllib.request.urlopen(ready_url, timeout=5).close()
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"jupyter lab did not answer within {start_timeout} s:\n{log_tail()}")
+                raise RuntimeError(f"{what} did not answer within {start_timeout} s:\n{log_tail()}")
             time.sleep(0.5)
-        yield url, log_tail
+        yield log_tail
     finally:
-        # Kernels are started in sessions of their own, so shut them down through the API first.
-        with contextlib.suppress(Exception):
-            for k in _get(f"{url}/api/kernels?token={token}"):
-                req = urllib.request.Request(f"{url}/api/kernels/{k['id']}?token={token}", method="DELETE")
-                urllib.request.urlopen(req, timeout=10).close()
+        if before_stop is not None:
+            with contextlib.suppress(Exception):
+                before_stop()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -130,6 +121,27 @@ def jupyter_lab(root_dir: Path, home: Path, token: str, start_timeout: float = 9
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         log.close()
+
+
+@contextlib.contextmanager
+def jupyter_lab(root_dir: Path, home: Path, token: str, start_timeout: float = 90):
+    """Start JupyterLab on 127.0.0.1 and yield its base URL; always stop it and its kernels."""
+    port = free_port()
+    env = fresh_jupyter_env(home)  # creates home
+    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root",
+           "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root_dir}",
+           "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    url = f"http://127.0.0.1:{port}"
+
+    def shut_kernels():  # kernels run in sessions of their own: stop them through the API first
+        for k in _get(f"{url}/api/kernels?token={token}"):
+            req = urllib.request.Request(f"{url}/api/kernels/{k['id']}?token={token}", method="DELETE")
+            urllib.request.urlopen(req, timeout=10).close()
+
+    with server(cmd, root_dir, env, home / "jupyter.log", f"{url}/api/status?token={token}", "jupyter lab",
+                start_timeout, before_stop=shut_kernels) as log_tail:
+        yield url, log_tail
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):

@@ -11,15 +11,10 @@ runs/dashboard_06_method_selection.png.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-from test_browser import chromium_or_skip, free_port, fresh_jupyter_env, wait_until
+from test_browser import chromium_or_skip, free_port, fresh_jupyter_env, server, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "06_method_selection.ipynb"
@@ -32,39 +27,12 @@ def voila(home: Path, start_timeout: float = 90):
     """Serve notebook 06 with Voila on 127.0.0.1 (the `make dashboard` command); always stop it."""
     port = free_port()
     env = fresh_jupyter_env(home)
-    log = open(home / "voila.log", "w")
     cmd = [sys.executable, "-m", "voila", str(NOTEBOOK), "--no-browser", "--Voila.ip=127.0.0.1",
            f"--port={port}", "--Voila.port_retries=0"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
-
-    def log_tail() -> str:
-        log.flush()
-        return "".join((home / "voila.log").read_text().splitlines(True)[-30:])
-
-    try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"voila exited with {proc.returncode}:\n{log_tail()}")
-            with contextlib.suppress(OSError):
-                # the voila.js bundle: served once the server is up, without starting a kernel
-                urllib.request.urlopen(f"{url}voila/static/voila.js", timeout=5).close()
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"voila did not answer within {start_timeout} s:\n{log_tail()}")
-            time.sleep(0.5)
+    # ready once the voila.js bundle is served (no kernel is started for it)
+    with server(cmd, ROOT, env, home / "voila.log", f"{url}voila/static/voila.js", "voila", start_timeout) as log_tail:
         yield url, log_tail
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and the notebook's kernel
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
 
 
 def test_dashboard_changes_the_recommendation_when_an_answer_changes(tmp_path):
