@@ -28,7 +28,7 @@ def voila(home: Path, start_timeout: float = 90):
     port = free_port()
     env = fresh_jupyter_env(home)
     cmd = [sys.executable, "-m", "voila", str(NOTEBOOK), "--no-browser", "--Voila.ip=127.0.0.1",
-           f"--port={port}", "--Voila.port_retries=0"]
+           f"--port={port}", "--Voila.port_retries=0", "--show_tracebacks=True"]
     url = f"http://127.0.0.1:{port}/"
     # ready once the voila.js bundle is served (no kernel is started for it)
     with server(cmd, ROOT, env, home / "voila.log", f"{url}voila/static/voila.js", "voila", start_timeout) as log_tail:
@@ -56,7 +56,9 @@ def test_dashboard_changes_the_recommendation_when_an_answer_changes(tmp_path):
                 text.wait_for(timeout=RENDER_TIMEOUT_S * 1000)
             except Exception:
                 page.screenshot(path=str(SCREENSHOT))
-                raise AssertionError(f"the recommendation never rendered\nserver log:\n{server_log()}") from None
+                shown = page.locator("body").inner_text(timeout=5_000)[-4000:]
+                raise AssertionError(f"the recommendation never rendered\npage text (end):\n{shown}\n"
+                                     f"server log:\n{server_log()}") from None
             assert page.locator(".jp-CodeCell .jp-InputArea, .jp-CodeMirrorEditor").count() == 0, "Voila should hide the code"
             wait_until(lambda: "Recommended:" in text.inner_text(), 30, "the recommendation text")
             before = text.inner_text()
