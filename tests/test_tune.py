@@ -187,6 +187,18 @@ WORKER = textwrap.dedent("""
     deadline = time.time() + 120
     while not other.exists() and time.time() < deadline:  # start together: both import first
         time.sleep(0.05)
+    # Each worker's first trial waits until the other has begun one, so both take part however
+    # unevenly a busy machine schedules them (tiny trials would otherwise let one worker do all).
+    import peftkit.train
+    real_fit, first = peftkit.train.fit, [True]
+    def fit(*args, **kwargs):
+        if first[0]:
+            first[0] = False
+            Path(f"{me}.trial").touch()
+            while not Path(f"{other}.trial").exists() and time.time() < deadline + 120:
+                time.sleep(0.05)
+        return real_fit(*args, **kwargs)
+    peftkit.train.fit = fit
     tune("lora", {"lr": (1e-4, 1e-2, "log"), "r": (2, 8), "batch_size": 8}, n_trials=n, storage=url,
          study_name="shared", base="tiny", n_train=24, n_val=16, epochs=2, progress=False)
 """)
