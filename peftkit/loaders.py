@@ -54,17 +54,20 @@ class EpochBatchSampler:
     """Global batches of indices, shuffled per epoch from (seed, epoch); optionally bucketed.
 
     Bucketing sorts each window of 50 batches by length before cutting it into batches, so a
-    batch holds similar lengths and pads little; batch order is still shuffled.
+    batch holds similar lengths and pads little; batch order is still shuffled. `by_length`
+    (for evaluation, unshuffled) goes through the whole set shortest first.
     `rank`/`world` keep slice rank::world of every global batch (data parallelism);
     `skip` drops the first batches of the current epoch (resuming).
     """
 
     def __init__(self, lengths, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 bucket: bool = False, drop_last: bool = False, rank: int = 0, world: int = 1):
+                 bucket: bool = False, drop_last: bool = False, rank: int = 0, world: int = 1,
+                 by_length: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
         self.lengths, self.batch_size, self.shuffle, self.seed = list(lengths), batch_size, shuffle, seed
         self.bucket, self.drop_last, self.rank, self.world = bucket, drop_last, rank, world
+        self.by_length = by_length
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -75,7 +78,7 @@ class EpochBatchSampler:
             raise ValueError(f"batch_size {self.batch_size} does not split evenly over {world} "
                              "processes; choose a multiple of the process count.")
         s = EpochBatchSampler(self.lengths, self.batch_size, self.shuffle, self.seed, self.bucket,
-                              self.drop_last, rank, world)
+                              self.drop_last, rank, world, self.by_length)
         s.set_epoch(self.epoch, self.skip)
         return s
 
@@ -86,7 +89,9 @@ class EpochBatchSampler:
             order = torch.randperm(n, generator=g).tolist()
         else:
             order = list(range(n))
-        if self.bucket:
+        if self.by_length:  # stable: equal lengths keep their order
+            order = sorted(order, key=self.lengths.__getitem__)
+        elif self.bucket:
             window = self.batch_size * 50
             order = [i for s in range(0, n, window)
                      for i in sorted(order[s:s + window], key=self.lengths.__getitem__)]
@@ -111,10 +116,14 @@ class EpochBatchSampler:
 
 
 def make_loaders(tokenizer, splits: dict, batch_size: int = 32, max_length: int = 128,
-                 bucket: bool = False, seed: int = 0, eval_batch_size: int | None = None) -> dict:
+                 bucket: bool = False, seed: int = 0, eval_batch_size: int | None = None,
+                 eval_by_length: bool = True) -> dict:
     """DataLoaders for each split (a dict of DataFrames with text and label columns).
 
-    The "train" loader shuffles (per epoch, from `seed`); the others keep their order.
+    The "train" loader shuffles (per epoch, from `seed`). The others go through their examples
+    shortest first (`eval_by_length`): accuracy, F1 and mean loss do not depend on the order, and
+    batches of similar lengths pad little, which makes evaluation about twice as fast on these
+    snippets. Pass eval_by_length=False to keep the DataFrame's row order.
     """
     loaders = {}
     for name, df in splits.items():
@@ -123,6 +132,7 @@ def make_loaders(tokenizer, splits: dict, batch_size: int = 32, max_length: int 
         ds = TextDataset(tokenizer, df["text"], df["label"], max_length)
         train = name == "train"
         bs = batch_size if train else (eval_batch_size or 2 * batch_size)
-        sampler = EpochBatchSampler(ds.lengths(), bs, shuffle=train, seed=seed, bucket=bucket)
+        sampler = EpochBatchSampler(ds.lengths(), bs, shuffle=train, seed=seed, bucket=bucket,
+                                    by_length=eval_by_length and not train)
         loaders[name] = DataLoader(ds, batch_sampler=sampler, collate_fn=PadCollator(ds.pad_id))
     return loaders

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from pathlib import Path
 
 from test_browser import chromium_or_skip, free_port, fresh_jupyter_env, server, wait_until
@@ -19,7 +20,7 @@ from test_browser import chromium_or_skip, free_port, fresh_jupyter_env, server,
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "06_method_selection.ipynb"
 SCREENSHOT = ROOT / "runs" / "dashboard_06_method_selection.png"
-RENDER_TIMEOUT_S = 240  # quick mode runs in seconds alone; the machine may be busy
+RENDER_TIMEOUT_S = 180  # per page load; quick mode renders in about 20 s alone, the machine may be busy
 
 
 @contextlib.contextmanager
@@ -50,15 +51,22 @@ def test_dashboard_changes_the_recommendation_when_an_answer_changes(tmp_path):
             page = ctx.pages[0] if ctx.pages else ctx.new_page()
             page.set_default_timeout(30_000)
             # Voila streams the page while the kernel runs the cells: wait for the widget, not "load".
-            page.goto(url, timeout=RENDER_TIMEOUT_S * 1000, wait_until="commit")
+            # A second page load (a fresh kernel) is allowed once: the first failure is reported as
+            # a warning with what the page showed, so a flaky start is visible but not fatal.
             text = page.locator(".peftkit-tree-text")
-            try:
-                text.wait_for(timeout=RENDER_TIMEOUT_S * 1000)
-            except Exception:
-                page.screenshot(path=str(SCREENSHOT))
-                shown = page.locator("body").inner_text(timeout=5_000)[-4000:]
-                raise AssertionError(f"the recommendation never rendered\npage text (end):\n{shown}\n"
-                                     f"server log:\n{server_log()}") from None
+            for attempt in (1, 2):
+                page.goto(url, timeout=RENDER_TIMEOUT_S * 1000, wait_until="commit")
+                try:
+                    text.wait_for(timeout=RENDER_TIMEOUT_S * 1000)
+                    break
+                except Exception:
+                    page.screenshot(path=str(SCREENSHOT))
+                    shown = page.locator("body").inner_text(timeout=5_000)[-4000:]
+                    report = (f"the recommendation never rendered (page load {attempt})\npage text (end):\n"
+                              f"{shown}\nserver log:\n{server_log()}")
+                    if attempt == 2:
+                        raise AssertionError(report) from None
+                    warnings.warn(report)
             assert page.locator(".jp-CodeCell .jp-InputArea, .jp-CodeMirrorEditor").count() == 0, "Voila should hide the code"
             wait_until(lambda: "Recommended:" in text.inner_text(), 30, "the recommendation text")
             before = text.inner_text()

@@ -96,6 +96,24 @@ def test_bucketing_pads_less():
     assert padding(True) < 0.5 * padding(False)
 
 
+def test_evaluation_goes_shortest_first_and_pads_less_with_the_same_metrics():
+    from peftkit.metrics import evaluate
+    from peftkit.models import load_base
+    splits = data.split(data.load_corpus("movies").sample(400, random_state=0))
+    model, tok = load_base("tiny", seed=0)
+    by_len, as_is = (make_loaders(tok, splits, batch_size=16, eval_batch_size=8, eval_by_length=e)["test"]
+                     for e in (True, False))
+    lengths = [int(m.sum()) for b in by_len for m in b["attention_mask"]]
+    assert lengths == sorted(lengths) and len(lengths) == len(splits["test"])
+
+    def padding(loader):
+        return sum(int((b["attention_mask"] == 0).sum()) for b in loader)
+    assert padding(by_len) < 0.5 * padding(as_is)
+    a, b = evaluate(model, by_len, num_labels=2), evaluate(model, as_is, num_labels=2)
+    assert a["accuracy"] == b["accuracy"] and a["confusion"] == b["confusion"]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
 def test_sampler_epochs_skip_and_shards():
     s = EpochBatchSampler(list(range(50)), batch_size=8, seed=3)
     s.set_epoch(0)
