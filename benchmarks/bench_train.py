@@ -34,7 +34,11 @@ METHODS = {
     "peftkit_adapter": "peftkit Adapter pfeiffer reduction 16",
     "peft_lora": "HF PEFT LoRA q,v r=8 alpha=16 dropout 0",
     "peft_lora_do": "HF PEFT LoRA q,v r=8 alpha=16 dropout 0.1",
+    "adapterhub_seq_bn": "AdapterHub adapters seq_bn (reduction 16), in .venv-peers",
 }
+# AdapterHub `adapters` pins transformers ~=4.57, so it runs from its own environment
+# (`make peers` builds it); its worker imports peftkit from this checkout for the data only.
+PEERS_PY = ROOT / ".venv-peers" / "bin" / "python"
 
 
 def build(name: str, base: str):
@@ -53,6 +57,11 @@ def build(name: str, base: str):
         pk.apply(model, pk.LoRA(r=8, alpha=16, dropout=0.1 if name.endswith("_do") else 0.0))
     elif name == "peftkit_adapter":
         pk.apply(model, pk.Adapter(reduction=16, placement="pfeiffer"))
+    elif name == "adapterhub_seq_bn":
+        import adapters
+        adapters.init(model)
+        model.add_adapter("movies", config=adapters.SeqBnConfig(reduction_factor=16))
+        model.train_adapter("movies")  # freezes the encoder; the adapter and the task head train
     return model, tok
 
 
@@ -93,7 +102,8 @@ def worker(name: str, base: str, steps: int, warmup: int, threads: int, batch_si
         opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return {"method": name, "sec_per_step": statistics.median(times),
+    import transformers
+    return {"method": name, "sec_per_step": statistics.median(times), "transformers": transformers.__version__,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_after_load_mib": rss_loaded, "trainable": sum(p.numel() for p in params),
             "tokens_per_step": statistics.mean(int(b["attention_mask"].sum()) for b in batches)}
@@ -101,7 +111,9 @@ def worker(name: str, base: str, steps: int, warmup: int, threads: int, batch_si
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {list(METHODS)}")
+    available = [n for n in METHODS if not n.startswith("adapterhub") or PEERS_PY.exists()]
+    ap.add_argument("--methods", default=",".join(available),
+                    help=f"comma-separated from {list(METHODS)} (default: all whose environment exists)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per process (default 20)")
     ap.add_argument("--warmup", type=int, default=3)
@@ -123,12 +135,16 @@ def main(argv=None) -> int:
     unknown = set(names) - set(METHODS)
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
+    if any(n.startswith("adapterhub") for n in names) and not PEERS_PY.exists():
+        ap.error(f"{PEERS_PY} is missing: run `make peers` to build the AdapterHub environment, "
+                 "or leave adapterhub_seq_bn out of --methods")
     import pandas as pd
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1"}
     rows = []
     for r in range(a.rounds):
         for name in names:
-            cmd = [sys.executable, __file__, "--worker", name, "--base", a.base, "--steps", str(a.steps),
+            python = str(PEERS_PY) if name.startswith("adapterhub") else sys.executable
+            cmd = [python, __file__, "--worker", name, "--base", a.base, "--steps", str(a.steps),
                    "--warmup", str(a.warmup), "--threads", str(a.threads), "--batch-size", str(a.batch_size)]
             if a.attention_dropout is not None:
                 cmd += ["--attention-dropout", str(a.attention_dropout)]

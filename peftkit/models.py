@@ -99,13 +99,17 @@ def set_attention_dropout(model: nn.Module, p: float) -> int:
     """
     if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p < 1:
         raise ValueError(f"attention dropout must be a probability in [0, 1), got {p!r}.")
-    found = [m for n, m in model.named_modules()
-             if isinstance(m, nn.Dropout) and n.endswith(ATTENTION_DROPOUT_NAMES)]
+    modules = dict(model.named_modules())
+    found = {n: m for n, m in modules.items() if isinstance(m, nn.Dropout) and n.endswith(ATTENTION_DROPOUT_NAMES)}
     if not found:
         raise ValueError(f"no attention-probability dropout found in this {type(model).__name__} "
                          f"(looked for modules named *{' or *'.join(ATTENTION_DROPOUT_NAMES)}).")
-    for m in found:
+    for name, m in found.items():
         m.p = float(p)
+        # transformers 4.x's SDPA attention classes read a float `dropout_prob` copied at init
+        parent = modules.get(name.rpartition(".")[0])
+        if parent is not None and isinstance(getattr(parent, "dropout_prob", None), float):
+            parent.dropout_prob = float(p)
     return len(found)
 
 

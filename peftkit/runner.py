@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import os
 import re
 import time
@@ -64,6 +65,12 @@ def execute(path: Path, out_dir: Path, quick: bool, parameters: dict | None = No
     out = out_dir / path.name
     env_quick = os.environ.get("PEFTKIT_QUICK")
     os.environ["PEFTKIT_QUICK"] = "1" if quick else "0"
+    # papermill infers parameter types by parsing the cell and warns about every line it cannot
+    # (`quick = os.environ.get(...)`), then calls those names unknown: noise here, because the
+    # names were checked against the cell above. Its errors still show.
+    pm_log = logging.getLogger("papermill")
+    pm_level = pm_log.level
+    pm_log.setLevel(logging.ERROR)
     try:
         pm.execute_notebook(str(path), str(out), parameters=params, cwd=str(path.parent), kernel_name="python3",
                             progress_bar=False, execution_timeout=timeout, log_output=False)
@@ -75,6 +82,7 @@ def execute(path: Path, out_dir: Path, quick: bool, parameters: dict | None = No
             raise NotebookFailed(f"{path.name} failed in {_failing_cell(out)}: {e}; the executed copy is at {out}.") from None
         raise
     finally:
+        pm_log.setLevel(pm_level)
         if env_quick is None:
             os.environ.pop("PEFTKIT_QUICK", None)
         else:
