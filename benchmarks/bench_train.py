@@ -109,6 +109,41 @@ def worker(name: str, base: str, steps: int, warmup: int, threads: int, batch_si
             "tokens_per_step": statistics.mean(int(b["attention_mask"].sum()) for b in batches)}
 
 
+def alternate(names: list, base: str, steps: int, warmup: int, threads: int, batch_size: int,
+              attention_dropout: float | None = None) -> dict:
+    """All `names` in this one process, stepping in turn on the same batches (the order flips every
+    batch): no process-to-process noise, but no per-method peak memory either. Median s/step."""
+    import torch
+    import torch.nn.functional as F
+
+    from peftkit import data
+    from peftkit.loaders import make_loaders
+    from peftkit.models import set_attention_dropout
+    torch.set_num_threads(threads)
+    models = {}
+    for name in names:
+        torch.manual_seed(0)
+        model, tok = build(name, base)
+        if attention_dropout is not None:
+            set_attention_dropout(model, attention_dropout)
+        params = [p for p in model.parameters() if p.requires_grad]
+        models[name] = (model.train(), torch.optim.AdamW(params, lr=1e-5))
+    splits = data.split(data.load_corpus("movies"), seed=0)
+    loader = make_loaders(tok, {"train": splits["train"]}, batch_size=batch_size, seed=0)["train"]
+    times = {name: [] for name in names}
+    for i, b in zip(range(steps + warmup), loader):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            model, opt = models[name]
+            t0 = time.perf_counter()
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            F.cross_entropy(out.logits, b["labels"]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     available = [n for n in METHODS if not n.startswith("adapterhub") or PEERS_PY.exists()]
@@ -124,6 +159,8 @@ def main(argv=None) -> int:
                     help="set the attention-probability dropout of every method (default: the model's, 0.1)")
     ap.add_argument("--quick", action="store_true", help="tiny model, 1 round, 3 steps")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.csv"))
+    ap.add_argument("--alternate", action="store_true",
+                    help="step the methods in turn inside one process instead (times only; not adapterhub)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.quick:
@@ -135,6 +172,12 @@ def main(argv=None) -> int:
     unknown = set(names) - set(METHODS)
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
+    if a.alternate:
+        names = [n for n in names if not n.startswith("adapterhub")]  # it needs its own interpreter
+        med = alternate(names, a.base, a.steps, a.warmup, a.threads, a.batch_size, a.attention_dropout)
+        for name, sec in med.items():
+            print(f"{name:16s} {sec:.3f} s/step  ({sec / med[names[0]]:.3f}x {names[0]})")
+        return 0
     if any(n.startswith("adapterhub") for n in names) and not PEERS_PY.exists():
         ap.error(f"{PEERS_PY} is missing: run `make peers` to build the AdapterHub environment, "
                  "or leave adapterhub_seq_bn out of --methods")
