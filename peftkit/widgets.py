@@ -118,18 +118,18 @@ class ParamCalculator:
 # --- method selection (notebook 06) ----------------------------------------------------------
 
 def _show(out: W.Output, fig) -> None:
-    """Replace what `out` shows with `fig`; outside a kernel (tests) only the attribute is kept.
+    """Make `out` show `fig`, by setting the Output widget's `outputs` in one state update.
 
-    Only plotly's mimetype bundle goes into the Output widget: the "notebook" renderer that
-    nbutil.setup adds for HTML export inlines plotly.js (megabytes) into every widget state
-    message, which stalls Voila, and an exported widget is not live anyway.
+    Not `with out: clear_output(wait=True); fig.show()`: that routes the figure through the
+    kernel's output capture, and nbclient (which papermill and Voila use to run a notebook)
+    sometimes never finishes a cell that does so while it executes (jupyter/nbclient#312); it
+    hung notebook 06 here now and then. Only plotly's own mimetype goes in: the "notebook"
+    renderer that nbutil.setup adds for HTML export would inline plotly.js (megabytes) into
+    every widget state message, and an exported widget is not live anyway.
     """
-    from IPython import get_ipython
-    if get_ipython() is None:
-        return
-    with out:
-        out.clear_output(wait=True)
-        fig.show(renderer="plotly_mimetype")
+    import plotly.io as pio
+    bundle = pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict())
+    out.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)
 
 
 def _esc(text: str) -> str:

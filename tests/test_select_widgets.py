@@ -34,6 +34,10 @@ def test_a_dropdown_change_updates_the_answer_the_text_and_the_highlighted_path(
     assert c.recommendation.method.name == "adapter"
     idx = [r.name for r in RULES].index("complex-and-flexible")
     assert leaf_colors(c.figure)[idx] != "white"
+    # the Output widget holds exactly the current figure, as plotly's mimetype only
+    (shown,) = c.out.outputs
+    assert list(shown["data"]) == ["application/vnd.plotly.v1+json"]
+    assert shown["data"]["application/vnd.plotly.v1+json"]["data"] == c.figure.to_dict()["data"]
     assert "it agrees" in c.text.value  # the article says adapter too
 
 
