@@ -67,7 +67,8 @@ def worker(base: str, loras: list[str], pfeiffer: str | None, repeats: int, thre
     import torch
 
     import peftkit.experiments  # noqa: F401  (imported by register; not adapter memory)
-    from peftkit.serve import Deployer, current_rss_mib, swap_times
+    from peftkit.serve import Deployer
+    from peftkit.serve_eval import current_rss_mib, swap_times
     torch.set_num_threads(threads)
     batch_texts = texts(batch)
     gc.collect()

@@ -15,7 +15,8 @@ import torch
 
 import peftkit as pk
 from peftkit.io import base_items
-from peftkit.serve import Deployer, UnknownAdapterError, swap_times
+from peftkit.serve import Deployer, UnknownAdapterError
+from peftkit.serve_eval import swap_times
 from conftest import perturb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -405,7 +406,7 @@ def test_bench_serve_quick(tmp_path):
 
 def test_serve_stream_records_every_request_and_stops_on_an_alert(dep):
     from peftkit.monitor import Monitor
-    from peftkit.serve import serve_stream
+    from peftkit.serve_eval import serve_stream
     texts = [f"{t} {i}" for i in range(8) for t in TEXTS]  # 64 texts
     answers = dep.predict(texts, adapter="lora_a")["label"].to_numpy()
     wrong = 1 - answers  # every label disagrees: accuracy 0
