@@ -16,7 +16,8 @@ such round trip rounds W by about one float32 ulp, which the tests bound.
 One lock covers "make this adapter live, run the forward" for each batch, so threads calling
 `predict` with different adapters each get their own adapter's answers. Files are safetensors
 and JSON only (see io.py); nothing is unpickled. Switch timings, resident memory and a
-simulated request stream are in serve_eval.py.
+simulated request stream are in serve_eval.py; saving and loading a whole deployment in
+serve_store.py.
 """
 
 from __future__ import annotations
@@ -34,14 +35,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import __version__
-from .io import (CONFIG, WEIGHTS, AdapterFileError, adapter_state, check_base, check_tensors,
-                 read_adapter, read_json, write_json, write_tensors)
+from .io import CONFIG, WEIGHTS, AdapterFileError, adapter_state, check_base, check_tensors, read_adapter
 from .methods import Method
 from .surgery import apply, find_head, lora_layers, remove
 from .targets import TargetError
 
-MANIFEST = "manifest.json"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a name is also a folder in save()
 COLUMNS = ["text", "label", "probability", "truncated", "tokens", "unk_rate", "adapter"]
 
@@ -348,47 +346,19 @@ class Deployer:
 
     def save(self, directory) -> Path:
         """Write every registered adapter (safetensors + JSON) and a manifest.json into `directory`."""
-        d = Path(directory)
-        if d.exists() and any(d.iterdir()) and not (d / MANIFEST).exists():
-            raise FileExistsError(f"{d} is not empty and holds no {MANIFEST}; save into a new or empty "
-                                  "folder (or one an earlier save() wrote), so files are not mixed.")
-        (d / "adapters").mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            entries, active = list(self._adapters.values()), self._active
-        for e in entries:
-            sub = d / "adapters" / e.name
-            sub.mkdir(exist_ok=True)
-            write_tensors(sub / WEIGHTS, dict(zip(e.keys, e.tensors)), {"format": "pt"})
-            write_json(sub / CONFIG, e.meta)
-        manifest = {"format": "peftkit-deployment", "peftkit_version": __version__, "base": self.base,
-                    "num_labels": self.num_labels, "seed": self.seed, "max_length": self.max_length,
-                    "merged": self.merged, "label_names": self.label_names, "active": active,
-                    "adapters": [{"name": e.name, "folder": f"adapters/{e.name}"} for e in entries]}
-        write_json(d / MANIFEST, manifest)  # last: a folder without it is an unfinished save
-        return d
+        from .serve_store import save_deployment
+        return save_deployment(self, directory)
 
     @classmethod
     def load(cls, directory, device: str = "auto") -> "Deployer":
         """Rebuild a Deployer from save(): the same base, every adapter checked again, the same one active."""
-        d = Path(directory)
-        m = read_json(d / MANIFEST, "Deployer.load")
-        if m.get("format") != "peftkit-deployment":
-            raise AdapterFileError(f"{d / MANIFEST} is not a peftkit deployment manifest (format "
-                                   f"{m.get('format')!r}); was the folder written by Deployer.save()?")
-        try:
-            dep = cls(m["base"], num_labels=m["num_labels"], device=device, merged=m["merged"],
-                      max_length=m["max_length"], seed=m["seed"], label_names=m.get("label_names"))
-            entries = [(a["name"], a["folder"]) for a in m["adapters"]]
-        except (KeyError, TypeError) as e:
-            raise AdapterFileError(f"{d / MANIFEST} lacks or garbles the entry {e}; save the deployment again.") from None
-        for name, folder in entries:
-            sub = (d / folder).resolve()
-            if d.resolve() not in sub.parents:
-                raise AdapterFileError(f"{d / MANIFEST} points adapter {name!r} outside the folder ({folder}).")
-            dep.register(name, sub)
-        if m.get("active") is not None:
-            dep.activate(m["active"])
-        return dep
+        from .serve_store import load_deployment
+        return load_deployment(cls, directory, device)
+
+    def snapshot(self) -> tuple[list, str | None]:
+        """(the registered entries, the active name), read together under the lock."""
+        with self._lock:
+            return list(self._adapters.values()), self._active
 
     def __repr__(self):
         return (f"Deployer(base={self.base!r}, device={str(self.device)!r}, adapters={self.names()}, "
