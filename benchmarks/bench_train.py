@@ -8,7 +8,9 @@ the median seconds per step (forward, backward, optimizer step).
 
     python benchmarks/bench_train.py                 # 3 rounds x 20 timed steps, 2 threads
     python benchmarks/bench_train.py --quick         # a smoke run on the tiny model
-Writes benchmarks/results/train.csv and prints a ratio table against the full fine-tune.
+    python benchmarks/bench_train.py --bf16          # every method under CPU bf16 autocast
+Writes benchmarks/results/train.csv (train_bf16.csv) and prints a ratio table against the full
+fine-tune.
 """
 
 from __future__ import annotations
@@ -65,13 +67,25 @@ def build(name: str, base: str):
     return model, tok
 
 
+def _step(model, opt, b, bf16: bool) -> None:
+    """One training step: forward (under CPU bf16 autocast when asked), backward, AdamW."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    F.cross_entropy(out.logits.float(), b["labels"]).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def worker(name: str, base: str, steps: int, warmup: int, threads: int, batch_size: int,
-           attention_dropout: float | None = None) -> dict:
+           attention_dropout: float | None = None, bf16: bool = False) -> dict:
     """One measurement in this process: returns median step seconds and peak RSS."""
     import resource
 
     import torch
-    import torch.nn.functional as F
 
     from peftkit import data
     from peftkit.loaders import make_loaders
@@ -95,11 +109,7 @@ def worker(name: str, base: str, steps: int, warmup: int, threads: int, batch_si
     times = []
     for i, b in enumerate(batches):
         t0 = time.perf_counter()
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-        loss = F.cross_entropy(out.logits, b["labels"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _step(model, opt, b, bf16)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     import transformers
@@ -110,11 +120,10 @@ def worker(name: str, base: str, steps: int, warmup: int, threads: int, batch_si
 
 
 def alternate(names: list, base: str, steps: int, warmup: int, threads: int, batch_size: int,
-              attention_dropout: float | None = None) -> dict:
+              attention_dropout: float | None = None, bf16: bool = False) -> dict:
     """All `names` in this one process, stepping in turn on the same batches (the order flips every
     batch): no process-to-process noise, but no per-method peak memory either. Median s/step."""
     import torch
-    import torch.nn.functional as F
 
     from peftkit import data
     from peftkit.loaders import make_loaders
@@ -135,10 +144,7 @@ def alternate(names: list, base: str, steps: int, warmup: int, threads: int, bat
         for name in (names if i % 2 == 0 else names[::-1]):
             model, opt = models[name]
             t0 = time.perf_counter()
-            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-            F.cross_entropy(out.logits, b["labels"]).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            _step(model, opt, b, bf16)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -157,16 +163,24 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default="minilm")
     ap.add_argument("--attention-dropout", type=float, default=None,
                     help="set the attention-probability dropout of every method (default: the model's, 0.1)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="every method under CPU bf16 autocast (fp32 weights and AdamW state), as TrainConfig(cpu_bf16=True)")
     ap.add_argument("--quick", action="store_true", help="tiny model, 1 round, 3 steps")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.csv"))
+    ap.add_argument("--out", default=None, help="CSV to write (default benchmarks/results/train.csv, "
+                    "train_bf16.csv with --bf16; a quick run writes to the temp folder)")
     ap.add_argument("--alternate", action="store_true",
                     help="step the methods in turn inside one process instead (times only; not adapterhub)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.quick:
         a.base, a.rounds, a.steps, a.warmup = "tiny", 1, 3, 1
+    if a.out is None:  # a smoke run never overwrites the recorded results
+        import tempfile
+        folder = Path(tempfile.gettempdir()) if a.quick else ROOT / "benchmarks" / "results"
+        a.out = str(folder / ("train_bf16.csv" if a.bf16 else "train.csv"))
     if a.worker:
-        print(json.dumps(worker(a.worker, a.base, a.steps, a.warmup, a.threads, a.batch_size, a.attention_dropout)))
+        print(json.dumps(worker(a.worker, a.base, a.steps, a.warmup, a.threads, a.batch_size, a.attention_dropout,
+                                       a.bf16)))
         return 0
     names = [n.strip() for n in a.methods.split(",")]
     unknown = set(names) - set(METHODS)
@@ -174,7 +188,7 @@ def main(argv=None) -> int:
         ap.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     if a.alternate:
         names = [n for n in names if not n.startswith("adapterhub")]  # it needs its own interpreter
-        med = alternate(names, a.base, a.steps, a.warmup, a.threads, a.batch_size, a.attention_dropout)
+        med = alternate(names, a.base, a.steps, a.warmup, a.threads, a.batch_size, a.attention_dropout, a.bf16)
         for name, sec in med.items():
             print(f"{name:16s} {sec:.3f} s/step  ({sec / med[names[0]]:.3f}x {names[0]})")
         return 0
@@ -191,6 +205,8 @@ def main(argv=None) -> int:
                    "--warmup", str(a.warmup), "--threads", str(a.threads), "--batch-size", str(a.batch_size)]
             if a.attention_dropout is not None:
                 cmd += ["--attention-dropout", str(a.attention_dropout)]
+            if a.bf16:
+                cmd += ["--bf16"]
             p = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if p.returncode != 0:
                 print(p.stderr[-2000:], file=sys.stderr)
@@ -203,6 +219,7 @@ def main(argv=None) -> int:
     import torch
     df["threads"], df["torch"], df["base"], df["batch_size"] = a.threads, torch.__version__, a.base, a.batch_size
     df["attention_dropout"] = "model default (0.1)" if a.attention_dropout is None else a.attention_dropout
+    df["precision"] = "bf16 autocast" if a.bf16 else "fp32"
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(a.out, index=False)
     med = df.groupby("method").agg(sec_per_step=("sec_per_step", "median"), peak_rss_mib=("peak_rss_mib", "median"),
@@ -211,7 +228,7 @@ def main(argv=None) -> int:
         med["step_vs_full"] = med.sec_per_step / med.loc["full", "sec_per_step"]
         med["memory_vs_full"] = med.peak_rss_mib / med.loc["full", "peak_rss_mib"]
     med["what"] = [METHODS[n] for n in med.index]
-    print(f"\nMiniLM training step, batch {a.batch_size}, {a.threads} threads, medians of {a.rounds} "
+    print(f"\nMiniLM training step ({'bf16 autocast' if a.bf16 else 'fp32'}), batch {a.batch_size}, {a.threads} threads, medians of {a.rounds} "
           f"interleaved processes x {a.steps} steps (torch {torch.__version__}):\n")
     print(med.round(3).to_markdown())
     print(f"\nwrote {a.out}")

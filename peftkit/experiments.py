@@ -26,7 +26,7 @@ from .methods import Method
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = ROOT / "runs" / "results.jsonl"
 _NOT_IN_KEY = ("progress", "checkpoint_dir", "checkpoint_every", "device")
-_KEYED_WHEN_SET = ("attention_dropout",)
+_KEYED_WHEN_SET = {"attention_dropout": None, "cpu_bf16": False}  # field -> its default
 
 
 def describe(method: Method) -> str:
@@ -52,9 +52,9 @@ def make_spec(method: Method, base="minilm", domain="movies", n_train=None, cfg=
     from .train import TrainConfig
     cfg = cfg or TrainConfig()
     tc = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_KEY}
-    for k in _KEYED_WHEN_SET:  # fields added later: absent at their default, so older cache keys stay valid
-        if tc.get(k) is None:
-            tc.pop(k, None)
+    for k, default in _KEYED_WHEN_SET.items():  # fields added later: absent at their default, so older keys stay valid
+        if k in tc and tc[k] is default:
+            tc.pop(k)
     return {"method": method.to_dict(), "base": base, "domain": domain, "n_train": n_train,
             "train": tc, "max_length": max_length, "eval_domains": bool(eval_domains), "n_eval": n_eval,
             **({"base_bits": base_bits} if base_bits else {})}  # absent when unused: older keys stay valid
@@ -127,7 +127,8 @@ def run(method: Method, base: str = "minilm", domain: str = "movies", n_train: i
                 m = evaluate(model, make_loaders(tok, {"test": od}, batch_size=cfg.batch_size,
                                                  max_length=max_length)["test"], num_labels=2)
             row[f"acc_{other}"], row[f"f1_{other}"] = m["accuracy"], m["f1_macro"]
-    row["env"] = environment(device)
+    bf16 = (cfg.bf16 and device.startswith("cuda")) or (cfg.cpu_bf16 and device == "cpu")
+    row["env"] = {**environment(device), "precision": "bf16 autocast" if bf16 else "fp32"}
     row["history"] = hist[[c for c in ("step", "loss", "lr", "val_accuracy", "val_f1_macro") if c in hist]].to_dict("list")
     if out:
         row["adapter_dir"] = str(out)

@@ -45,7 +45,8 @@ class TrainConfig:
     monitor: str = "f1_macro"       # the validation metric patience watches (higher is better)
     seed: int = 0
     device: str = "auto"            # "auto": cuda, then mps, then cpu
-    bf16: bool = True               # bf16 autocast, on cuda only
+    bf16: bool = True               # bf16 autocast on cuda
+    cpu_bf16: bool = False          # bf16 autocast on cpu too: ~1.6-1.9x faster where the CPU has AVX512-BF16 or AMX
     checkpoint_dir: str | None = None
     checkpoint_every: int | None = None  # optimizer steps; None: each epoch
     max_steps: int | None = None    # stop after this many optimizer steps (smoke runs)
@@ -66,6 +67,7 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "mps") or str(self.device).startswith("cuda"), "device must be auto, cpu, cuda[:N] or mps"),
             (self.monitor in ("accuracy", "f1_macro", "f1_weighted", "neg_loss"), "monitor must be accuracy, f1_macro, f1_weighted or neg_loss"),
             (self.attention_dropout is None or 0 <= self.attention_dropout < 1, "attention_dropout must be in [0, 1) or None"),
+            (isinstance(self.cpu_bf16, bool), "cpu_bf16 must be True or False"),
         ]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
@@ -80,6 +82,27 @@ def resolve_device(device: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(device)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without it torch
+    emulates bf16 and autocast runs slower than fp32."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(probe()) for probe in probes if probe is not None)
+
+
+def autocast_for(device: torch.device, cfg: TrainConfig):
+    """The autocast context `fit` trains under: bf16 on cuda (cfg.bf16), and on cpu when asked
+    (cfg.cpu_bf16); otherwise a no-op. The parameters, gradients and AdamW state stay fp32."""
+    if device.type == "cuda" and cfg.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and cfg.cpu_bf16:
+        if not cpu_has_bf16():
+            import warnings
+            warnings.warn("cpu_bf16=True, but this CPU has neither AVX512-BF16 nor AMX: bf16 is emulated "
+                          "and trains slower than fp32. Set cpu_bf16=False here.", stacklevel=3)
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _distributed(device: torch.device) -> tuple[int, int]:
@@ -160,8 +183,7 @@ def fit(model, train_loader, val_loader=None, cfg: TrainConfig | None = None, re
         saved = ckpt.load(path, named, opt, sched)
         state.update({k: saved[k] for k in state if k in saved}, last_checkpoint=str(path))
 
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.bf16
-                else contextlib.nullcontext())
+    autocast = autocast_for(device, cfg)
     from tqdm.auto import tqdm
     bar = tqdm(total=total, initial=state["step"], disable=not cfg.progress or rank != 0,
                desc="train", dynamic_ncols=True)

@@ -66,9 +66,11 @@ def _cli(*args):
 
 def test_cli_train_writes_adapter_and_metrics(tmp_path):
     p = _cli("train", "--base", "tiny", "--method", "adapter", "--n-train", "48", "--epochs", "1",
-             "--no-progress", "--no-cross-domain", "--out", str(tmp_path / "x"))
+             "--no-progress", "--no-cross-domain", "--cpu-bf16", "--out", str(tmp_path / "x"))
     assert p.returncode == 0, p.stderr
-    assert json.loads((tmp_path / "x" / "metrics.json").read_text())["method"] == "adapter"
+    metrics = json.loads((tmp_path / "x" / "metrics.json").read_text())
+    assert metrics["method"] == "adapter" and metrics["spec"]["train"]["cpu_bf16"] is True
+    assert metrics["env"]["precision"] == "bf16 autocast"
     restored = pk.load_adapter(pk.load_base("tiny")[0], tmp_path / "x")
     assert isinstance(restored.peftkit.method, pk.Adapter)
 

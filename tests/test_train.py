@@ -197,3 +197,40 @@ def test_attention_dropout_in_the_config_is_applied_and_keyed_only_when_set():
     assert config_key(spec) != config_key(make_spec(pk.LoRA(), "tiny", cfg=TrainConfig(attention_dropout=0.0)))
     with pytest.raises(ValueError, match="attention_dropout"):
         TrainConfig(attention_dropout=1.5)
+
+
+def test_cpu_bf16_trains_under_autocast_with_fp32_state_and_is_keyed_only_when_set(small):
+    """cpu_bf16 runs the forward in bf16 (the Linear outputs are bf16) while parameters,
+    gradients and AdamW state stay fp32, and the model still learns."""
+    from peftkit.experiments import config_key, make_spec
+    model, tok = tiny_lora()
+    seen = []
+    hook = model.bert.encoder.layer[0].intermediate.dense.register_forward_hook(
+        lambda mod, inp, out: seen.append(out.dtype))
+    few = {"train": small["train"].head(64), "val": small["val"]}
+    loaders = make_loaders(tok, few, batch_size=16, max_length=64)
+    hist = fit(model, loaders["train"], loaders["val"],
+               TrainConfig(epochs=12, lr=1e-2, warmup_ratio=0.0, progress=False, device="cpu", cpu_bf16=True))
+    hook.remove()
+    assert torch.bfloat16 in seen  # training steps ran under autocast ...
+    assert seen[-1] == torch.float32  # ... and the last evaluation did not
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    losses = hist.loss.to_numpy()
+    assert losses[-4:].mean() < 0.8 * losses[:4].mean()
+    spec = make_spec(pk.LoRA(), "tiny", cfg=TrainConfig())
+    assert "cpu_bf16" not in spec["train"]  # the default keeps older cache keys
+    assert config_key(spec) != config_key(make_spec(pk.LoRA(), "tiny", cfg=TrainConfig(cpu_bf16=True)))
+    with pytest.raises(ValueError, match="cpu_bf16"):
+        TrainConfig(cpu_bf16="yes")
+
+
+def test_cpu_bf16_warns_where_the_cpu_would_emulate_it(monkeypatch):
+    import peftkit.train as T
+    monkeypatch.setattr(T, "cpu_has_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="AVX512-BF16"):
+        T.autocast_for(torch.device("cpu"), TrainConfig(cpu_bf16=True))
+    monkeypatch.setattr(T, "cpu_has_bf16", lambda: True)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        T.autocast_for(torch.device("cpu"), TrainConfig(cpu_bf16=True))
