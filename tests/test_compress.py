@@ -60,6 +60,22 @@ def test_int8_fallback_kernel_is_int8():
         assert torch.allclose(q(x[:3]), lin(x[:3]), atol=0.05)  # few rows: the float path
 
 
+def test_int8_embedding_is_per_row_and_looks_up_like_the_table():
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 16, padding_idx=0)
+    with torch.no_grad():
+        emb.weight[7] *= 100  # a row 100x larger must not coarsen the others' grid
+    q = C.Int8Embedding(emb)
+    ids = torch.randint(0, 50, (3, 9))
+    out = q(ids)
+    assert q.weight_int8.dtype == torch.int8 and out.shape == (3, 9, 16) and out.dtype == torch.float32
+    assert torch.equal(out, q.dequantized_weight()[ids])
+    err = (q.dequantized_weight() - emb.weight).abs()
+    assert (err <= emb.weight.abs().amax(1, keepdim=True) / 254 + 1e-7).all()  # half a step, per row
+    with pytest.raises(ValueError, match="max_norm"):
+        C.Int8Embedding(nn.Embedding(5, 4, max_norm=1.0))
+
+
 def test_save_int8_round_trips_exactly_and_refuses_another_base(tmp_path):
     q = C.quantize_int8(lora_model())
     path = C.save_int8(q, tmp_path / "m.safetensors")
@@ -83,10 +99,14 @@ def test_model_size_by_dtype():
     model = fresh("tiny")
     n = sum(t.numel() for t in model.state_dict().values())
     assert C.model_size(model, "fp32") == 4 * n and C.model_size(model, "bf16") == 2 * n
-    lins = C.linear_layers(model)
-    expected = 4 * n - sum(3 * m.weight.numel() - 4 * m.out_features for m in lins.values())
+    lins, embs = C.linear_layers(model), C.embedding_layers(model)
+    assert set(embs) == {f"bert.embeddings.{k}_embeddings" for k in ("word", "position", "token_type")}
+    linear_only = 4 * n - sum(3 * m.weight.numel() - 4 * m.out_features for m in lins.values())
+    expected = linear_only - sum(3 * m.weight.numel() - 4 * m.num_embeddings for m in embs.values())
     assert C.model_size(model, "int8") == expected
     assert C.model_size(C.quantize_int8(model)) == expected  # the real int8 model, counted from its tensors
+    assert C.model_size(model, "int8", embeddings=False) == linear_only
+    assert C.model_size(C.quantize_int8(model, embeddings=False)) == linear_only
     with pytest.raises(ValueError, match="not one of"):
         C.model_size(model, "int4")
 

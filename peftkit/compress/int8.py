@@ -15,15 +15,17 @@ from ..io import AdapterFileError, read_tensors, write_tensors
 from ..lora import LoRALinear
 from ..names import is_adapter_param
 from .common import DTYPE_BYTES, _merged_plain, _row_scale, linear_layers
+from .int8_embedding import Int8Embedding, embedding_layers
 from .kbit import merge_into_quantized
 
 # --------------------------------------------------------------------------- sizes
 
-def model_size(model: nn.Module, dtype: str = "fp32", skip="head") -> int:
+def model_size(model: nn.Module, dtype: str = "fp32", skip="head", embeddings: bool = True) -> int:
     """Bytes the model's tensors take on disk when stored as `dtype` ("fp32", "bf16", "fp16", "int8").
 
-    int8 stores each Linear weight (outside `skip`) as one byte per entry plus one fp32 scale per
-    output row, as `save_int8` writes it; everything else (embeddings, norms, biases) stays fp32.
+    int8 stores each Linear weight (outside `skip`), and with `embeddings` each embedding table, as
+    one byte per entry plus one fp32 scale per row, as `save_int8` writes it; everything else
+    (norms, biases, the head) stays fp32.
     For a model already quantized by `quantize_int8`, dtype is ignored and its real storage counted.
     """
     if dtype not in DTYPE_BYTES:
@@ -37,6 +39,8 @@ def model_size(model: nn.Module, dtype: str = "fp32", skip="head") -> int:
     total = sum(t.numel() * 4 for t in model.state_dict().values())
     for m in lins.values():
         total -= m.weight.numel() * 3 - m.out_features * 4  # 4 -> 1 byte per weight, plus row scales
+    for m in (embedding_layers(model, skip).values() if embeddings else ()):
+        total -= m.weight.numel() * 3 - m.num_embeddings * 4
     return total
 
 
@@ -98,7 +102,7 @@ class Int8Linear(nn.Module):
 
 
 def _is_int8_module(m: nn.Module) -> bool:
-    if isinstance(m, Int8Linear):
+    if isinstance(m, (Int8Linear, Int8Embedding)):
         return True
     ao = _ao_dynamic()
     return ao is not None and isinstance(m, ao[2])
@@ -174,7 +178,8 @@ def smooth(model: nn.Module, calibration, alpha: float = 0.8, skip="head", inpla
 
 
 def quantize_int8(model: nn.Module, skip="head", inplace: bool = False, backend: str = "int_mm",
-                  per_channel: bool = True, calibration=None, alpha: float = 0.8) -> nn.Module:
+                  per_channel: bool = True, calibration=None, alpha: float = 0.8,
+                  embeddings: bool = True) -> nn.Module:
     """An int8 copy of `model` for CPU inference: LoRA merged, every Linear outside `skip` in int8.
 
     backend: "int_mm" (default: `Int8Linear`, weights per output row, activations per token) or
@@ -182,7 +187,8 @@ def quantize_int8(model: nn.Module, skip="head", inplace: bool = False, backend:
     per_channel=False (ao only) gives torch.ao's default, one weight scale per tensor.
     calibration: a few batches of model inputs; when given, input channels are first rescaled
     into the weights (`smooth`, with `alpha`). Bottleneck adapters stay as modules; their
-    Linears are quantized too. skip: "head", or module names to keep in float.
+    Linears are quantized too. skip: "head", or module names to keep in float. embeddings: store
+    the embedding tables as `Int8Embedding` too (per row), which is most of the file's saving.
     """
     if backend not in ("ao", "int_mm"):
         raise ValueError(f"backend={backend!r} is not one of 'int_mm', 'ao'.")
@@ -198,6 +204,9 @@ def quantize_int8(model: nn.Module, skip="head", inplace: bool = False, backend:
                            "use backend='int_mm' (the default).")
     if not per_channel and backend == "int_mm":
         raise ValueError("per_channel=False exists to compare with torch.ao's default; the int_mm path is per channel only.")
+    from ..targets import replace_module
+    for name, emb in (embedding_layers(model, skip).items() if embeddings else ()):
+        replace_module(model, name, Int8Embedding(emb))
     if backend == "ao":
         quantize_dynamic, qconfig, _ = ao
         if not per_channel:
@@ -209,7 +218,6 @@ def quantize_int8(model: nn.Module, skip="head", inplace: bool = False, backend:
     if not _HAS_INT_MM:
         warnings.warn("this PyTorch has no torch._int_mm: the int8 layers multiply dequantized weights "
                       "in float (same answers, no speed-up).", RuntimeWarning, stacklevel=2)
-    from ..targets import replace_module
     for name, lin in targets.items():
         replace_module(model, name, Int8Linear(lin))
     return model
@@ -221,6 +229,8 @@ def _int8_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, m in model.named_modules():
         if isinstance(m, Int8Linear):
             codes, scale, bias = m.weight_int8, m.weight_scale, m.bias
+        elif isinstance(m, Int8Embedding):
+            codes, scale, bias = m.weight_int8, m.weight_scale, None
         elif _is_int8_module(m):
             w, bias = m._packed_params._weight_bias()
             codes, scale = w.int_repr(), w.q_per_channel_scales().float()
@@ -277,7 +287,7 @@ def load_int8(base: nn.Module, path) -> nn.Module:
     for n in names:
         m = modules.get(n)
         codes = tensors[f"{n}.weight_int8"]
-        if type(m) is not nn.Linear or tuple(m.weight.shape) != tuple(codes.shape):
+        if type(m) not in (nn.Linear, nn.Embedding) or tuple(m.weight.shape) != tuple(codes.shape):
             raise AdapterFileError(f"{path} was written for another base: layer {n!r} is "
                                    f"{tuple(codes.shape)} there but {getattr(m, 'weight', None) is not None and tuple(m.weight.shape) or 'missing'} here.")
     rest = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in names}
@@ -285,11 +295,14 @@ def load_int8(base: nn.Module, path) -> nn.Module:
     if unexpected:
         raise AdapterFileError(f"{path} has tensors this base lacks: {unexpected[:5]}.")
     skip = [n for n, m in modules.items() if type(m) is nn.Linear and n not in names]
-    model = quantize_int8(model, skip=skip, inplace=True, backend=backend)
+    model = quantize_int8(model, skip=skip, inplace=True, backend=backend, embeddings=False)
+    for n in names:
+        if type(modules[n]) is nn.Embedding:  # the tables the file stores in int8, and only those
+            replace_module(model, n, Int8Embedding(modules[n]))
     for n in names:  # then the stored codes and scales, exactly
         m, codes, scale = model.get_submodule(n), tensors[f"{n}.weight_int8"], tensors[f"{n}.weight_scale"]
         bias = tensors.get(f"{n}.bias")
-        if isinstance(m, Int8Linear):
+        if isinstance(m, (Int8Linear, Int8Embedding)):
             m.weight_int8.copy_(codes)
             m.weight_scale.copy_(scale)
             if bias is not None:
