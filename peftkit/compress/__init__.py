@@ -7,7 +7,7 @@ skip the copy), so a fine-tuned model is never lost to an experiment.
 then every Linear but the task head runs int8 GEMMs. Paths measured on MiniLM fine-tuned on
 movies (batch 32, 2 threads; the issue's table, notebook 05 and `benchmarks/bench_compress.py`):
 
-* ``torch.ao.quantization.quantize_dynamic`` (fbgemm int8 kernels): 2.0-2.9x faster than fp32.
+* ``torch.ao.quantization.quantize_dynamic`` (fbgemm int8 kernels): 2.9-3.6x faster than fp32.
   It quantizes the activations with **one scale per batch**, so a text's prediction depends on
   the other texts in its batch (their outliers, their padding). Measured: up to 1.0 point lost
   on a domain with per-channel weights at batch 64 and 0.7 at batch 8; with per-tensor weights
@@ -16,8 +16,8 @@ movies (batch 32, 2 threads; the issue's table, notebook 05 and `benchmarks/benc
   marks the API deprecated.
 * torchao 0.18: int8 dynamic activations gave no gain on this CPU, int8 weight-only about 1.1x.
 * **Ours, `Int8Linear` (the default):** weights per output row, activations quantized **per
-  token**, and ``torch._int_mm`` for the int8 GEMM (exact int32 accumulation). 1.9x faster than
-  fp32 here, within half a point on every domain, and a text's answer does not depend on its
+  token**, and ``torch._int_mm`` for the int8 GEMM (exact int32 accumulation). 1.8-2.7x faster
+  than fp32 here, within 0.8 point on every domain, and a text's answer does not depend on its
   batch (tested). It needs no deprecated API; where ``torch._int_mm`` is missing, or a call
   has 16 rows or fewer, it multiplies the dequantized weights in float instead (correct, slower).
 
