@@ -145,8 +145,9 @@ def _compare(a) -> int:
                      max_length=a.max_length, eval_domains=not a.no_cross_domain, threads=a.threads,
                      cache=None if a.no_cache else a.cache, progress=not a.no_progress)
         rows.append(df)
-    df = pd.concat(rows, ignore_index=True)
-    cols = ["label", "accuracy", "f1_macro", "trainable_pct", "sec_per_step", "peak_mem_mib", "adapter_bytes", "cached"]
+    df = pd.concat(rows, ignore_index=True)  # compare's frames carry val_accuracy, for choosing an lr
+    cols = ["label", "lr", "val_accuracy", "accuracy", "f1_macro", "trainable_pct", "sec_per_step", "peak_mem_mib",
+            "adapter_bytes", "cached"]
     with pd.option_context("display.width", 200):
         print(df[cols].to_string(index=False))
     return 0

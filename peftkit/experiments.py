@@ -130,6 +130,7 @@ def run(method: Method, base: str = "minilm", domain: str = "movies", n_train: i
     bf16 = (cfg.bf16 and device.startswith("cuda")) or (cfg.cpu_bf16 and device == "cpu")
     row["env"] = {**environment(device), "precision": "bf16 autocast" if bf16 else "fp32"}
     row["history"] = hist[[c for c in ("step", "loss", "lr", "val_accuracy", "val_f1_macro") if c in hist]].to_dict("list")
+    row["val_accuracy"] = _last_val_accuracy(row["history"])
     if out:
         row["adapter_dir"] = str(out)
         save_adapter(model, out)
@@ -224,14 +225,25 @@ def _has_adapter(row: dict) -> bool:
     return bool(d) and (Path(d) / "adapter.json").exists()
 
 
-TABLE_COLUMNS = ["label", "method", "accuracy", "f1_macro", "trainable", "trainable_pct", "sec_per_step",
+TABLE_COLUMNS = ["label", "method", "accuracy", "f1_macro", "val_accuracy", "trainable", "trainable_pct", "sec_per_step",
                  "peak_mem_mib", "adapter_bytes", "train_seconds", "epochs", "lr", "n_train"]
 
 
+def _last_val_accuracy(history) -> float:
+    """The last validation accuracy in a row's history (NaN when it never evaluated)."""
+    vals = [v for v in (history or {}).get("val_accuracy", []) if v is not None and v == v]
+    return float(vals[-1]) if vals else float("nan")
+
+
 def results_frame(rows) -> pd.DataFrame:
+    """Result rows as a DataFrame, the table's columns first. `val_accuracy` (the last validation
+    accuracy) is what to choose a learning rate or a rank by: the test split stays for reporting."""
     df = pd.DataFrame(list(rows))
     if df.empty:
         return df
+    if "history" in df:  # rows cached before val_accuracy was recorded carry it in their history
+        derived = df["history"].map(lambda h: _last_val_accuracy(h if isinstance(h, dict) else None))
+        df["val_accuracy"] = df["val_accuracy"].fillna(derived) if "val_accuracy" in df else derived
     first = [c for c in TABLE_COLUMNS if c in df]
     return df[first + [c for c in df.columns if c not in first]]
 

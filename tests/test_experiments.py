@@ -1,6 +1,7 @@
 """Experiments, the result cache and the command line."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,16 @@ def test_compare_caches_rows_and_keys_on_the_whole_config(tmp_path):
     assert a == config_key(make_spec(pk.LoRA(), "tiny", "tweets", 48, TrainConfig(epochs=1, lr=1e-3, batch_size=16, progress=True)))
     assert a != config_key(make_spec(pk.LoRA(), "tiny", "tweets", 48, TrainConfig(epochs=1, lr=2e-3, batch_size=16)))
     assert a != config_key(make_spec(pk.LoRA(r=4), "tiny", "tweets", 48, CFG))
+
+
+def test_results_frame_gives_the_last_validation_accuracy_for_old_and_new_rows():
+    from peftkit.experiments import results_frame
+    old = {"label": "lora r=8", "accuracy": 0.7, "history": {"step": [1, 2, 3], "val_accuracy": [None, 0.6, 0.65]}}
+    new = {"label": "full", "accuracy": 0.8, "val_accuracy": 0.75, "history": {"step": [1], "val_accuracy": [0.1]}}
+    never = {"label": "head only", "accuracy": 0.5, "history": {"step": [1]}}
+    df = results_frame([old, new, never])
+    assert df.val_accuracy.iloc[0] == 0.65 and df.val_accuracy.iloc[1] == 0.75 and math.isnan(df.val_accuracy.iloc[2])
+    assert list(df.columns[:3]) == ["label", "accuracy", "val_accuracy"]
 
 
 def test_cache_survives_a_torn_line(tmp_path):
