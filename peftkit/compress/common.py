@@ -23,11 +23,17 @@ def _skip_prefix(model: nn.Module, skip) -> list[str]:
     return list(skip or [])
 
 
-def linear_layers(model: nn.Module, skip="head") -> dict[str, nn.Linear]:
-    """Every plain nn.Linear outside `skip` ("head": the task head; or a list of module names)."""
+def modules_of_type(model: nn.Module, kind: type, skip="head") -> dict[str, nn.Module]:
+    """Every module of exactly `kind` (not a subclass) outside `skip` ("head": the task head; or a
+    list of module names)."""
     prefixes = _skip_prefix(model, skip)
-    return {n: m for n, m in model.named_modules() if type(m) is nn.Linear
+    return {n: m for n, m in model.named_modules() if type(m) is kind
             and not any(n == p or n.startswith(p + ".") for p in prefixes)}
+
+
+def linear_layers(model: nn.Module, skip="head") -> dict[str, nn.Linear]:
+    """Every plain nn.Linear outside `skip`."""
+    return modules_of_type(model, nn.Linear, skip)
 
 
 def _merged_plain(model: nn.Module, inplace: bool) -> nn.Module:

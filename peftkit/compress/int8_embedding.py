@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import _row_scale, _skip_prefix
+from .common import _row_scale, modules_of_type
 
 
 class Int8Embedding(nn.Module):
@@ -42,6 +42,4 @@ class Int8Embedding(nn.Module):
 
 def embedding_layers(model: nn.Module, skip="head") -> dict[str, nn.Embedding]:
     """Every plain nn.Embedding outside `skip` ("head" or a list of module names)."""
-    prefixes = _skip_prefix(model, skip)
-    return {n: m for n, m in model.named_modules() if type(m) is nn.Embedding
-            and not any(n == p or n.startswith(p + ".") for p in prefixes)}
+    return modules_of_type(model, nn.Embedding, skip)
