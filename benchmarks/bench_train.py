@@ -9,7 +9,11 @@ the median seconds per step (forward, backward, optimizer step).
     python benchmarks/bench_train.py                 # 3 rounds x 20 timed steps, 2 threads
     python benchmarks/bench_train.py --quick         # a smoke run on the tiny model
     python benchmarks/bench_train.py --bf16          # every method under CPU bf16 autocast
-Writes benchmarks/results/train.csv (train_bf16.csv) and prints a ratio table against the full
+    python benchmarks/bench_train.py --fast-dropout  # every method with peftkit's FastDropout
+Every method gets the same dropout: torch's, as `fit` trains by default, or with --fast-dropout
+peftkit.dropout.FastDropout, as TrainConfig(fast_dropout=True). Writes benchmarks/results/train.csv, its name
+marked by the options (train_attn0.csv, train_bf16_attn0.csv, train_attn0_fast_dropout.csv,
+...), and prints a ratio table against the full
 fine-tune.
 """
 
@@ -81,7 +85,7 @@ def _step(model, opt, b, bf16: bool) -> None:
 
 
 def worker(name: str, base: str, steps: int, warmup: int, threads: int, batch_size: int,
-           attention_dropout: float | None = None, bf16: bool = False) -> dict:
+           attention_dropout: float | None = None, bf16: bool = False, fast_dropout: bool = False) -> dict:
     """One measurement in this process: returns median step seconds and peak RSS."""
     import resource
 
@@ -95,6 +99,9 @@ def worker(name: str, base: str, steps: int, warmup: int, threads: int, batch_si
     if attention_dropout is not None:
         from peftkit.models import set_attention_dropout
         set_attention_dropout(model, attention_dropout)
+    if fast_dropout:
+        from peftkit.dropout import use_fast_dropout
+        use_fast_dropout(model)
     splits = data.split(data.load_corpus("movies"), seed=0)
     loader = make_loaders(tok, {"train": splits["train"]}, batch_size=batch_size, seed=0)["train"]
     batches = []
@@ -120,13 +127,14 @@ def worker(name: str, base: str, steps: int, warmup: int, threads: int, batch_si
 
 
 def alternate(names: list, base: str, steps: int, warmup: int, threads: int, batch_size: int,
-              attention_dropout: float | None = None, bf16: bool = False) -> dict:
+              attention_dropout: float | None = None, bf16: bool = False, fast_dropout: bool = False) -> dict:
     """All `names` in this one process, stepping in turn on the same batches (the order flips every
     batch): no process-to-process noise, but no per-method peak memory either. Median s/step."""
     import torch
 
     from peftkit import data
     from peftkit.loaders import make_loaders
+    from peftkit.dropout import use_fast_dropout
     from peftkit.models import set_attention_dropout
     torch.set_num_threads(threads)
     models = {}
@@ -135,6 +143,8 @@ def alternate(names: list, base: str, steps: int, warmup: int, threads: int, bat
         model, tok = build(name, base)
         if attention_dropout is not None:
             set_attention_dropout(model, attention_dropout)
+        if fast_dropout:
+            use_fast_dropout(model)
         params = [p for p in model.parameters() if p.requires_grad]
         models[name] = (model.train(), torch.optim.AdamW(params, lr=1e-5))
     splits = data.split(data.load_corpus("movies"), seed=0)
@@ -165,9 +175,11 @@ def main(argv=None) -> int:
                     help="set the attention-probability dropout of every method (default: the model's, 0.1)")
     ap.add_argument("--bf16", action="store_true",
                     help="every method under CPU bf16 autocast (fp32 weights and AdamW state), as TrainConfig(cpu_bf16=True)")
+    ap.add_argument("--fast-dropout", action="store_true",
+                    help="peftkit's FastDropout for every method, as TrainConfig(fast_dropout=True)")
     ap.add_argument("--quick", action="store_true", help="tiny model, 1 round, 3 steps")
-    ap.add_argument("--out", default=None, help="CSV to write (default benchmarks/results/train.csv, "
-                    "train_bf16.csv with --bf16; a quick run writes to the temp folder)")
+    ap.add_argument("--out", default=None, help="CSV to write (default benchmarks/results/train[_bf16][_attnP][_fast_dropout].csv "
+                    "by the options; a quick run writes to the temp folder)")
     ap.add_argument("--alternate", action="store_true",
                     help="step the methods in turn inside one process instead (times only; not adapterhub)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -177,10 +189,11 @@ def main(argv=None) -> int:
     if a.out is None:  # a smoke run never overwrites the recorded results
         import tempfile
         folder = Path(tempfile.gettempdir()) if a.quick else ROOT / "benchmarks" / "results"
-        a.out = str(folder / ("train_bf16.csv" if a.bf16 else "train.csv"))
+        name = "train" + "_bf16" * a.bf16 + (f"_attn{a.attention_dropout:g}" if a.attention_dropout is not None else "")
+        a.out = str(folder / (name + "_fast_dropout" * a.fast_dropout + ".csv"))
     if a.worker:
         print(json.dumps(worker(a.worker, a.base, a.steps, a.warmup, a.threads, a.batch_size, a.attention_dropout,
-                                       a.bf16)))
+                                       a.bf16, a.fast_dropout)))
         return 0
     names = [n.strip() for n in a.methods.split(",")]
     unknown = set(names) - set(METHODS)
@@ -188,7 +201,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     if a.alternate:
         names = [n for n in names if not n.startswith("adapterhub")]  # it needs its own interpreter
-        med = alternate(names, a.base, a.steps, a.warmup, a.threads, a.batch_size, a.attention_dropout, a.bf16)
+        med = alternate(names, a.base, a.steps, a.warmup, a.threads, a.batch_size, a.attention_dropout, a.bf16,
+                        a.fast_dropout)
         for name, sec in med.items():
             print(f"{name:16s} {sec:.3f} s/step  ({sec / med[names[0]]:.3f}x {names[0]})")
         return 0
@@ -207,6 +221,8 @@ def main(argv=None) -> int:
                 cmd += ["--attention-dropout", str(a.attention_dropout)]
             if a.bf16:
                 cmd += ["--bf16"]
+            if a.fast_dropout:
+                cmd += ["--fast-dropout"]
             p = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if p.returncode != 0:
                 print(p.stderr[-2000:], file=sys.stderr)
@@ -220,6 +236,7 @@ def main(argv=None) -> int:
     df["threads"], df["torch"], df["base"], df["batch_size"] = a.threads, torch.__version__, a.base, a.batch_size
     df["attention_dropout"] = "model default (0.1)" if a.attention_dropout is None else a.attention_dropout
     df["precision"] = "bf16 autocast" if a.bf16 else "fp32"
+    df["dropout"] = "peftkit FastDropout" if a.fast_dropout else "torch nn.Dropout"
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(a.out, index=False)
     med = df.groupby("method").agg(sec_per_step=("sec_per_step", "median"), peak_rss_mib=("peak_rss_mib", "median"),
@@ -228,7 +245,7 @@ def main(argv=None) -> int:
         med["step_vs_full"] = med.sec_per_step / med.loc["full", "sec_per_step"]
         med["memory_vs_full"] = med.peak_rss_mib / med.loc["full", "peak_rss_mib"]
     med["what"] = [METHODS[n] for n in med.index]
-    print(f"\nMiniLM training step ({'bf16 autocast' if a.bf16 else 'fp32'}), batch {a.batch_size}, {a.threads} threads, medians of {a.rounds} "
+    print(f"\nMiniLM training step ({'bf16 autocast' if a.bf16 else 'fp32'}, {df['dropout'].iloc[0]}), batch {a.batch_size}, {a.threads} threads, medians of {a.rounds} "
           f"interleaved processes x {a.steps} steps (torch {torch.__version__}):\n")
     print(med.round(3).to_markdown())
     print(f"\nwrote {a.out}")

@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .adapters import AdapterLinear, BottleneckAdapter  # noqa: E402
+from .dropout import FastDropout, use_fast_dropout  # noqa: E402
 from .io import AdapterFileError, load_adapter, save_adapter  # noqa: E402
 from .interop import export_peft, import_peft  # noqa: E402
 from .lora import LoRALinear, MergeError  # noqa: E402
@@ -14,8 +15,8 @@ from .surgery import apply, merge, report, trainable_fraction, unload, unmerge  
 from .targets import TargetError  # noqa: E402
 
 __all__ = [
-    "Adapter", "AdapterFileError", "AdapterLinear", "BottleneckAdapter", "Deployer", "FullFineTune", "HeadOnly",
+    "Adapter", "AdapterFileError", "AdapterLinear", "BottleneckAdapter", "Deployer", "FastDropout", "FullFineTune", "HeadOnly",
     "Hybrid", "LoRA", "LoRALinear", "METHODS", "MLP", "MergeError", "Method", "ModelWithAdapters",
     "ModelWithLoRA", "Monitor", "TargetError", "apply", "export_peft", "import_peft", "load_adapter", "load_base",
-    "merge", "report", "save_adapter", "trainable_fraction", "unload", "unmerge",
+    "merge", "report", "save_adapter", "trainable_fraction", "unload", "unmerge", "use_fast_dropout",
 ]

@@ -26,7 +26,7 @@ from .methods import Method
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = ROOT / "runs" / "results.jsonl"
 _NOT_IN_KEY = ("progress", "checkpoint_dir", "checkpoint_every", "device")
-_KEYED_WHEN_SET = {"attention_dropout": None, "cpu_bf16": False}  # field -> its default
+_KEYED_WHEN_SET = {"attention_dropout": None, "cpu_bf16": False, "fast_dropout": False}  # field -> its default
 
 
 def describe(method: Method) -> str:

@@ -51,6 +51,7 @@ class TrainConfig:
     checkpoint_every: int | None = None  # optimizer steps; None: each epoch
     max_steps: int | None = None    # stop after this many optimizer steps (smoke runs)
     attention_dropout: float | None = None  # None: the model's own (MiniLM: 0.1); 0 lets CPU attention use its fused kernel
+    fast_dropout: bool = False      # swap nn.Dropout for peftkit.dropout.FastDropout: same p, half the cost on CPU, another random stream
     progress: bool = True
 
     def __post_init__(self):
@@ -68,6 +69,7 @@ class TrainConfig:
             (self.monitor in ("accuracy", "f1_macro", "f1_weighted", "neg_loss"), "monitor must be accuracy, f1_macro, f1_weighted or neg_loss"),
             (self.attention_dropout is None or 0 <= self.attention_dropout < 1, "attention_dropout must be in [0, 1) or None"),
             (isinstance(self.cpu_bf16, bool), "cpu_bf16 must be True or False"),
+            (isinstance(self.fast_dropout, bool), "fast_dropout must be True or False"),
         ]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
@@ -144,6 +146,9 @@ def fit(model, train_loader, val_loader=None, cfg: TrainConfig | None = None, re
     if cfg.attention_dropout is not None:
         from .models import set_attention_dropout
         set_attention_dropout(model, cfg.attention_dropout)
+    if cfg.fast_dropout:
+        from .dropout import use_fast_dropout
+        use_fast_dropout(model)
     rank, world = _distributed(device)
     model.to(device)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -18,6 +18,7 @@ def test_bench_train_quick(tmp_path):
     df = pd.read_csv(out)
     assert set(df.method) == {"full", "peftkit_lora", "peft_lora"}
     assert (df.sec_per_step > 0).all() and (df.peak_rss_mib > 0).all()
+    assert list(df.dropout.unique()) == ["torch nn.Dropout"]  # fit's default, the same for every method
     assert "step_vs_full" in p.stdout
 
 
