@@ -2,7 +2,9 @@
 fine-tune and against Hugging Face PEFT's LoRA.
 
 Every (method, round) is a fresh Python process, so each peak resident set (ru_maxrss) belongs
-to that method alone; rounds interleave the methods, so machine noise hits them all alike.
+to that method alone; rounds interleave the methods, so machine noise hits them all alike, each
+in its own seeded shuffle of the order, so no method always runs right after the same
+neighbour (a process that just freed 1.4 GB can leave the next one paying for it).
 Each process trains on the same real movie-snippet batches (batch 32) with AdamW and reports
 the median seconds per step (forward, backward, optimizer step).
 
@@ -212,8 +214,11 @@ def main(argv=None) -> int:
     import pandas as pd
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1"}
     rows = []
+    import random
     for r in range(a.rounds):
-        for name in names:
+        order = list(names)
+        random.Random(r).shuffle(order)
+        for position, name in enumerate(order):
             python = str(PEERS_PY) if name.startswith("adapterhub") else sys.executable
             cmd = [python, __file__, "--worker", name, "--base", a.base, "--steps", str(a.steps),
                    "--warmup", str(a.warmup), "--threads", str(a.threads), "--batch-size", str(a.batch_size)]
@@ -228,7 +233,7 @@ def main(argv=None) -> int:
                 print(p.stderr[-2000:], file=sys.stderr)
                 return 1
             row = json.loads(p.stdout.strip().splitlines()[-1])
-            rows.append({**row, "round": r})
+            rows.append({**row, "round": r, "position": position})
             print(f"round {r + 1}/{a.rounds} {name:16s} {row['sec_per_step']:.3f} s/step  "
                   f"peak {row['peak_rss_mib']:.0f} MiB", flush=True)
     df = pd.DataFrame(rows)

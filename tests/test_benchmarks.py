@@ -35,3 +35,13 @@ def test_bench_compress_quick(tmp_path):
     tables = json.loads(out.with_suffix(".json").read_text())
     assert {r["variant"] for r in tables["size on disk"]} >= {"fp32 merged", "int8 per-token (ours)"}
     assert "faster than fp32" in p.stdout
+
+
+def test_bench_dropout_quick(tmp_path):
+    out = tmp_path / "dropout.csv"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dropout.py"), "--quick", "--threads", "1",
+                        "--out", str(out)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    df = pd.read_csv(out)
+    assert set(df.implementation) == {"torch nn.Dropout", "peftkit FastDropout"} and (df.ms > 0).all()
+    assert "FastDropout vs torch" in p.stdout
