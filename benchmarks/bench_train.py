@@ -162,6 +162,28 @@ def alternate(names: list, base: str, steps: int, warmup: int, threads: int, bat
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def paired_ratios(df, reference: str = "full", n_boot: int = 2000, seed: int = 0):
+    """Each method's step over the reference's step in the same round, then the median of those
+    per-round ratios and a 90% bootstrap interval for it (rounds resampled with replacement).
+
+    A round's methods run back to back, so the machine's slow drifts (another tenant, a busy
+    hour) mostly cancel inside a round; what is left is the round-to-round spread, and the
+    interval says how far the median can be trusted. Returns a DataFrame indexed by method."""
+    import numpy as np
+    import pandas as pd
+    ref = df[df.method == reference].set_index("round").sec_per_step
+    rng = np.random.default_rng(seed)
+    rows = {}
+    for name, g in df.groupby("method", sort=False):
+        r = (g.set_index("round").sec_per_step / ref).dropna().to_numpy()
+        if len(r) == 0:
+            continue
+        boot = np.median(rng.choice(r, size=(n_boot, len(r)), replace=True), axis=1)
+        lo, hi = np.quantile(boot, [0.05, 0.95])
+        rows[name] = {"median": float(np.median(r)), "ci90": f"{lo:.3f}-{hi:.3f}", "rounds": len(r)}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     available = [n for n in METHODS if not n.startswith("adapterhub") or PEERS_PY.exists()]
@@ -249,6 +271,9 @@ def main(argv=None) -> int:
     if "full" in med.index:
         med["step_vs_full"] = med.sec_per_step / med.loc["full", "sec_per_step"]
         med["memory_vs_full"] = med.peak_rss_mib / med.loc["full", "peak_rss_mib"]
+        paired = paired_ratios(df)
+        med["paired_median"] = paired["median"].reindex(med.index)
+        med["paired_ci90"] = paired["ci90"].reindex(med.index)
     med["what"] = [METHODS[n] for n in med.index]
     print(f"\nMiniLM training step ({'bf16 autocast' if a.bf16 else 'fp32'}, {df['dropout'].iloc[0]}), batch {a.batch_size}, {a.threads} threads, medians of {a.rounds} "
           f"interleaved processes x {a.steps} steps (torch {torch.__version__}):\n")

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,3 +46,21 @@ def test_bench_dropout_quick(tmp_path):
     df = pd.read_csv(out)
     assert set(df.implementation) == {"torch nn.Dropout", "peftkit FastDropout"} and (df.ms > 0).all()
     assert "FastDropout vs torch" in p.stdout
+
+
+def test_paired_ratios_pair_each_round_with_its_own_reference():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_train import paired_ratios
+    # The machine slows down 2x from round to round; inside a round LoRA is always 0.6x full.
+    rows = []
+    for r, slow in enumerate([1.0, 2.0, 1.0, 3.0, 1.5]):
+        rows += [{"method": "full", "round": r, "sec_per_step": 1.0 * slow},
+                 {"method": "lora", "round": r, "sec_per_step": 0.6 * slow}]
+    out = paired_ratios(pd.DataFrame(rows))
+    assert out.loc["lora", "median"] == pytest.approx(0.6)
+    assert out.loc["lora", "ci90"] == "0.600-0.600"
+    assert out.loc["full", "median"] == 1.0 and out.loc["lora", "rounds"] == 5
+    # Spread across rounds widens the interval around the median.
+    rows[1]["sec_per_step"], rows[3]["sec_per_step"] = 1.4, 1.4  # round 0 ratio 0.6 -> 1.4, round 1 -> 0.7
+    lo, hi = map(float, paired_ratios(pd.DataFrame(rows)).loc["lora", "ci90"].split("-"))
+    assert lo <= 0.6 < hi
