@@ -1,0 +1,108 @@
+"""The CLS-only last layer computes the same function as the full layer in training, with the
+same random draws, and stays out of the way everywhere else."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import peftkit as pk
+from peftkit.cls_only import use_cls_only_last_layer
+from peftkit.dropout import use_fast_dropout
+
+TEXTS = ["a fine film , really", "awful", "it was ok i guess but far too long for me"]
+
+
+def _pair(method, impl="sdpa", fast=False):
+    """The same model twice: a plain one and one with the CLS-only last layer."""
+    plain, tok = pk.load_base("tiny", seed=0, cls_only=False)
+    plain.set_attn_implementation(impl)
+    if method is not None:
+        pk.apply(plain, method)
+    if fast:
+        use_fast_dropout(plain)
+    fast_model = copy.deepcopy(plain)
+    assert use_cls_only_last_layer(fast_model)
+    return plain, fast_model, tok(TEXTS, padding=True, return_tensors="pt")
+
+
+def _train_step_outputs(model, enc, seed=5):
+    model.train()
+    torch.manual_seed(seed)
+    logits = model(**enc).logits
+    F.cross_entropy(logits, torch.tensor([1, 0, 1])).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads, torch.get_rng_state()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("method", [pk.FullFineTune(), pk.LoRA(r=4, alpha=8, dropout=0.1),
+                                    pk.Adapter(reduction=4, placement="houlsby")], ids=["full", "lora", "adapter"])
+def test_same_logits_gradients_and_random_stream_with_dropout_on(method, impl):
+    plain, fast, enc = _pair(method, impl)
+    assert enc["attention_mask"].min() == 0  # padded batch: the mask path is exercised
+    o1, g1, rng1 = _train_step_outputs(plain, enc)
+    o2, g2, rng2 = _train_step_outputs(fast, enc)
+    torch.testing.assert_close(o2, o1, atol=1e-6, rtol=1e-5)
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], atol=1e-6, rtol=1e-5, msg=n)
+    # Every dropout drew its full-shape mask: the generator ends in the same state.
+    assert torch.equal(rng1, rng2)
+
+
+def test_fast_dropout_masks_are_drawn_at_full_shape_too():
+    plain, fast, enc = _pair(pk.LoRA(r=4, alpha=8, dropout=0.1), fast=True)
+    o1, g1, rng1 = _train_step_outputs(plain, enc)
+    o2, g2, rng2 = _train_step_outputs(fast, enc)
+    torch.testing.assert_close(o2, o1, atol=1e-6, rtol=1e-5)
+    assert torch.equal(rng1, rng2)
+
+
+def test_training_runs_the_cls_row_only_and_eval_runs_the_whole_layer():
+    plain, fast, enc = _pair(None)
+    fast.train()
+    assert fast.bert(**enc).last_hidden_state.shape[1] == 1  # the pooler's row only
+    fast.eval(), plain.eval()
+    with torch.no_grad():
+        h1, h2 = plain.bert(**enc).last_hidden_state, fast.bert(**enc).last_hidden_state
+    assert h2.shape == h1.shape and torch.equal(h1, h2)
+    # Asking for hidden states or attentions in training falls back to the whole layer.
+    fast.train()
+    out = fast.bert(**enc, output_hidden_states=True)
+    assert out.last_hidden_state.shape == h1.shape and [h.shape for h in out.hidden_states] == [h1.shape] * 3
+    fast.set_attn_implementation("eager")  # SDPA gives no attention maps
+    out = fast.bert(**enc, output_attentions=True)
+    assert out.last_hidden_state.shape == h1.shape and out.attentions[-1].shape[-2:] == (h1.shape[1],) * 2
+
+
+def test_switch_is_idempotent_reversible_and_keeps_the_state_dict():
+    model, _ = pk.load_base("tiny", seed=0)  # on by default
+    last = model.bert.encoder.layer[-1]
+    keys = list(model.state_dict())
+    assert type(last).__name__ == "BertLayerClsOnly" and type(model.bert.encoder.layer[0]).__name__ == "BertLayer"
+    assert use_cls_only_last_layer(model) and type(last).__name__ == "BertLayerClsOnly"  # twice: one level
+    assert use_cls_only_last_layer(model, False) is False and type(last).__name__ == "BertLayer"
+    assert list(model.state_dict()) == keys
+    use_cls_only_last_layer(model)
+    clone = pickle.loads(pickle.dumps(model))  # the class is importable, so the model pickles
+    assert type(clone.bert.encoder.layer[-1]).__name__ == "BertLayerClsOnly"
+    off, _ = pk.load_base("tiny", seed=0, cls_only=False)
+    assert type(off.bert.encoder.layer[-1]).__name__ == "BertLayer"
+    assert use_cls_only_last_layer(pk.MLP()) is False  # not a BERT classifier: nothing changes
+
+
+def test_peft_wrapped_model_gets_the_same_function():
+    peft = pytest.importorskip("peft")
+    plain, tok = pk.load_base("tiny", seed=0, cls_only=False)
+    cfg = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.1)
+    plain = peft.get_peft_model(plain, cfg)
+    fast = copy.deepcopy(plain)
+    assert use_cls_only_last_layer(fast)
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    o1, g1, rng1 = _train_step_outputs(plain, enc)
+    o2, g2, rng2 = _train_step_outputs(fast, enc)
+    torch.testing.assert_close(o2, o1, atol=1e-6, rtol=1e-5)
+    assert torch.equal(rng1, rng2)
