@@ -12,7 +12,10 @@ the median seconds per step (forward, backward, optimizer step).
     python benchmarks/bench_train.py --quick         # a smoke run on the tiny model
     python benchmarks/bench_train.py --bf16          # every method under CPU bf16 autocast
     python benchmarks/bench_train.py --fast-dropout  # every method with peftkit's FastDropout
-Every method gets the same dropout: torch's, as `fit` trains by default, or with --fast-dropout
+Every model comes from `load_base`, so every method (PEFT's LoRA too) runs the CLS-only last
+layer in training (`peftkit.cls_only`); name a method with ':whole' (`--methods full,full:whole`)
+to time it with the whole last layer in the same run. AdapterHub's transformers 4.57 always runs
+the whole layer. Every method gets the same dropout: torch's, as `fit` trains by default, or with --fast-dropout
 peftkit.dropout.FastDropout, as TrainConfig(fast_dropout=True). Writes benchmarks/results/train.csv, its name
 marked by the options (train_attn0.csv, train_bf16_attn0.csv, train_attn0_fast_dropout.csv,
 ...), and prints a ratio table against the full
@@ -49,9 +52,17 @@ METHODS = {
 PEERS_PY = ROOT / ".venv-peers" / "bin" / "python"
 
 
+def describe(name: str) -> str:
+    method, _, variant = name.partition(":")
+    return METHODS[method] + (", whole last layer" if variant == "whole" else "")
+
+
 def build(name: str, base: str):
+    """The model for `name`; a ":whole" suffix (e.g. "full:whole") turns off load_base's CLS-only
+    last layer, so one run can time the same method before and after it."""
     import peftkit as pk
-    model, tok = pk.load_base(base, num_labels=2, seed=0)
+    name, _, variant = name.partition(":")
+    model, tok = pk.load_base(base, num_labels=2, seed=0, cls_only=variant != "whole")
     if name.startswith("peft_"):
         import peft
         cfg = peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"],
@@ -188,7 +199,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     available = [n for n in METHODS if not n.startswith("adapterhub") or PEERS_PY.exists()]
     ap.add_argument("--methods", default=",".join(available),
-                    help=f"comma-separated from {list(METHODS)} (default: all whose environment exists)")
+                    help=f"comma-separated from {list(METHODS)}, each optionally with ':whole' to run the "
+                    "whole last layer instead of load_base's CLS-only one (default: all whose environment exists)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per process (default 20)")
     ap.add_argument("--warmup", type=int, default=3)
@@ -220,7 +232,7 @@ def main(argv=None) -> int:
                                        a.bf16, a.fast_dropout)))
         return 0
     names = [n.strip() for n in a.methods.split(",")]
-    unknown = set(names) - set(METHODS)
+    unknown = {n for n in names if n.partition(":")[0] not in METHODS or n.partition(":")[2] not in ("", "whole")}
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     if a.alternate:
@@ -274,7 +286,7 @@ def main(argv=None) -> int:
         paired = paired_ratios(df)
         med["paired_median"] = paired["median"].reindex(med.index)
         med["paired_ci90"] = paired["ci90"].reindex(med.index)
-    med["what"] = [METHODS[n] for n in med.index]
+    med["what"] = [describe(n) for n in med.index]
     print(f"\nMiniLM training step ({'bf16 autocast' if a.bf16 else 'fp32'}, {df['dropout'].iloc[0]}), batch {a.batch_size}, {a.threads} threads, medians of {a.rounds} "
           f"interleaved processes x {a.steps} steps (torch {torch.__version__}):\n")
     print(med.round(3).to_markdown())
