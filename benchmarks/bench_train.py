@@ -13,9 +13,10 @@ the median seconds per step (forward, backward, optimizer step).
     python benchmarks/bench_train.py --bf16          # every method under CPU bf16 autocast
     python benchmarks/bench_train.py --fast-dropout  # every method with peftkit's FastDropout
 Every model comes from `load_base`, so every method (PEFT's LoRA too) runs the CLS-only last
-layer in training (`peftkit.cls_only`); name a method with ':whole' (`--methods full,full:whole`)
-to time it with the whole last layer in the same run. AdapterHub's transformers 4.57 always runs
-the whole layer. Every method gets the same dropout: torch's, as `fit` trains by default, or with --fast-dropout
+layer and the padding-free encoder in training (`peftkit.cls_only`, `peftkit.unpad`); name a
+method with ':whole' (`--methods full,full:whole`) to time it with the whole last layer, with
+':padded' to time it on the padded batch, or both ('full:padded:whole', the plain transformers
+model), in the same run. AdapterHub's transformers 4.57 always runs the padded, whole layer. Every method gets the same dropout: torch's, as `fit` trains by default, or with --fast-dropout
 peftkit.dropout.FastDropout, as TrainConfig(fast_dropout=True). Writes benchmarks/results/train.csv, its name
 marked by the options (train_attn0.csv, train_bf16_attn0.csv, train_attn0_fast_dropout.csv,
 ...), and prints a ratio table against the full
@@ -52,17 +53,22 @@ METHODS = {
 PEERS_PY = ROOT / ".venv-peers" / "bin" / "python"
 
 
+VARIANTS = {"whole": "whole last layer", "padded": "padded batch"}
+
+
 def describe(name: str) -> str:
-    method, _, variant = name.partition(":")
-    return METHODS[method] + (", whole last layer" if variant == "whole" else "")
+    method, *variants = name.split(":")
+    return ", ".join([METHODS[method]] + [VARIANTS[v] for v in variants])
 
 
 def build(name: str, base: str):
     """The model for `name`; a ":whole" suffix (e.g. "full:whole") turns off load_base's CLS-only
-    last layer, so one run can time the same method before and after it."""
+    last layer and ":padded" its padding-free encoder, so one run can time the same method with
+    and without them."""
     import peftkit as pk
-    name, _, variant = name.partition(":")
-    model, tok = pk.load_base(base, num_labels=2, seed=0, cls_only=variant != "whole")
+    name, *variants = name.split(":")
+    model, tok = pk.load_base(base, num_labels=2, seed=0, cls_only="whole" not in variants,
+                              unpad="padded" not in variants)
     if name.startswith("peft_"):
         import peft
         cfg = peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"],
@@ -200,7 +206,8 @@ def main(argv=None) -> int:
     available = [n for n in METHODS if not n.startswith("adapterhub") or PEERS_PY.exists()]
     ap.add_argument("--methods", default=",".join(available),
                     help=f"comma-separated from {list(METHODS)}, each optionally with ':whole' to run the "
-                    "whole last layer instead of load_base's CLS-only one (default: all whose environment exists)")
+                    "whole last layer instead of load_base's CLS-only one and/or ':padded' to run the padded "
+                    "batch instead of the padding-free encoder (default: all whose environment exists)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per process (default 20)")
     ap.add_argument("--warmup", type=int, default=3)
@@ -232,7 +239,7 @@ def main(argv=None) -> int:
                                        a.bf16, a.fast_dropout)))
         return 0
     names = [n.strip() for n in a.methods.split(",")]
-    unknown = {n for n in names if n.partition(":")[0] not in METHODS or n.partition(":")[2] not in ("", "whole")}
+    unknown = {n for n in names if n.split(":")[0] not in METHODS or not set(n.split(":")[1:]) <= set(VARIANTS)}
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     if a.alternate:

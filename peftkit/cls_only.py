@@ -39,21 +39,29 @@ def _collector_wants_outputs() -> bool:
 
 
 @contextlib.contextmanager
-def _full_shape_masks(layer: nn.Module, tokens: int):
-    """While active, a dropout in `layer` that sees a one-token input (batch, 1, ...) draws its
-    mask for (batch, tokens, ...), as the full layer would, and applies row 0 of it."""
+def _full_shape_masks(layer: nn.Module, tokens: int, rows: torch.Tensor | None = None, batch: int = 0):
+    """While active, a dropout in `layer` draws its mask for the shape the padded whole layer
+    would give it, so the random stream is unchanged, and applies the part its input covers:
+    a one-token input (batch, 1, ...) gets row 0 of a (batch, tokens, ...) mask; with `rows` (the
+    flat indices of the real tokens, `peftkit.unpad`) an unpadded (n, ...) input gets those rows
+    of a (batch * tokens, ...) mask. Same numel, same memory order: the same draws."""
     patched = []
     for name, mod in layer.named_modules():
         if isinstance(mod, nn.Dropout) and not name.endswith("attention.self.dropout"):
             run = mod.forward  # the class's forward, bound; FastDropout and nn.Dropout alike
 
             def forward(x, run=run, mod=mod):
-                if x.dim() < 2 or x.shape[1] != 1 or mod.p == 0 or not mod.training:
+                if mod.p == 0 or not mod.training or x.dim() < 2:
                     return run(x)
-                # ones * (mask / (1 - p)) is the mask scaled, bit for bit; x times its row 0 is
-                # what the full layer computes for [CLS], and the gradient is the same mask.
-                noise = run(x.new_ones((x.shape[0], tokens) + tuple(x.shape[2:])))
-                return x * noise[:, :1]
+                # ones * (mask / (1 - p)) is the mask scaled, bit for bit; x times the rows it
+                # covers is what the padded layer computes there, and the gradient is the same mask.
+                if rows is not None and x.dim() == 2 and x.shape[0] == rows.numel():
+                    flat = run(x.new_ones((batch * tokens,) + tuple(x.shape[1:])))
+                    return x * flat.index_select(0, rows)
+                if x.dim() > 2 and x.shape[1] == 1:
+                    noise = run(x.new_ones((x.shape[0], tokens) + tuple(x.shape[2:])))
+                    return x * noise[:, :1]
+                return run(x)
             mod.forward = forward
             patched.append(mod)
     try:

@@ -55,7 +55,8 @@ def load_tokenizer():
     return AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
 
 
-def load_base(name: str = "minilm", num_labels: int = 2, seed: int = 0, cls_only: bool = True):
+def load_base(name: str = "minilm", num_labels: int = 2, seed: int = 0, cls_only: bool = True,
+              unpad: bool = True):
     """Return `(model, tokenizer)` for a base model, with a freshly initialised head.
 
     Args:
@@ -67,6 +68,9 @@ def load_base(name: str = "minilm", num_labels: int = 2, seed: int = 0, cls_only
         cls_only: in training, run the last layer for the [CLS] position only, the one the head
             reads (`peftkit.cls_only`): the same logits, gradients and random draws, about a
             seventh less work per step. Evaluation always runs the whole layer.
+        unpad: in training, run the encoder on the real tokens only, skipping the padding of each
+            batch (`peftkit.unpad`): the same logits, gradients and random draws; on randomly
+            batched movie snippets about half the tokens are padding. Evaluation is unchanged.
     """
     if name not in BASES:
         raise ValueError(f"unknown base {name!r}; choose one of {list(BASES)}.")
@@ -90,6 +94,9 @@ def load_base(name: str = "minilm", num_labels: int = 2, seed: int = 0, cls_only
     if cls_only:
         from .cls_only import use_cls_only_last_layer
         use_cls_only_last_layer(model)
+    if unpad:
+        from .unpad import use_unpadded_encoder
+        use_unpadded_encoder(model)
     return model, tokenizer
 
 

@@ -1,5 +1,5 @@
-"""The CLS-only last layer computes the same function as the full layer in training, with the
-same random draws, and stays out of the way everywhere else."""
+"""The CLS-only last layer and the padding-free encoder compute the same function as the plain
+padded model in training, with the same random draws, and stay out of the way everywhere else."""
 
 import copy
 import pickle
@@ -11,20 +11,27 @@ import torch.nn.functional as F
 import peftkit as pk
 from peftkit.cls_only import use_cls_only_last_layer
 from peftkit.dropout import use_fast_dropout
+from peftkit.unpad import use_unpadded_encoder
 
 TEXTS = ["a fine film , really", "awful", "it was ok i guess but far too long for me"]
 
 
-def _pair(method, impl="sdpa", fast=False):
-    """The same model twice: a plain one and one with the CLS-only last layer."""
-    plain, tok = pk.load_base("tiny", seed=0, cls_only=False)
+SWITCHES = {"cls_only": (use_cls_only_last_layer,), "unpad": (use_unpadded_encoder,),
+            "both": (use_cls_only_last_layer, use_unpadded_encoder)}
+
+
+def _pair(method, impl="sdpa", fast=False, switches=("cls_only",)):
+    """The same model twice: a plain one, and one with the CLS-only last layer and/or the
+    padding-free encoder."""
+    plain, tok = pk.load_base("tiny", seed=0, cls_only=False, unpad=False)
     plain.set_attn_implementation(impl)
     if method is not None:
         pk.apply(plain, method)
     if fast:
         use_fast_dropout(plain)
     fast_model = copy.deepcopy(plain)
-    assert use_cls_only_last_layer(fast_model)
+    for name in switches:
+        assert all(switch(fast_model) for switch in SWITCHES[name])
     return plain, fast_model, tok(TEXTS, padding=True, return_tensors="pt")
 
 
@@ -37,11 +44,12 @@ def _train_step_outputs(model, enc, seed=5):
     return logits.detach(), grads, torch.get_rng_state()
 
 
+@pytest.mark.parametrize("switch", list(SWITCHES))
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("method", [pk.FullFineTune(), pk.LoRA(r=4, alpha=8, dropout=0.1),
                                     pk.Adapter(reduction=4, placement="houlsby")], ids=["full", "lora", "adapter"])
-def test_same_logits_gradients_and_random_stream_with_dropout_on(method, impl):
-    plain, fast, enc = _pair(method, impl)
+def test_same_logits_gradients_and_random_stream_with_dropout_on(method, impl, switch):
+    plain, fast, enc = _pair(method, impl, switches=(switch,))
     assert enc["attention_mask"].min() == 0  # padded batch: the mask path is exercised
     o1, g1, rng1 = _train_step_outputs(plain, enc)
     o2, g2, rng2 = _train_step_outputs(fast, enc)
@@ -53,8 +61,9 @@ def test_same_logits_gradients_and_random_stream_with_dropout_on(method, impl):
     assert torch.equal(rng1, rng2)
 
 
-def test_fast_dropout_masks_are_drawn_at_full_shape_too():
-    plain, fast, enc = _pair(pk.LoRA(r=4, alpha=8, dropout=0.1), fast=True)
+@pytest.mark.parametrize("switch", list(SWITCHES))
+def test_fast_dropout_masks_are_drawn_at_full_shape_too(switch):
+    plain, fast, enc = _pair(pk.LoRA(r=4, alpha=8, dropout=0.1), fast=True, switches=(switch,))
     o1, g1, rng1 = _train_step_outputs(plain, enc)
     o2, g2, rng2 = _train_step_outputs(fast, enc)
     torch.testing.assert_close(o2, o1, atol=1e-6, rtol=1e-5)
@@ -89,20 +98,89 @@ def test_switch_is_idempotent_reversible_and_keeps_the_state_dict():
     use_cls_only_last_layer(model)
     clone = pickle.loads(pickle.dumps(model))  # the class is importable, so the model pickles
     assert type(clone.bert.encoder.layer[-1]).__name__ == "BertLayerClsOnly"
-    off, _ = pk.load_base("tiny", seed=0, cls_only=False)
+    off, _ = pk.load_base("tiny", seed=0, cls_only=False, unpad=False)
     assert type(off.bert.encoder.layer[-1]).__name__ == "BertLayer"
     assert use_cls_only_last_layer(pk.MLP()) is False  # not a BERT classifier: nothing changes
 
 
-def test_peft_wrapped_model_gets_the_same_function():
+@pytest.mark.parametrize("switch", list(SWITCHES))
+def test_peft_wrapped_model_gets_the_same_function(switch):
     peft = pytest.importorskip("peft")
-    plain, tok = pk.load_base("tiny", seed=0, cls_only=False)
+    plain, tok = pk.load_base("tiny", seed=0, cls_only=False, unpad=False)
     cfg = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.1)
     plain = peft.get_peft_model(plain, cfg)
     fast = copy.deepcopy(plain)
-    assert use_cls_only_last_layer(fast)
+    assert all(f(fast) for f in SWITCHES[switch])
     enc = tok(TEXTS, padding=True, return_tensors="pt")
     o1, g1, rng1 = _train_step_outputs(plain, enc)
     o2, g2, rng2 = _train_step_outputs(fast, enc)
     torch.testing.assert_close(o2, o1, atol=1e-6, rtol=1e-5)
     assert torch.equal(rng1, rng2)
+
+
+def _rows_seen(model, enc):
+    """The leading shape of every feed-forward input in one training forward."""
+    seen = []
+    hooks = [layer.intermediate.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[:-1])))
+             for layer in model.bert.encoder.layer]
+    model.train()
+    model(**enc)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_padding_free_encoder_runs_the_real_tokens_only():
+    plain, fast, enc = _pair(None, switches=("both",))
+    real = int(enc["attention_mask"].sum())
+    b, t = enc["attention_mask"].shape
+    assert real < b * t
+    assert _rows_seen(plain, enc) == [(b, t), (b, t)]
+    assert _rows_seen(fast, enc) == [(real,), (b, 1)]  # packed rows, then the CLS-only last layer
+    assert fast.bert(**enc).last_hidden_state.shape == (b, 1, 32)
+    use_cls_only_last_layer(fast, False)
+    assert _rows_seen(fast, enc) == [(real,), (real,)]
+    out = fast.bert(**enc).last_hidden_state  # unpacked: real rows as the padded model, pads 0
+    plain.train()
+    torch.manual_seed(0)
+    ref = plain.bert(**enc).last_hidden_state
+    torch.manual_seed(0)
+    out = fast.bert(**enc).last_hidden_state
+    keep = enc["attention_mask"].bool()
+    torch.testing.assert_close(out[keep], ref[keep], atol=1e-6, rtol=1e-5)
+    assert torch.all(out[~keep] == 0)
+
+
+def test_padding_free_encoder_falls_back_where_it_must():
+    plain, fast, enc = _pair(None, switches=("unpad",))
+    b, t = enc["attention_mask"].shape
+    full = [(b, t), (b, t)]
+    fast.eval()
+    with torch.no_grad():
+        h1, h2 = plain.eval().bert(**enc).last_hidden_state, fast.bert(**enc).last_hidden_state
+    assert torch.equal(h1, h2)  # eval: the padded encoder, bit for bit
+    # No padding, left padding, hidden states asked for, a hook on a layer: the padded encoder.
+    same = {k: v[2:] for k, v in enc.items()}
+    assert _rows_seen(fast, same) == [(1, t), (1, t)]
+    left = {"input_ids": enc["input_ids"].flip(1), "attention_mask": enc["attention_mask"].flip(1)}
+    assert _rows_seen(fast, left) == full
+    fast.train()
+    assert len(fast.bert(**enc, output_hidden_states=True).hidden_states) == 3  # leaves its hooks
+    assert _rows_seen(fast, enc)[0] == (int(enc["attention_mask"].sum()),)  # which do not count
+    hook = fast.bert.encoder.layer[0].register_forward_hook(lambda *a: None)
+    assert _rows_seen(fast, enc) == full
+    hook.remove()
+    assert _rows_seen(fast, enc)[0] == (int(enc["attention_mask"].sum()),)
+
+
+def test_padding_free_switch_is_idempotent_reversible_and_pickles():
+    model, _ = pk.load_base("tiny", seed=0)  # on by default
+    encoder, keys = model.bert.encoder, list(model.state_dict())
+    assert type(encoder).__name__ == "BertEncoderUnpadded"
+    assert use_unpadded_encoder(model) and type(encoder).__name__ == "BertEncoderUnpadded"
+    assert use_unpadded_encoder(model, False) is False and type(encoder).__name__ == "BertEncoder"
+    assert list(model.state_dict()) == keys
+    use_unpadded_encoder(model)
+    clone = pickle.loads(pickle.dumps(model))
+    assert type(clone.bert.encoder).__name__ == "BertEncoderUnpadded"
+    assert use_unpadded_encoder(pk.MLP()) is False
