@@ -38,6 +38,16 @@ def _collector_wants_outputs() -> bool:
     return bool(collected) and ("hidden_states" in collected or "attentions" in collected)
 
 
+def _noise(mod: nn.Module, run, like: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """The scaled mask, mask / (1 - p), that dropout `mod` would draw for an input of `shape`.
+    torch's CPU dropout draws it as bernoulli_(1 - p) then div_(1 - p), and that is done here
+    directly; any other dropout (FastDropout; CUDA's fused kernel) is run on ones, which gives
+    its scaled mask bit for bit."""
+    if type(mod) is nn.Dropout and like.device.type == "cpu" and mod.p < 1:
+        return like.new_empty(shape).bernoulli_(1 - mod.p).div_(1 - mod.p)
+    return run(like.new_ones(shape))
+
+
 @contextlib.contextmanager
 def _full_shape_masks(layer: nn.Module, tokens: int, rows: torch.Tensor | None = None, batch: int = 0):
     """While active, a dropout in `layer` draws its mask for the shape the padded whole layer
@@ -53,14 +63,12 @@ def _full_shape_masks(layer: nn.Module, tokens: int, rows: torch.Tensor | None =
             def forward(x, run=run, mod=mod):
                 if mod.p == 0 or not mod.training or x.dim() < 2:
                     return run(x)
-                # ones * (mask / (1 - p)) is the mask scaled, bit for bit; x times the rows it
-                # covers is what the padded layer computes there, and the gradient is the same mask.
+                # x times the rows of the scaled mask it covers is what the padded layer computes
+                # there, and the gradient is the same mask.
                 if rows is not None and x.dim() == 2 and x.shape[0] == rows.numel():
-                    flat = run(x.new_ones((batch * tokens,) + tuple(x.shape[1:])))
-                    return x * flat.index_select(0, rows)
+                    return x * _noise(mod, run, x, (batch * tokens,) + tuple(x.shape[1:])).index_select(0, rows)
                 if x.dim() > 2 and x.shape[1] == 1:
-                    noise = run(x.new_ones((x.shape[0], tokens) + tuple(x.shape[2:])))
-                    return x * noise[:, :1]
+                    return x * _noise(mod, run, x, (x.shape[0], tokens) + tuple(x.shape[2:]))[:, :1]
                 return run(x)
             mod.forward = forward
             patched.append(mod)
