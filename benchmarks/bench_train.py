@@ -12,6 +12,7 @@ the median seconds per step (forward, backward, optimizer step).
     python benchmarks/bench_train.py --quick         # a smoke run on the tiny model
     python benchmarks/bench_train.py --bf16          # every method under CPU bf16 autocast
     python benchmarks/bench_train.py --fast-dropout  # every method with peftkit's FastDropout
+    python benchmarks/bench_train.py --pool a.csv b.csv  # paired ratios over several runs' rounds
 Every model comes from `load_base`, so every method (PEFT's LoRA too) runs the CLS-only last
 layer and the padding-free encoder in training (`peftkit.cls_only`, `peftkit.unpad`); name a
 method with ':whole' (`--methods full,full:whole`) to time it with the whole last layer, with
@@ -201,6 +202,24 @@ def paired_ratios(df, reference: str = "full", n_boot: int = 2000, seed: int = 0
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+def pool(paths: list) -> "pd.DataFrame":
+    """Paired ratios over the rounds of several result files taken together: each file's rounds
+    stay paired with that file's own full fine-tune. Only methods with the same settings can be
+    pooled, so files whose precision, dropout, attention dropout, batch or base differ are refused."""
+    import pandas as pd
+    frames = []
+    for i, path in enumerate(paths):
+        df = pd.read_csv(path)
+        df["round"] = [(i, r) for r in df["round"]]
+        frames.append(df)
+    df = pd.concat(frames, ignore_index=True)
+    settings = ["precision", "dropout", "attention_dropout", "batch_size", "base", "threads"]
+    differing = [c for c in settings if c in df and df[c].astype(str).nunique() > 1]
+    if differing:
+        raise ValueError(f"these files were measured under different {differing}; pool only like with like.")
+    return paired_ratios(df)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     available = [n for n in METHODS if not n.startswith("adapterhub") or PEERS_PY.exists()]
@@ -225,8 +244,19 @@ def main(argv=None) -> int:
                     "by the options; a quick run writes to the temp folder)")
     ap.add_argument("--alternate", action="store_true",
                     help="step the methods in turn inside one process instead (times only; not adapterhub)")
+    ap.add_argument("--pool", nargs="+", metavar="CSV",
+                    help="measure nothing: print each method's paired ratio to the full fine-tune over the "
+                    "rounds of these result files together")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.pool:
+        try:
+            out = pool(a.pool)
+        except (OSError, ValueError) as e:
+            ap.error(str(e))
+        print(f"paired ratios to the full fine-tune over {len(a.pool)} files:\n")
+        print(out.round(3).to_markdown())
+        return 0
     if a.quick:
         a.base, a.rounds, a.steps, a.warmup = "tiny", 1, 3, 1
     if a.out is None:  # a smoke run never overwrites the recorded results

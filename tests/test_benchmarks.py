@@ -64,3 +64,24 @@ def test_paired_ratios_pair_each_round_with_its_own_reference():
     rows[1]["sec_per_step"], rows[3]["sec_per_step"] = 1.4, 1.4  # round 0 ratio 0.6 -> 1.4, round 1 -> 0.7
     lo, hi = map(float, paired_ratios(pd.DataFrame(rows)).loc["lora", "ci90"].split("-"))
     assert lo <= 0.6 < hi
+
+
+def test_pool_keeps_each_files_rounds_paired_and_refuses_unlike_settings(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_train import main, pool
+    # Two files both number their rounds from 0; pooled, the rounds must not pair across files.
+    for name, slow, ratio in (("a.csv", 1.0, 0.6), ("b.csv", 3.0, 0.7)):
+        rows = [{"method": m, "round": r, "sec_per_step": slow * (r + 1) * (1.0 if m == "full" else ratio),
+                 "precision": "fp32"} for r in range(3) for m in ("full", "lora")]
+        pd.DataFrame(rows).to_csv(tmp_path / name, index=False)
+    out = pool([tmp_path / "a.csv", tmp_path / "b.csv"])
+    assert out.loc["lora", "rounds"] == 6
+    assert 0.6 <= out.loc["lora", "median"] <= 0.7  # 0.6 three times, 0.7 three times
+    lo, hi = map(float, out.loc["lora", "ci90"].split("-"))
+    assert lo == pytest.approx(0.6) and hi == pytest.approx(0.7)
+    pd.read_csv(tmp_path / "b.csv").assign(precision="bf16 autocast").to_csv(tmp_path / "c.csv", index=False)
+    with pytest.raises(ValueError, match="precision"):
+        pool([tmp_path / "a.csv", tmp_path / "c.csv"])
+    with pytest.raises(SystemExit) as e:  # the CLI: a one-line error, exit code 2
+        main(["--pool", str(tmp_path / "a.csv"), str(tmp_path / "missing.csv")])
+    assert e.value.code == 2
