@@ -136,3 +136,18 @@ def make_loaders(tokenizer, splits: dict, batch_size: int = 32, max_length: int 
                                     by_length=eval_by_length and not train)
         loaders[name] = DataLoader(ds, batch_sampler=sampler, collate_fn=PadCollator(ds.pad_id))
     return loaders
+
+
+def padding_stats(loader) -> "pd.Series":
+    """How much of a loader's batches is padding: batches, real tokens, padded tokens (batch x
+    longest) and the padding share. In training, `load_base`'s padding-free encoder
+    (`peftkit.unpad`) skips exactly that share of the projection and feed-forward work."""
+    import pandas as pd
+    batches = real = padded = 0
+    for batch in loader:
+        mask = batch["attention_mask"]
+        batches, real, padded = batches + 1, real + int(mask.sum()), padded + mask.numel()
+    if batches == 0:
+        raise ValueError("the loader gave no batches; check its split and batch size.")
+    return pd.Series({"batches": batches, "real_tokens": real, "padded_tokens": padded,
+                      "padding_share": round(1 - real / padded, 3)}, dtype=object)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from peftkit import data
-from peftkit.loaders import EpochBatchSampler, make_loaders
+from peftkit.loaders import EpochBatchSampler, make_loaders, padding_stats
 from peftkit.models import load_tokenizer
 
 # rows in each file, rating-0 rows dropped, share positive among the rest (from the files)
@@ -86,14 +86,19 @@ def test_loaders_pad_to_the_longest_in_each_batch():
         assert batch["labels"].dtype == torch.long
 
 
-def test_bucketing_pads_less():
+def test_bucketing_pads_less_and_padding_stats_count_it():
     splits = data.split(data.load_corpus("movies").sample(800, random_state=0))
     tok = load_tokenizer()
-
-    def padding(bucket):
-        loader = make_loaders(tok, splits, batch_size=16, bucket=bucket)["train"]
-        return sum(int((b["attention_mask"] == 0).sum()) for b in loader)
-    assert padding(True) < 0.5 * padding(False)
+    random_order, bucketed = (padding_stats(make_loaders(tok, splits, batch_size=16, bucket=b)["train"])
+                              for b in (False, True))
+    assert bucketed.padding_share < 0.5 * random_order.padding_share
+    # Same examples either way: the real tokens agree, only the padding differs.
+    assert random_order.real_tokens == bucketed.real_tokens == sum(
+        len(ids) for ids in tok(list(splits["train"].text), truncation=True, max_length=128)["input_ids"])
+    assert random_order.batches == bucketed.batches == 40  # 640 training snippets / 16
+    assert random_order.padding_share == round(1 - random_order.real_tokens / random_order.padded_tokens, 3)
+    with pytest.raises(ValueError, match="no batches"):
+        padding_stats([])
 
 
 def test_evaluation_goes_shortest_first_and_pads_less_with_the_same_metrics():
