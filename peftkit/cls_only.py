@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_CLASSES: dict = {}  # BertLayer subclass -> its CLS-only subclass
+_SUBCLASSES: dict = {}  # (plain class, flag) -> its training-forward subclass
 
 
 def _collector_wants_outputs() -> bool:
@@ -115,13 +115,24 @@ def _forward(self, hidden_states, attention_mask=None, encoder_hidden_states=Non
         return self.feed_forward_chunk(self.attention.output(ctx, cls))
 
 
-def _cls_class(base: type) -> type:
-    if base not in _CLASSES:
-        name = base.__name__ + "ClsOnly"
-        cls = type(name, (base,), {"forward": _forward, "__module__": __name__, "cls_only": True})
-        setattr(sys.modules[__name__], name, cls)  # importable by name, so the model still pickles
-        _CLASSES[base] = cls
-    return _CLASSES[base]
+def switch_class(module: nn.Module, flag: str, suffix: str, forward, home: str, enabled: bool) -> bool:
+    """Give `module` a subclass of its plain class whose forward is `forward`, marked by the class
+    attribute `flag`, or with enabled=False its plain class back; switching twice is one switch.
+    The subclass is named plain name + `suffix` and set on module `home`, so pickle finds it and the
+    model still pickles; the state dict is untouched. Returns whether it is on now: False, changing
+    nothing, under a transformers without output capture (4.x), where the training forwards could
+    not tell whether hidden states are wanted."""
+    try:
+        _collector_wants_outputs()
+    except ImportError:
+        return False
+    base = type(module).__mro__[1] if getattr(module, flag, False) else type(module)
+    if enabled and (base, flag) not in _SUBCLASSES:
+        cls = type(base.__name__ + suffix, (base,), {"forward": forward, "__module__": home, flag: True})
+        setattr(sys.modules[home], cls.__name__, cls)
+        _SUBCLASSES[base, flag] = cls
+    module.__class__ = _SUBCLASSES[base, flag] if enabled else base
+    return enabled
 
 
 def _last_bert_layer(model: nn.Module):
@@ -139,11 +150,4 @@ def use_cls_only_last_layer(model: nn.Module, enabled: bool = True) -> bool:
     layers, i = _last_bert_layer(model)
     if layers is None:
         return False
-    try:
-        _collector_wants_outputs()
-    except ImportError:  # transformers 4.x: no way to tell whether hidden states are wanted
-        return False
-    layer = layers[i]
-    base = layer.__class__.__mro__[1] if getattr(layer, "cls_only", False) else layer.__class__
-    layer.__class__ = _cls_class(base) if enabled else base
-    return enabled
+    return switch_class(layers[i], "cls_only", "ClsOnly", _forward, __name__, enabled)

@@ -24,14 +24,10 @@ encoder's `last_hidden_state` is 0 at pad positions.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
 
-from .cls_only import _cls_attention, _collector_wants_outputs, _full_shape_masks
-
-_CLASSES: dict = {}  # BertEncoder subclass -> its padding-free subclass
+from .cls_only import _cls_attention, _collector_wants_outputs, _full_shape_masks, switch_class
 
 
 def _real_tokens(mask) -> torch.Tensor | None:
@@ -112,15 +108,6 @@ def _forward(self, hidden_states, attention_mask=None, encoder_hidden_states=Non
     return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=x)
 
 
-def _unpadded_class(base: type) -> type:
-    if base not in _CLASSES:
-        name = base.__name__ + "Unpadded"
-        cls = type(name, (base,), {"forward": _forward, "__module__": __name__, "unpadded": True})
-        setattr(sys.modules[__name__], name, cls)  # importable by name, so the model still pickles
-        _CLASSES[base] = cls
-    return _CLASSES[base]
-
-
 def _bert_encoder(model: nn.Module):
     from transformers import BertForSequenceClassification
     for m in model.modules():
@@ -136,10 +123,4 @@ def use_unpadded_encoder(model: nn.Module, enabled: bool = True) -> bool:
     encoder = _bert_encoder(model)
     if encoder is None:
         return False
-    try:
-        _collector_wants_outputs()
-    except ImportError:
-        return False
-    base = encoder.__class__.__mro__[1] if getattr(encoder, "unpadded", False) else encoder.__class__
-    encoder.__class__ = _unpadded_class(base) if enabled else base
-    return enabled
+    return switch_class(encoder, "unpadded", "Unpadded", _forward, __name__, enabled)
