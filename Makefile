@@ -30,6 +30,7 @@ chromium:
 	@test -x /usr/bin/chromium || (command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || echo "apt-get unavailable: the browser test will skip")
 
 test: $(STAMP) data chromium
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 	PEFTKIT_QUICK=1 $(PY) -m pytest -q -p no:cacheprovider --nbval-lax notebooks/
 

@@ -43,9 +43,9 @@ def main(argv=None) -> int:
     import torch
 
     import peftkit as pk
-    from peftkit import compress_eval as E
-    from peftkit.experiments import trained_model
-    from peftkit.train import TrainConfig
+    from peftkit.studies import compression_study as E
+    from peftkit.studies.experiments import trained_model
+    from peftkit.training.loop import TrainConfig
 
     torch.set_num_threads(args.threads)
     base, n_train, n_eval = ("tiny", 64, 60) if args.quick else ("minilm", None, None)

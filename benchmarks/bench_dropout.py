@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def measure(shapes, repeats: int, p: float = 0.1, seed: int = 0) -> list[dict]:
-    from peftkit.dropout import FastDropout
+    from peftkit.layers.dropout import FastDropout
     rng = random.Random(seed)
     rows = []
     for shape in shapes:

@@ -146,7 +146,7 @@ def _randomise_lora(*params: torch.Tensor) -> None:
 
 
 def make_peftkit(base: nn.Linear, dropout: float = 0.0):
-    from peftkit.lora import LoRALinear
+    from peftkit.layers.lora import LoRALinear
 
     layer = LoRALinear(copy.deepcopy(base), r=R, alpha=ALPHA, dropout=dropout)
     _randomise_lora(layer.lora_B)

@@ -1,7 +1,7 @@
 """Serving: how long a hot swap between two adapters takes, and what four adapters add to memory.
 
 Each round is a fresh Python process (so its resident memory is its own) that
-  1. loads the base in a `peftkit.serve.Deployer`, pages every weight in, and reads its resident set (RSS);
+  1. loads the base in a `peftkit.serving.deployer.Deployer`, pages every weight in, and reads its resident set (RSS);
   2. registers four LoRA adapters (q, v, r=8) and makes each live once, then reads RSS again;
   3. times `activate` alternating between two adapters (every call a real switch), unmerged and
      with merged=True (which also subtracts the old update from W and adds the new one);
@@ -66,9 +66,10 @@ def worker(base: str, loras: list[str], pfeiffer: str | None, repeats: int, thre
     import numpy as np
     import torch
 
-    import peftkit.experiments  # noqa: F401  (imported by register; not adapter memory)
-    from peftkit.serve import Deployer
-    from peftkit.serve_eval import current_rss_mib, swap_times
+    import peftkit.studies.experiments  # noqa: F401  (imported by register; not adapter memory)
+    from peftkit.serving.deployer import Deployer
+    from peftkit.runtime import current_rss_mib
+    from peftkit.studies.serving_study import swap_times
     torch.set_num_threads(threads)
     batch_texts = texts(batch)
     gc.collect()

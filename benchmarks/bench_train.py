@@ -14,11 +14,11 @@ the median seconds per step (forward, backward, optimizer step).
     python benchmarks/bench_train.py --fast-dropout  # every method with peftkit's FastDropout
     python benchmarks/bench_train.py --pool a.csv b.csv  # paired ratios over several runs' rounds
 Every model comes from `load_base`, so every method (PEFT's LoRA too) runs the CLS-only last
-layer and the padding-free encoder in training (`peftkit.cls_only`, `peftkit.unpad`); name a
+layer and the padding-free encoder in training (`peftkit.bases.fast_bert`, `peftkit.bases.fast_bert`); name a
 method with ':whole' (`--methods full,full:whole`) to time it with the whole last layer, with
 ':padded' to time it on the padded batch, or both ('full:padded:whole', the plain transformers
 model), in the same run. AdapterHub's transformers 4.57 always runs the padded, whole layer. Every method gets the same dropout: torch's, as `fit` trains by default, or with --fast-dropout
-peftkit.dropout.FastDropout, as TrainConfig(fast_dropout=True). Writes benchmarks/results/train.csv, its name
+peftkit.layers.dropout.FastDropout, as TrainConfig(fast_dropout=True). Writes benchmarks/results/train.csv, its name
 marked by the options (train_attn0.csv, train_bf16_attn0.csv, train_attn0_fast_dropout.csv,
 ...), and prints a ratio table against the full
 fine-tune.
@@ -112,15 +112,15 @@ def worker(name: str, base: str, steps: int, warmup: int, threads: int, batch_si
     import torch
 
     from peftkit import data
-    from peftkit.loaders import make_loaders
+    from peftkit.data.loaders import make_loaders
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, tok = build(name, base)
     if attention_dropout is not None:
-        from peftkit.models import set_attention_dropout
+        from peftkit.bases.models import set_attention_dropout
         set_attention_dropout(model, attention_dropout)
     if fast_dropout:
-        from peftkit.dropout import use_fast_dropout
+        from peftkit.layers.dropout import use_fast_dropout
         use_fast_dropout(model)
     splits = data.split(data.load_corpus("movies"), seed=0)
     loader = make_loaders(tok, {"train": splits["train"]}, batch_size=batch_size, seed=0)["train"]
@@ -153,9 +153,9 @@ def alternate(names: list, base: str, steps: int, warmup: int, threads: int, bat
     import torch
 
     from peftkit import data
-    from peftkit.loaders import make_loaders
-    from peftkit.dropout import use_fast_dropout
-    from peftkit.models import set_attention_dropout
+    from peftkit.data.loaders import make_loaders
+    from peftkit.layers.dropout import use_fast_dropout
+    from peftkit.bases.models import set_attention_dropout
     torch.set_num_threads(threads)
     models = {}
     for name in names:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def check_numerics(dev) -> dict:
-    from peftkit.lora import LoRALinear
+    from peftkit.layers.lora import LoRALinear
     torch.backends.cuda.matmul.allow_tf32 = False
     out = {}
     for shape in [(4, 7, 64), (2048, 384)]:
@@ -55,7 +55,7 @@ def check_numerics(dev) -> dict:
 
 def check_fit(dev) -> dict:
     import peftkit as pk
-    from peftkit.train import TrainConfig, fit, resolve_device
+    from peftkit.training.loop import TrainConfig, fit, resolve_device
     from transformers import BertConfig, BertForSequenceClassification
     assert resolve_device("auto").type == "cuda"
     torch.manual_seed(0)
@@ -77,7 +77,7 @@ def check_fit(dev) -> dict:
 
 def time_layers(dev, repeats=50) -> dict:
     import peft
-    from peftkit.lora import LoRALinear
+    from peftkit.layers.lora import LoRALinear
     torch.backends.cuda.matmul.allow_tf32 = True
     res = {}
     for n in (1024, 4096):

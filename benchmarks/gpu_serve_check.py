@@ -40,8 +40,8 @@ def main() -> int:
     ap.add_argument("--out")
     a = ap.parse_args()
     import peftkit as pk
-    from peftkit.serve import Deployer
-    from peftkit.serve_eval import swap_times
+    from peftkit.serving.deployer import Deployer
+    from peftkit.studies.serving_study import swap_times
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     if not torch.cuda.is_available():

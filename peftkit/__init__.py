@@ -1,22 +1,39 @@
-"""peftkit: LoRA and bottleneck Adapters, correct by construction and measured side by side."""
+"""peftkit: LoRA and bottleneck Adapters, correct by construction and measured side by side.
 
-__version__ = "0.1.0"
+The package is folders by layer; each imports only the layers listed below it (checked by
+import-linter, `make test`):
 
-from .adapters import AdapterLinear, BottleneckAdapter  # noqa: E402
-from .dropout import FastDropout, use_fast_dropout  # noqa: E402
-from .io import AdapterFileError, load_adapter, save_adapter  # noqa: E402
-from .interop import export_peft, import_peft  # noqa: E402
-from .lora import LoRALinear, MergeError  # noqa: E402
-from .methods import METHODS, Adapter, FullFineTune, HeadOnly, Hybrid, LoRA, Method  # noqa: E402
-from .models import MLP, ModelWithAdapters, ModelWithLoRA, load_base  # noqa: E402
-from .monitor import Monitor  # noqa: E402
-from .serve import Deployer  # noqa: E402
-from .surgery import apply, merge, report, trainable_fraction, unload, unmerge  # noqa: E402
-from .targets import TargetError  # noqa: E402
+    notebook/   figures, widgets, the notebook runner
+    studies/    experiments, tuning, selection, the article, compression and serving studies
+    serving/    Deployer, its store, Monitor          compress/   int8, k-bit, pruning
+    training/   fit, checkpoints, evaluate            files/      adapter files, PEFT format
+    bases/      load_base, the fast BERT forward      data/       corpus, loaders
+    core/       method specs and registry, targets, surgery
+    layers/     LoRALinear, adapters, FastDropout, the naming contract
+    runtime.py  device, threads, versions, memory     _version.py
+
+`import peftkit as pk` gives the names of the README's tour.
+"""
+
+from ._version import __version__
+from .bases.models import MLP, ModelWithAdapters, ModelWithLoRA, load_base
+from .core.methods import METHODS, Adapter, FullFineTune, HeadOnly, Hybrid, LoRA, Method, register
+from .core.surgery import apply, merge, report, trainable_fraction, unload, unmerge
+from .core.targets import TargetError
+from .files.adapter_file import AdapterFileError, load_adapter, save_adapter
+from .files.peft_format import export_peft, import_peft
+from .layers.adapters import AdapterLinear, BottleneckAdapter
+from .layers.dropout import FastDropout, use_fast_dropout
+from .layers.lora import LoRALinear, MergeError
+from .serving.deployer import Deployer
+from .serving.monitor import Monitor
+from .studies import article
+from .studies.experiments import compare
 
 __all__ = [
-    "Adapter", "AdapterFileError", "AdapterLinear", "BottleneckAdapter", "Deployer", "FastDropout", "FullFineTune", "HeadOnly",
-    "Hybrid", "LoRA", "LoRALinear", "METHODS", "MLP", "MergeError", "Method", "ModelWithAdapters",
-    "ModelWithLoRA", "Monitor", "TargetError", "apply", "export_peft", "import_peft", "load_adapter", "load_base",
-    "merge", "report", "save_adapter", "trainable_fraction", "unload", "unmerge", "use_fast_dropout",
+    "Adapter", "AdapterFileError", "AdapterLinear", "BottleneckAdapter", "Deployer", "FastDropout", "FullFineTune",
+    "HeadOnly", "Hybrid", "LoRA", "LoRALinear", "METHODS", "MLP", "MergeError", "Method", "ModelWithAdapters",
+    "ModelWithLoRA", "Monitor", "TargetError", "__version__", "apply", "article", "compare", "export_peft",
+    "import_peft", "load_adapter", "load_base", "merge", "register", "report", "save_adapter",
+    "trainable_fraction", "unload", "unmerge", "use_fast_dropout",
 ]

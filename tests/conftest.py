@@ -1,6 +1,7 @@
 """Shared fixtures: the method matrix and the models it runs on."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -8,29 +9,45 @@ import torch
 torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation (and thrashes on a busy machine)
 
 import peftkit as pk
+from peftkit.core.surgery import adapter_layers, lora_layers
 
 MODELS = ("mlp", "tiny")
 
 
+SMALL = {"r": 4, "alpha": 8, "size": 8}  # small settings, for fields a method has
+MLP_TARGETS = ("fc1", "fc2")  # the MLP has no BERT names, so methods with targets get these
+
+
+def _small(cls, settings: dict, base: str):
+    """`cls` with the matrix's small settings, the variant's `settings`, and MLP targets."""
+    if cls is pk.Hybrid:
+        return pk.Hybrid(lora=_small(pk.LoRA, {}, base), adapter=_small(pk.Adapter, {"placement": "pfeiffer"}, base))
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in SMALL.items() if k in fields} | settings
+    if base == "mlp" and "targets" in fields:
+        kwargs["targets"] = MLP_TARGETS
+    return cls(**kwargs)
+
+
+def method_keys() -> tuple[str, ...]:
+    """Every registered method, each with every variant it declares: "lora", "lora:rslora", ..."""
+    return tuple(name + (f":{v}" if v else "") for name, cls in pk.METHODS.items() for v in cls.variants)
+
+
 def make_method(key: str, base: str) -> pk.Method:
-    """The method matrix. The MLP has no BERT names, so it gets explicit targets."""
-    mlp = base == "mlp"
-    lora_t = ("fc1", "fc2") if mlp else ("query", "value")
-    ad_t = ("fc2",) if mlp else None
-    return {
-        "lora": pk.LoRA(r=4, alpha=8, targets=lora_t),
-        "lora_rslora": pk.LoRA(r=4, alpha=8, targets=lora_t, rslora=True),
-        "adapter_pfeiffer": pk.Adapter(size=8, placement="pfeiffer", targets=ad_t),
-        "adapter_houlsby": pk.Adapter(size=8, placement="houlsby", targets=("fc1", "fc2") if mlp else None),
-        "adapter_deep": pk.Adapter(size=8, variant="deep", layernorm=True, targets=ad_t),
-        "hybrid": pk.Hybrid(lora=pk.LoRA(r=4, alpha=8, targets=lora_t), adapter=pk.Adapter(size=8, targets=ad_t)),
-        "full": pk.FullFineTune(),
-        "head_only": pk.HeadOnly(),
-    }[key]
+    """The method matrix, read from the registry (`pk.METHODS` and each class's `variants`)."""
+    name, _, variant = key.partition(":")
+    cls = pk.METHODS[name]
+    return _small(cls, cls.variants[variant], base)
 
 
-METHOD_KEYS = ("lora", "lora_rslora", "adapter_pfeiffer", "adapter_houlsby", "adapter_deep",
-               "hybrid", "full", "head_only")
+METHOD_KEYS = method_keys()
+
+
+def adds(key: str, kind: str) -> bool:
+    """Whether the method of `key` adds LoRA ("lora") or adapter ("adapter") layers to a model."""
+    model = pk.apply(fresh("tiny"), make_method(key, "tiny"))
+    return bool((lora_layers if kind == "lora" else adapter_layers)(model))
 
 
 def make_inputs(base: str, seed: int = 0, batch: int = 4):

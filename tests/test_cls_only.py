@@ -3,15 +3,16 @@ padded model in training, with the same random draws, and stay out of the way ev
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import peftkit as pk
-from peftkit.cls_only import use_cls_only_last_layer
-from peftkit.dropout import use_fast_dropout
-from peftkit.unpad import use_unpadded_encoder
+from peftkit.bases import fast_bert
+from peftkit.bases.fast_bert import use_cls_only_last_layer, use_unpadded_encoder
+from peftkit.layers.dropout import use_fast_dropout
 
 TEXTS = ["a fine film , really", "awful", "it was ok i guess but far too long for me"]
 
@@ -184,3 +185,39 @@ def test_padding_free_switch_is_idempotent_reversible_and_pickles():
     clone = pickle.loads(pickle.dumps(model))
     assert type(clone.bert.encoder).__name__ == "BertEncoderUnpadded"
     assert use_unpadded_encoder(pk.MLP()) is False
+
+
+# --- robustness: the transformers internals the fast forward relies on ------------------------
+
+def test_the_fast_forward_is_on_with_the_pinned_transformers():
+    """Fails if the fallback is taken on the transformers version pyproject.toml pins."""
+    assert fast_bert.FAST_FORWARD_MISSING is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model, _ = pk.load_base("tiny")
+    assert model.bert.encoder.unpadded and model.bert.encoder.layer[-1].cls_only
+
+
+@pytest.mark.parametrize("how", ["missing import", "missing layer part"])
+def test_a_missing_internal_warns_once_and_falls_back(how, monkeypatch):
+    monkeypatch.setattr(fast_bert, "_warned", [])
+    if how == "missing import":
+        monkeypatch.setattr(fast_bert, "BertForSequenceClassification", None)
+        monkeypatch.setattr(fast_bert, "FAST_FORWARD_MISSING", "ImportError: cannot import name '_active_collector'")
+    else:
+        monkeypatch.setattr(fast_bert, "_LAYER_PARTS", fast_bert._LAYER_PARTS + ("attention.self.rotary",))
+    with pytest.warns(RuntimeWarning, match="fast BERT training forward is off") as caught:
+        model, tok = pk.load_base("tiny")
+    assert len([w for w in caught if "fast BERT" in str(w.message)]) == 1  # once, not per switch
+    assert not getattr(model.bert.encoder, "unpadded", False)
+    assert not getattr(model.bert.encoder.layer[-1], "cls_only", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert use_unpadded_encoder(model) is False  # asked again: no second warning
+    plain, _ = pk.load_base("tiny", cls_only=False, unpad=False)
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    model.train(), plain.train()
+    torch.manual_seed(0)
+    a = model(**enc).logits
+    torch.manual_seed(0)
+    assert torch.equal(a, plain(**enc).logits)  # the plain forward, untouched

@@ -8,7 +8,7 @@ from torch import nn
 
 import peftkit as pk
 from peftkit import compress as C
-from peftkit.surgery import lora_layers
+from peftkit.core.surgery import lora_layers
 from conftest import fresh, logits, make_inputs, perturb
 
 
@@ -42,7 +42,7 @@ def test_int8_merges_lora_and_stays_close(backend):
     kinds = {type(m).__name__ for m in q.modules()}
     assert not lora_layers(q) and "LoRALinear" not in kinds
     assert ("DynamicQuantizedLinear" if backend == "ao" else "Int8Linear") in kinds or \
-        any(C._is_int8_module(m) for m in q.modules())
+        any(C.is_int8_module(m) for m in q.modules())
     assert type(q.classifier) is nn.Linear  # the head stays fp32
     with torch.no_grad():
         ref, out = logits(model, x), logits(q, x)
@@ -283,7 +283,7 @@ def test_the_three_orders_on_a_model():
 
 def test_int8_per_tensor_is_available_for_comparison():
     q = C.quantize_int8(fresh("tiny"), per_channel=False, backend="ao")
-    assert any(C._is_int8_module(m) for m in q.modules())
+    assert any(C.is_int8_module(m) for m in q.modules())
     with pytest.raises(ValueError, match="per channel only"):
         C.quantize_int8(fresh("tiny"), per_channel=False, backend="int_mm")
 
@@ -297,7 +297,7 @@ def test_smoothing_changes_nothing_in_float_and_moves_the_range():
     x = make_inputs("tiny", seed=9)
     sm = C.smooth(model, _calibration())
     wrapped = [m for m in sm.modules() if isinstance(m, C.Smoothed)]
-    assert len(wrapped) == len(C.linear_layers(C._merged_plain(model, False)))
+    assert len(wrapped) == len(C.linear_layers(C.merged_plain(model, False)))
     with torch.no_grad():
         assert torch.allclose(logits(sm, x), logits(model, x), atol=1e-5)
     with pytest.raises(ValueError, match="alpha"):
@@ -309,7 +309,7 @@ def test_smoothing_changes_nothing_in_float_and_moves_the_range():
 def test_int8_with_calibration_round_trips_through_a_file(tmp_path):
     model = lora_model()
     q = C.quantize_int8(model, calibration=_calibration(), backend="ao")
-    assert any(isinstance(m, C.Smoothed) for m in q.modules()) and any(C._is_int8_module(m) for m in q.modules())
+    assert any(isinstance(m, C.Smoothed) for m in q.modules()) and any(C.is_int8_module(m) for m in q.modules())
     x = make_inputs("tiny", batch=8)
     with torch.no_grad():
         ref = logits(model, x)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from peftkit import data
-from peftkit.loaders import EpochBatchSampler, make_loaders, padding_stats
-from peftkit.models import load_tokenizer
+from peftkit.data.loaders import EpochBatchSampler, make_loaders, padding_stats
+from peftkit.bases.models import load_tokenizer
 
 # rows in each file, rating-0 rows dropped, share positive among the rest (from the files)
 EXPECTED = {"movies": (10605, 37, 0.4960), "amazon": (3708, 98, 0.5895),
@@ -102,8 +102,8 @@ def test_bucketing_pads_less_and_padding_stats_count_it():
 
 
 def test_evaluation_goes_shortest_first_and_pads_less_with_the_same_metrics():
-    from peftkit.metrics import evaluate
-    from peftkit.models import load_base
+    from peftkit.training.metrics import evaluate
+    from peftkit.bases.models import load_base
     splits = data.split(data.load_corpus("movies").sample(400, random_state=0))
     model, tok = load_base("tiny", seed=0)
     by_len, as_is = (make_loaders(tok, splits, batch_size=16, eval_batch_size=8, eval_by_length=e)["test"]

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import peftkit as pk
-from peftkit.dropout import FastDropout, _threshold, fast_dropout, use_fast_dropout
-from peftkit.train import TrainConfig, fit
+from peftkit.layers.dropout import FastDropout, _threshold, fast_dropout, use_fast_dropout
+from peftkit.training.loop import TrainConfig, fit
 
 
 def test_drop_rate_and_expectation_match_p():
@@ -97,7 +97,7 @@ def test_swap_keeps_the_model_and_its_predictions():
 
 
 def test_fit_uses_it_when_asked_and_keys_it_only_then():
-    from peftkit.experiments import config_key, make_spec
+    from peftkit.studies.experiments import config_key, make_spec
     x = torch.randint(1000, 2000, (8, 6))
     batches = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": torch.randint(0, 2, (8,))}]
     for flag in (True, False):

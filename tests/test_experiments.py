@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import peftkit as pk
-from peftkit.experiments import compare, config_key, make_spec, read_cache, run
-from peftkit.train import TrainConfig
+from peftkit.studies.experiments import compare, config_key, make_spec, read_cache, run
+from peftkit.training.loop import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = TrainConfig(epochs=1, lr=1e-3, batch_size=16, progress=False)
@@ -56,7 +56,7 @@ def test_compare_caches_rows_and_keys_on_the_whole_config(tmp_path):
 
 
 def test_results_frame_gives_the_last_validation_accuracy_for_old_and_new_rows():
-    from peftkit.experiments import results_frame
+    from peftkit.studies.experiments import results_frame
     old = {"label": "lora r=8", "accuracy": 0.7, "history": {"step": [1, 2, 3], "val_accuracy": [None, 0.6, 0.65]}}
     new = {"label": "full", "accuracy": 0.8, "val_accuracy": 0.75, "history": {"step": [1], "val_accuracy": [0.1]}}
     never = {"label": "head only", "accuracy": 0.5, "history": {"step": [1]}}
@@ -112,8 +112,8 @@ def test_cli_help(cmd):
 
 
 def test_trained_model_reuses_the_cached_adapter_and_evaluates_by_domain(tmp_path):
-    from peftkit.experiments import trained_model
-    from peftkit.metrics import evaluate_domains
+    from peftkit.studies.experiments import trained_model
+    from peftkit.training.metrics import evaluate_domains
     cache = tmp_path / "results.jsonl"
     kw = dict(base="tiny", domain="tweets", n_train=48, cfg=CFG, cache=cache, n_eval=40, fresh_process=False)
     model, tok, row = trained_model(pk.LoRA(r=2, alpha=4), **kw)
@@ -128,7 +128,7 @@ def test_trained_model_reuses_the_cached_adapter_and_evaluates_by_domain(tmp_pat
 
 
 def test_base_bits_trains_on_a_rounded_base_and_keys_apart(tmp_path):
-    from peftkit.experiments import trained_model
+    from peftkit.studies.experiments import trained_model
     kw = dict(base="tiny", domain="tweets", n_train=32, cfg=CFG, cache=tmp_path / "r.jsonl", n_eval=20, fresh_process=False)
     model, _, row = trained_model(pk.LoRA(r=2, alpha=4), base_bits=4, **kw)
     assert row["spec"]["base_bits"] == 4

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 import peftkit as pk
-from peftkit.names import is_adapter_param
-from peftkit.surgery import adapter_layers, lora_layers
-from conftest import METHOD_KEYS, MODELS, clone, fresh, logits, make_inputs, make_method, perturb
+from peftkit.layers.names import is_adapter_param
+from peftkit.core.surgery import adapter_layers, lora_layers
+from conftest import METHOD_KEYS, MODELS, adds, clone, fresh, logits, make_inputs, make_method, perturb
 
 MATRIX = [(m, b) for b in MODELS for m in METHOD_KEYS]
-HAS_LORA = {"lora", "lora_rslora", "hybrid"}
-HAS_ADAPTER = {"adapter_pfeiffer", "adapter_houlsby", "adapter_deep", "hybrid"}
+HAS_LORA = {k for k in METHOD_KEYS if adds(k, "lora")}
+HAS_ADAPTER = {k for k in METHOD_KEYS if adds(k, "adapter")}
 
 
 def applied_pair(key, base):
@@ -71,7 +71,7 @@ class _nothing:
         return False
 
 
-@pytest.mark.parametrize("key,base", [(m, b) for m, b in MATRIX if m in HAS_ADAPTER - {"hybrid"}])
+@pytest.mark.parametrize("key,base", [(m, b) for m, b in MATRIX if m in HAS_ADAPTER - HAS_LORA])
 def test_adapters_refuse_to_merge(key, base):
     _, model = applied_pair(key, base)
     with pytest.raises(pk.MergeError, match="nonlinearity"):
@@ -182,7 +182,7 @@ def test_merge_refuses_nan():
 
 
 def test_adapter_size_activation_and_layernorm_identity():
-    from peftkit.adapters import BottleneckAdapter
+    from peftkit.layers.adapters import BottleneckAdapter
     assert BottleneckAdapter(384, reduction=16).size == 24
     assert BottleneckAdapter(384, size=64).size == 64
     for act in ("gelu", "relu", "silu"):

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import peftkit as pk
-from peftkit.names import is_adapter_param
+from peftkit.layers.names import is_adapter_param
 from conftest import METHOD_KEYS, MODELS, clone, fresh, logits, make_inputs, make_method, perturb
 
 
@@ -54,7 +54,7 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
     model = trained("lora", "tiny")
     pk.save_adapter(model, tmp_path)
     good = (tmp_path / "adapter.safetensors").read_bytes()
-    import peftkit.io as pio
+    import peftkit.files.adapter_file as pio
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -145,6 +145,6 @@ def test_saved_files_are_byte_reproducible(tmp_path):
     for name in ("a", "b"):
         pk.save_adapter(model, tmp_path / name)
     assert (tmp_path / "a" / "adapter.safetensors").read_bytes() == (tmp_path / "b" / "adapter.safetensors").read_bytes()
-    from peftkit.io import write_tensors
+    from peftkit.files.adapter_file import write_tensors
     with pytest.raises(ValueError, match="at most one metadata key"):
         write_tensors(tmp_path / "x.safetensors", {"w": torch.zeros(2)}, {"a": "1", "b": "2"})

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from peftkit.lora import LoRALinear, _LoRAFunction
+from peftkit.layers.lora import LoRALinear, _LoRAFunction
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = RTOL = 1e-5

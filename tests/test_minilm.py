@@ -31,7 +31,7 @@ def test_identity_then_merge_then_round_trip(minilm, method, tmp_path):
         torch.testing.assert_close(logits(model, x), logits(base, x), atol=1e-5, rtol=0)
         perturb(model, std=0.02)
         out = logits(model, x)
-        if pk.surgery.lora_layers(model):
+        if pk.core.surgery.lora_layers(model):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 pk.merge(model)

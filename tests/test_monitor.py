@@ -13,8 +13,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from peftkit.drift import kolmogorov_sf, ks_2samp, psi, psi_categorical
-from peftkit.monitor import Monitor, read_export
+from peftkit.serving.drift import kolmogorov_sf, ks_2samp, psi, psi_categorical
+from peftkit.serving.monitor import Monitor, read_export
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
@@ -232,7 +232,7 @@ def test_export_appends_only_what_is_new(tmp_path):
 
 WRITER = """
 import sys
-from peftkit.monitor import Monitor
+from peftkit.serving.monitor import Monitor
 name, path, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 mon = Monitor(window=20, drift_test="ks", min_accuracy=0.0, name=name)
 for r in range(rounds):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from peftkit.runner import NotebookFailed, execute, notebooks, run_all
+from peftkit.notebook.batch_run import NotebookFailed, execute, notebooks, run_all
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))

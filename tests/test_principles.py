@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import peftkit as pk
-from peftkit import principles as pr
+from peftkit.studies import principles as pr
 
 
 def _low_rank(rank: int, shape=(48, 32), seed: int = 0) -> torch.Tensor:

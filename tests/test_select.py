@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 import peftkit as pk
-from peftkit.select import (ARTICLE_RULES, QUESTIONS, RULES, AnswerError, Constraints, Rule, choose_method,
+from peftkit.studies.selection import (ARTICLE_RULES, QUESTIONS, RULES, AnswerError, Constraints, Rule, choose_method,
                             pareto, recommend, rules_frame, validate_answers)
 
 # One set of answers per rule that reaches exactly that rule. A rule without a case fails below.

@@ -3,8 +3,8 @@ browser would, and the recommendation, its text and its figure follow."""
 
 import pytest
 
-from peftkit.select import RULES, AnswerError, choose_method, recommend
-from peftkit.widgets import ConstraintExplorer, MethodChooser, _ceil
+from peftkit.studies.selection import RULES, AnswerError, choose_method, recommend
+from peftkit.notebook.widgets import ConstraintExplorer, MethodChooser, _ceil
 
 from test_select import rows
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import peftkit as pk
-from peftkit.io import base_items
-from peftkit.serve import Deployer, UnknownAdapterError
-from peftkit.serve_eval import swap_times
+from peftkit.files.adapter_file import base_items
+from peftkit.serving.deployer import Deployer, UnknownAdapterError
+from peftkit.studies.serving_study import swap_times
 from conftest import perturb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_merged_gives_the_same_outputs_as_unmerged(dep, adapters, name):
         want = dep.predict(TEXTS, adapter=other)
         np.testing.assert_allclose(got["probability"], want["probability"], atol=1e-5)
         assert (got["label"] == want["label"]).all()
-    assert all(m.merged for m in pk.surgery.lora_layers(merged.model))
+    assert all(m.merged for m in pk.core.surgery.lora_layers(merged.model))
 
 
 def test_merged_switching_keeps_the_base_within_rounding(adapters):
@@ -135,7 +135,7 @@ def test_merged_switching_keeps_the_base_within_rounding(adapters):
     d.set_merged(False)
     drift = max((p - w0[n]).abs().max().item() for n, p in d.model.named_parameters() if n in w0)
     assert drift < 1e-5
-    assert all(not m.merged for m in pk.surgery.lora_layers(d.model))
+    assert all(not m.merged for m in pk.core.surgery.lora_layers(d.model))
 
 
 def test_swap_times_and_activate(dep):
@@ -405,8 +405,8 @@ def test_bench_serve_quick(tmp_path):
 
 
 def test_serve_stream_records_every_request_and_stops_on_an_alert(dep):
-    from peftkit.monitor import Monitor
-    from peftkit.serve_eval import serve_stream
+    from peftkit.serving.monitor import Monitor
+    from peftkit.studies.serving_study import serve_stream
     texts = [f"{t} {i}" for i in range(8) for t in TEXTS]  # 64 texts
     answers = dep.predict(texts, adapter="lora_a")["label"].to_numpy()
     wrong = 1 - answers  # every label disagrees: accuracy 0

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 import peftkit as pk
 from peftkit import data
-from peftkit.loaders import make_loaders
-from peftkit.metrics import evaluate, f1_scores
-from peftkit.train import TrainConfig, TrainingDiverged, fit
+from peftkit.data.loaders import make_loaders
+from peftkit.training.metrics import evaluate, f1_scores
+from peftkit.training.loop import TrainConfig, TrainingDiverged, fit
 
 HERE = Path(__file__).parent
 SCRIPT = HERE / "train_script.py"
@@ -171,7 +171,7 @@ def test_two_process_data_parallel_equals_single_process(tmp_path):
 
 
 def test_set_attention_dropout():
-    from peftkit.models import set_attention_dropout
+    from peftkit.layers.dropout import set_attention_dropout
     model, _ = pk.load_base("tiny")
     assert set_attention_dropout(model, 0.0) == 2  # one per layer
     assert all(m.p == 0.0 for n, m in model.named_modules() if n.endswith("attention.self.dropout"))
@@ -184,8 +184,8 @@ def test_set_attention_dropout():
 
 
 def test_attention_dropout_in_the_config_is_applied_and_keyed_only_when_set():
-    from peftkit.experiments import config_key, make_spec
-    from peftkit.train import TrainConfig, fit
+    from peftkit.studies.experiments import config_key, make_spec
+    from peftkit.training.loop import TrainConfig, fit
     model, tok = pk.load_base("tiny")
     pk.apply(model, pk.LoRA(r=2, alpha=4))
     x = torch.randint(1000, 2000, (8, 6))
@@ -202,7 +202,7 @@ def test_attention_dropout_in_the_config_is_applied_and_keyed_only_when_set():
 def test_cpu_bf16_trains_under_autocast_with_fp32_state_and_is_keyed_only_when_set(small):
     """cpu_bf16 runs the forward in bf16 (the Linear outputs are bf16) while parameters,
     gradients and AdamW state stay fp32, and the model still learns."""
-    from peftkit.experiments import config_key, make_spec
+    from peftkit.studies.experiments import config_key, make_spec
     model, tok = tiny_lora()
     seen = []
     hook = model.bert.encoder.layer[0].intermediate.dense.register_forward_hook(
@@ -225,7 +225,7 @@ def test_cpu_bf16_trains_under_autocast_with_fp32_state_and_is_keyed_only_when_s
 
 
 def test_cpu_bf16_warns_where_the_cpu_would_emulate_it(monkeypatch):
-    import peftkit.train as T
+    import peftkit.training.loop as T
     monkeypatch.setattr(T, "cpu_has_bf16", lambda: False)
     with pytest.warns(UserWarning, match="AVX512-BF16"):
         T.autocast_for(torch.device("cpu"), TrainConfig(cpu_bf16=True))

@@ -15,9 +15,9 @@ from optuna.trial import TrialState, create_trial
 
 import peftkit as pk
 from peftkit import data
-from peftkit.loaders import make_loaders
-from peftkit.train import TrainConfig, fit
-from peftkit.tune import (SpaceError, StorageError, best_config, build, default_space, parse_space,
+from peftkit.data.loaders import make_loaders
+from peftkit.training.loop import TrainConfig, fit
+from peftkit.studies.tuning import (SpaceError, StorageError, best_config, build, default_space, parse_space,
                           resolve_storage, trials_frame, tune)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +170,7 @@ def test_bad_targets_and_study_without_set_up():
         tune("lora", SPACE, n_trials=0, storage="memory", **SMALL)
     with pytest.raises(ValueError, match="n_train must be between 2 and"):
         tune("lora", SPACE, n_trials=1, storage="memory", **{**SMALL, "n_train": 10**6})
-    with pytest.raises(ValueError, match="not made by peftkit.tune"):
+    with pytest.raises(ValueError, match="not made by peftkit.studies.tuning"):
         best_config(optuna.create_study())
 
 
@@ -181,7 +181,7 @@ WORKER = textwrap.dedent("""
     torch.set_num_threads(1)
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from peftkit.tune import tune
+    from peftkit.studies.tuning import tune
     url, me, other, n = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
     me.touch()
     deadline = time.time() + 120
@@ -189,8 +189,8 @@ WORKER = textwrap.dedent("""
         time.sleep(0.05)
     # Each worker's first trial waits until the other has begun one, so both take part however
     # unevenly a busy machine schedules them (tiny trials would otherwise let one worker do all).
-    import peftkit.train
-    real_fit, first = peftkit.train.fit, [True]
+    import peftkit.training.loop
+    real_fit, first = peftkit.training.loop.fit, [True]
     def fit(*args, **kwargs):
         if first[0]:
             first[0] = False
@@ -198,7 +198,7 @@ WORKER = textwrap.dedent("""
             while not Path(f"{other}.trial").exists() and time.time() < deadline + 120:
                 time.sleep(0.05)
         return real_fit(*args, **kwargs)
-    peftkit.train.fit = fit
+    peftkit.training.loop.fit = fit
     tune("lora", {"lr": (1e-4, 1e-2, "log"), "r": (2, 8), "batch_size": 8}, n_trials=n, storage=url,
          study_name="shared", base="tiny", n_train=24, n_val=16, epochs=2, progress=False)
 """)

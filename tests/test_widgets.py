@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import peftkit as pk
-from peftkit.widgets import ParamCalculator, counts_html, layer_counts
+from peftkit.notebook.widgets import ParamCalculator, counts_html, layer_counts
 
 
 def test_layer_counts_formulas_minilm_query():

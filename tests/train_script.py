@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 import peftkit as pk
 from peftkit import data
-from peftkit.loaders import make_loaders
-from peftkit.train import TrainConfig, fit
+from peftkit.data.loaders import make_loaders
+from peftkit.training.loop import TrainConfig, fit
 
 
 def main():

@@ -3,30 +3,22 @@
 Every function here leaves its input alone and returns a compressed copy (``inplace=True`` to
 skip the copy), so a fine-tuned model is never lost to an experiment.
 
-**Real int8 (`quantize_int8`).** LoRA layers are merged first (a merged LoRA is a plain Linear),
-then every Linear but the task head runs int8 GEMMs. Paths measured on MiniLM fine-tuned on
-movies (batch 32, 2 threads; the issue's table, notebook 05 and `benchmarks/bench_compress.py`):
+May import: core, layers and files (the int8 file format).
 
-* ``torch.ao.quantization.quantize_dynamic`` (fbgemm int8 kernels): 2.9-3.6x faster than fp32.
-  It quantizes the activations with **one scale per batch**, so a text's prediction depends on
-  the other texts in its batch (their outliers, their padding). Measured: up to 1.0 point lost
-  on a domain with per-channel weights at batch 64 and 0.7 at batch 8; with per-tensor weights
-  (its default) 4.3 points on tweets. Smoothing the activations first (`smooth`, SmoothQuant's
-  idea) helped or hurt by up to 2.4 points depending on the calibration sample. PyTorch also
-  marks the API deprecated.
-* torchao 0.18: int8 dynamic activations gave no gain on this CPU, int8 weight-only about 1.1x.
-* **Ours, `Int8Linear` (the default):** weights per output row, activations quantized **per
-  token**, and ``torch._int_mm`` for the int8 GEMM (exact int32 accumulation). 1.8-2.7x faster
-  than fp32 here, within 0.8 point on every domain, and a text's answer does not depend on its
-  batch (tested). It needs no deprecated API; where ``torch._int_mm`` is missing, or a call
-  has 16 rows or fewer, it multiplies the dequantized weights in float instead (correct, slower).
+**Real int8 (`quantize_int8`).** LoRA layers are merged first (a merged LoRA is a plain Linear),
+then every Linear but the task head runs int8 GEMMs. The default layer is ours, `Int8Linear`:
+weights per output row, activations quantized **per token**, and ``torch._int_mm`` for the GEMM
+(exact int32 accumulation), so a text's answer does not depend on the other texts in its batch
+(tested). Where ``torch._int_mm`` is missing, or a call has 16 rows or fewer, it multiplies the
+dequantized weights in float instead (correct, slower). ``backend="ao"`` keeps PyTorch's dynamic
+quantization (``quantize_dynamic``, fbgemm) for comparison: it scales the activations **once per
+batch**, so a prediction depends on its batch, and PyTorch marks the API deprecated (its warning
+is silenced; a clear error replaces it once the API is gone). `smooth` adds SmoothQuant-style
+smoothing. What each path measured, speed and accuracy per domain, is in benchmarks/README.md
+(`python benchmarks/bench_compress.py`) and notebook 05.
 
 The embedding tables are stored per row in int8 as well (`Int8Embedding`, ``embeddings=True``,
-the default): MiniLM's word embeddings are half its weights, so without them the int8 file is
-only 0.65x the fp32 one.
-
-``backend="ao"`` keeps the torch.ao path for comparison (its deprecation warning silenced: it is
-about the API, not the numbers) and raises a clear error once PyTorch has removed it.
+the default): the word embeddings are about half of MiniLM's weights.
 
 **Simulated k-bit (`fake_quantize`, `simulate_kbit`).** Symmetric round-to-nearest for 2 to 8
 bits, one scale per tensor (the article's) or per output channel. It runs in float: it shows the
@@ -44,7 +36,7 @@ neurons. Only the last makes a dense CPU matmul faster: a zero is multiplied lik
 # One concept per module: int8.py (real int8), int8_embedding.py (int8 tables), kbit.py (simulated rounding and merge orders),
 # prune.py (pruning); common.py holds what they share. Everything is re-exported here.
 
-from .common import DTYPE_BYTES, _merged_plain, _skip_prefix, linear_layers  # noqa: F401
+from .common import DTYPE_BYTES, merged_plain, skip_prefix, linear_layers  # noqa: F401
 from .int8_embedding import Int8Embedding, embedding_layers  # noqa: F401
 from .int8 import (  # noqa: F401
     Int8Linear,
@@ -52,7 +44,7 @@ from .int8 import (  # noqa: F401
     _HAS_INT_MM,
     _ao_dynamic,
     _int8_state,
-    _is_int8_module,
+    is_int8_module,
     file_size,
     input_absmax,
     int8_backend,

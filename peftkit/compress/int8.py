@@ -9,12 +9,14 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
-from ..io import AdapterFileError, read_tensors, write_tensors
-from ..lora import LoRALinear
-from ..names import is_adapter_param
-from .common import DTYPE_BYTES, _merged_plain, _row_scale, linear_layers
+from ..core.targets import replace_module
+from ..files.adapter_file import AdapterFileError, read_tensors, write_tensors
+from ..layers.lora import LoRALinear
+from ..layers.names import is_adapter_param, under
+from .common import DTYPE_BYTES, merged_plain, row_scale, linear_layers
 from .int8_embedding import Int8Embedding, embedding_layers
 from .kbit import merge_into_quantized
 
@@ -30,7 +32,7 @@ def model_size(model: nn.Module, dtype: str = "fp32", skip="head", embeddings: b
     """
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype={dtype!r} is not one of {list(DTYPE_BYTES)}.")
-    quantized = {n: m for n, m in model.named_modules() if _is_int8_module(m)}
+    quantized = {n: m for n, m in model.named_modules() if is_int8_module(m)}
     if quantized:
         return sum(t.numel() * t.element_size() for t in _int8_state(model).values())
     if dtype != "int8":
@@ -49,8 +51,8 @@ def model_size(model: nn.Module, dtype: str = "fp32", skip="head", embeddings: b
 def _ao_dynamic():
     """torch.ao's dynamic quantization entry points, or None where this PyTorch no longer has them."""
     try:
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
         from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
     except ImportError:
         return None
     return quantize_dynamic, per_channel_dynamic_qconfig, DynamicLinear
@@ -74,7 +76,7 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         w = linear.weight.detach().float()
-        scale = _row_scale(w, 127)
+        scale = row_scale(w, 127)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight_int8", torch.round(w / scale).clamp(-127, 127).to(torch.int8))
         self.register_buffer("weight_scale", scale.squeeze(1))
@@ -88,7 +90,7 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1]).float()
         # _int_mm wants more than 16 rows and sizes that are multiples of 8: else use the float path.
         if _HAS_INT_MM and x2.shape[0] > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0:
-            xs = _row_scale(x2, 127)
+            xs = row_scale(x2, 127)
             xq = torch.round(x2 / xs).clamp(-127, 127).to(torch.int8)
             y = torch._int_mm(xq, self.weight_int8.t()).float() * xs * self.weight_scale
         else:
@@ -101,7 +103,7 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row"
 
 
-def _is_int8_module(m: nn.Module) -> bool:
+def is_int8_module(m: nn.Module) -> bool:
     if isinstance(m, (Int8Linear, Int8Embedding)):
         return True
     ao = _ao_dynamic()
@@ -162,10 +164,9 @@ def smooth(model: nn.Module, calibration, alpha: float = 0.8, skip="head", inpla
     """
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha={alpha!r} must lie in [0, 1].")
-    model = _merged_plain(model, inplace)
+    model = merged_plain(model, inplace)
     layers = linear_layers(model, skip)
     stats = input_absmax(model, calibration, layers)
-    from ..targets import replace_module
     with torch.no_grad():
         for name, lin in layers.items():
             if name not in stats:
@@ -192,7 +193,7 @@ def quantize_int8(model: nn.Module, skip="head", inplace: bool = False, backend:
     """
     if backend not in ("ao", "int_mm"):
         raise ValueError(f"backend={backend!r} is not one of 'int_mm', 'ao'.")
-    model = _merged_plain(model, inplace).eval()
+    model = merged_plain(model, inplace).eval()
     if calibration is not None:
         smooth(model, calibration, alpha, skip, inplace=True)
     targets = linear_layers(model, skip)
@@ -204,7 +205,6 @@ def quantize_int8(model: nn.Module, skip="head", inplace: bool = False, backend:
                            "use backend='int_mm' (the default).")
     if not per_channel and backend == "int_mm":
         raise ValueError("per_channel=False exists to compare with torch.ao's default; the int_mm path is per channel only.")
-    from ..targets import replace_module
     for name, emb in (embedding_layers(model, skip).items() if embeddings else ()):
         replace_module(model, name, Int8Embedding(emb))
     if backend == "ao":
@@ -231,7 +231,7 @@ def _int8_state(model: nn.Module) -> dict[str, torch.Tensor]:
             codes, scale, bias = m.weight_int8, m.weight_scale, m.bias
         elif isinstance(m, Int8Embedding):
             codes, scale, bias = m.weight_int8, m.weight_scale, None
-        elif _is_int8_module(m):
+        elif is_int8_module(m):
             w, bias = m._packed_params._weight_bias()
             codes, scale = w.int_repr(), w.q_per_channel_scales().float()
         else:
@@ -243,7 +243,7 @@ def _int8_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for k, v in model.state_dict().items():
         owner = k.rsplit(".", 1)[0]
         if isinstance(v, torch.Tensor) and not v.is_quantized and owner not in done and not any(
-                owner == d or owner.startswith(d + ".") for d in done):
+                under(owner, d) for d in done):
             state[k] = v
     return state
 
@@ -266,7 +266,6 @@ def load_int8(base: nn.Module, path) -> nn.Module:
     The file's layers and shapes are checked against `base` before anything changes.
     """
     tensors = read_tensors(Path(path))
-    from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         fmt = (f.metadata() or {}).get("format", "")
     backend = fmt.split("/", 1)[1] if fmt.startswith("peftkit-int8/") else "int_mm"
@@ -275,8 +274,7 @@ def load_int8(base: nn.Module, path) -> nn.Module:
     names = sorted(k[: -len(".weight_int8")] for k in tensors if k.endswith(".weight_int8"))
     if not names:
         raise AdapterFileError(f"{path} holds no int8 layers: was it written by peftkit.compress.save_int8?")
-    model = _merged_plain(base, inplace=False)
-    from ..targets import replace_module
+    model = merged_plain(base, inplace=False)
     for key in [k for k in tensors if k.endswith(".inv_scale")]:
         owner = key[: -len(".inv_scale")]
         lin = dict(model.named_modules()).get(owner)
@@ -320,7 +318,7 @@ def file_size(model: nn.Module, int8: bool = False) -> int:
         if int8:
             save_int8(model, p)
         else:
-            write_tensors(p, {k: v.clone() for k, v in _merged_plain(model, False).state_dict().items()})
+            write_tensors(p, {k: v.clone() for k, v in merged_plain(model, False).state_dict().items()})
         return p.stat().st_size
 
 
@@ -340,7 +338,7 @@ def merge_int8_lora(qmodel: nn.Module, lora_model: nn.Module) -> nn.Module:
     if not deltas:
         raise ValueError("lora_model has no LoRA layers to merge.")
     modules = dict(qmodel.named_modules())
-    missing = [n for n in deltas if n not in modules or not _is_int8_module(modules[n])]
+    missing = [n for n in deltas if n not in modules or not is_int8_module(modules[n])]
     if missing:
         raise ValueError(f"these LoRA layers have no int8 layer of the same name in qmodel: {missing[:5]}.")
     q_state = qmodel.state_dict()
@@ -364,7 +362,7 @@ def merge_int8_lora(qmodel: nn.Module, lora_model: nn.Module) -> nn.Module:
         else:
             w, bias = m._packed_params._weight_bias()
             merged = w.dequantize() + delta
-            scale = _row_scale(merged, 127).squeeze(1).double()
+            scale = row_scale(merged, 127).squeeze(1).double()
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=r".*(deprecat|quantize_per_channel).*")
                 qw = torch.quantize_per_channel(merged, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)

@@ -9,9 +9,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..lora import LoRALinear
-from ..surgery import lora_layers
-from .common import _merged_plain, _row_scale, _skip_prefix, linear_layers
+from ..core.surgery import lora_layers
+from ..core.targets import replace_module
+from ..layers.lora import LoRALinear
+from ..layers.names import under
+from .common import merged_plain, row_scale, skip_prefix, linear_layers
 
 # --------------------------------------------------------------------------- simulated k-bit
 
@@ -28,7 +30,7 @@ def quantize_codes(w: torch.Tensor, bits: int, per_channel: bool = True) -> tupl
     _check_bits(bits)
     qmax = 2 ** (bits - 1) - 1
     w = w.detach().float()
-    scale = _row_scale(w, qmax) if per_channel else (w.abs().max() / qmax).clamp_min(torch.finfo(torch.float32).tiny)
+    scale = row_scale(w, qmax) if per_channel else (w.abs().max() / qmax).clamp_min(torch.finfo(torch.float32).tiny)
     codes = torch.round(w / scale).clamp(-qmax, qmax).to(torch.int8)
     return codes, scale
 
@@ -42,7 +44,7 @@ def fake_quantize(w: torch.Tensor, bits: int, per_channel: bool = True) -> torch
 def quantization_error(model: nn.Module, bits: int, per_channel: bool = True, skip="head") -> pd.DataFrame:
     """Per Linear weight: MSE and max absolute error of `bits`-bit quantization, with a TOTAL row."""
     rows = []
-    for name, m in linear_layers(_merged_plain(model, False), skip).items():
+    for name, m in linear_layers(merged_plain(model, False), skip).items():
         w = m.weight.detach().float()
         err = fake_quantize(w, bits, per_channel) - w
         rows.append({"layer": name, "params": w.numel(), "mse": float(err.pow(2).mean()),
@@ -68,7 +70,7 @@ def error_sweep(model: nn.Module, bits=range(2, 9), skip="head") -> pd.DataFrame
 def simulate_kbit(model: nn.Module, bits: int, per_channel: bool = True, skip="head", inplace: bool = False) -> nn.Module:
     """A copy whose Linear weights (LoRA merged first) are rounded to `bits` bits, in float."""
     _check_bits(bits)
-    model = _merged_plain(model, inplace)
+    model = merged_plain(model, inplace)
     with torch.no_grad():
         for m in linear_layers(model, skip).values():
             m.weight.copy_(fake_quantize(m.weight, bits, per_channel))
@@ -117,10 +119,10 @@ def quantized_with_lora(model: nn.Module, bits: int, order: str, per_channel: bo
     was_merged = {m: m.merged for m in lora_layers(model)}
     for m in was_merged:
         m.unmerge()
-    prefixes = _skip_prefix(model, skip)
+    prefixes = skip_prefix(model, skip)
     with torch.no_grad():
         for name, m in model.named_modules():
-            if type(m) is nn.Linear and not any(name == p or name.startswith(p + ".") for p in prefixes):
+            if type(m) is nn.Linear and not any(under(name, p) for p in prefixes):
                 m.weight.copy_(fake_quantize(m.weight, bits, per_channel))
     if order == "unmerged LoRA on quantized base":
         return model
@@ -135,7 +137,6 @@ def quantized_with_lora(model: nn.Module, bits: int, order: str, per_channel: bo
 
 def _strip_without_merge(model: nn.Module) -> None:
     """Drop LoRA wrappers whose update is already inside the base weight."""
-    from ..targets import replace_module
     for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]:
         replace_module(model, name, m.base)
     if hasattr(model, "peftkit"):

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from .common import _merged_plain, linear_layers
+from ..core.targets import replace_module
+from .common import merged_plain, linear_layers
 
 # --------------------------------------------------------------------------- pruning
 
@@ -23,7 +24,7 @@ def prune_unstructured(model: nn.Module, amount: float, scope: str = "global", s
     _check_amount(amount)
     if scope not in ("global", "layer"):
         raise ValueError(f"scope={scope!r} is not one of 'global', 'layer'.")
-    model = _merged_plain(model, inplace)
+    model = merged_plain(model, inplace)
     lins = list(linear_layers(model, skip).values())
     if scope == "global":
         prune.global_unstructured([(m, "weight") for m in lins], pruning_method=prune.L1Unstructured, amount=amount)
@@ -36,7 +37,7 @@ def prune_unstructured(model: nn.Module, amount: float, scope: str = "global", s
 def prune_rows(model: nn.Module, amount: float, skip="head", inplace: bool = False) -> nn.Module:
     """Structured: zero the `amount` fraction of output rows with the smallest L2 norm, per layer."""
     _check_amount(amount)
-    model = _merged_plain(model, inplace)
+    model = merged_plain(model, inplace)
     for m in linear_layers(model, skip).values():
         prune.ln_structured(m, "weight", amount=amount, n=2, dim=0)
     return model
@@ -65,12 +66,11 @@ def shrink_ffn(model: nn.Module, amount: float, inplace: bool = False) -> nn.Mod
     feeds); the lowest go, and both Linears are rebuilt smaller, so every matmul shrinks.
     """
     _check_amount(amount)
-    model = _merged_plain(model, inplace)
+    model = merged_plain(model, inplace)
     pairs = ffn_pairs(model)
     if not pairs:
         raise ValueError("no feed-forward pair found (BERT's intermediate/output.dense or DistilBERT's "
                          "ffn.lin1/lin2): shrink_ffn does not know this architecture; use prune_rows.")
-    from ..targets import replace_module
     for inner_name, outer_name in pairs:
         inner, outer = model.get_submodule(inner_name), model.get_submodule(outer_name)
         score = inner.weight.detach().norm(dim=1) * outer.weight.detach().norm(dim=0)

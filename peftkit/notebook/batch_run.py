@@ -1,0 +1,154 @@
+"""The batch runner: every notebook through papermill, exported to HTML, and one report page.
+
+`python -m peftkit run` executes notebooks/NN_*.ipynb in order into runs/<timestamp>/, with
+their default parameters (or quick ones), converts each to HTML and writes index.html with the
+summary table from the result cache, the key figures and links to each notebook. A failing
+notebook stops the run with the failing cell's error; its executed copy is kept to inspect.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import re
+import time
+from datetime import datetime
+from pathlib import Path
+
+import nbformat
+
+from ..studies.experiments import DEFAULT_CACHE, read_cache, results_frame
+from .plots import pareto_figure
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: peftkit/<layer>/<module>.py
+NOTEBOOKS = ROOT / "notebooks"
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised; the message names the notebook, the cell and the error."""
+
+
+def notebooks(only: list[str] | None = None) -> list[Path]:
+    found = sorted(p for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        wanted = {o.strip().zfill(2) for o in only}
+        unknown = wanted - {p.name[:2] for p in found}
+        if unknown:
+            raise ValueError(f"no notebook numbered {sorted(unknown)}; there are {[p.name[:2] for p in found]}.")
+        found = [p for p in found if p.name[:2] in wanted]
+    return found
+
+
+def declared_parameters(path: Path) -> dict:
+    """The names and default source of the `parameters` cell (for validating -p overrides)."""
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            return {m.group(1): m.group(2).strip() for m in re.finditer(r"^(\w+)\s*=\s*(.+?)(?:\s+#.*)?$", cell.source, re.M)}
+    return {}
+
+
+def _failing_cell(nb_path: Path) -> str:
+    nb = nbformat.read(nb_path, as_version=4)
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                return f"cell {i} ({out.get('ename')}: {out.get('evalue')})"
+    return "an unknown cell"
+
+
+def execute(path: Path, out_dir: Path, quick: bool, parameters: dict | None = None, timeout: int = 3600) -> Path:
+    """Run one notebook with papermill into out_dir; raise NotebookFailed with the cell's error."""
+    import papermill as pm
+    params = {"quick": quick, "progress": False, **(parameters or {})}
+    declared = declared_parameters(path)
+    params = {k: v for k, v in params.items() if k in declared}
+    out = out_dir / path.name
+    env_quick = os.environ.get("PEFTKIT_QUICK")
+    os.environ["PEFTKIT_QUICK"] = "1" if quick else "0"
+    # papermill infers parameter types by parsing the cell and warns about every line it cannot
+    # (`quick = os.environ.get(...)`), then calls those names unknown: noise here, because the
+    # names were checked against the cell above. Its errors still show.
+    pm_log = logging.getLogger("papermill")
+    pm_level = pm_log.level
+    pm_log.setLevel(logging.ERROR)
+    try:
+        pm.execute_notebook(str(path), str(out), parameters=params, cwd=str(path.parent), kernel_name="python3",
+                            progress_bar=False, execution_timeout=timeout, log_output=False)
+    except pm.PapermillExecutionError as e:
+        raise NotebookFailed(f"{path.name} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); "
+                             f"the executed copy is kept at {out}.") from None
+    except Exception as e:
+        if out.exists():
+            raise NotebookFailed(f"{path.name} failed in {_failing_cell(out)}: {e}; the executed copy is at {out}.") from None
+        raise
+    finally:
+        pm_log.setLevel(pm_level)
+        if env_quick is None:
+            os.environ.pop("PEFTKIT_QUICK", None)
+        else:
+            os.environ["PEFTKIT_QUICK"] = env_quick
+    return out
+
+
+def to_html(nb_path: Path) -> Path:
+    from nbconvert import HTMLExporter
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(nb_path, as_version=4))
+    out = nb_path.with_suffix(".html")
+    out.write_text(body, encoding="utf-8")
+    return out
+
+
+def write_report(out_dir: Path, timings: list[tuple[str, float]], cache=None) -> Path:
+    """index.html: timings, the summary table from the result cache, key figures, links."""
+
+    rows = list(read_cache(cache or DEFAULT_CACHE).values())
+    parts = [f"<h1>peftkit run {html.escape(out_dir.name)}</h1>",
+             "<h2>Notebooks</h2><table><tr><th>notebook</th><th>seconds</th></tr>"]
+    for name, secs in timings:
+        stem = Path(name).stem
+        parts.append(f'<tr><td><a href="{stem}.html">{html.escape(stem)}</a> '
+                     f'(<a href="{stem}.ipynb">ipynb</a>)</td><td>{secs:.0f}</td></tr>')
+    parts.append("</table>")
+    if rows:
+        df = results_frame(rows)
+        cols = ["label", "base", "domain", "n_train", "epochs", "lr", "accuracy", "f1_macro", "trainable_pct",
+                "sec_per_step", "peak_mem_mib", "adapter_bytes"]
+        df = df[[c for c in cols if c in df]]
+        parts.append(f"<h2>Results in the cache ({len(df)} runs)</h2>")
+        parts.append(df.round(4).to_html(index=False, border=0))
+        main = df[(df.get("base") == "minilm") & (df.get("domain") == "movies")] if "base" in df else df
+        if len(main) >= 2:
+            full = results_frame(r for r in rows if r.get("base") == "minilm" and r.get("domain") == "movies")
+            parts.append("<h2>Accuracy against trainable parameters (MiniLM, movies)</h2>")
+            parts.append(pareto_figure(full).to_html(full_html=False, include_plotlyjs=True))
+    else:
+        parts.append("<p>The result cache is empty.</p>")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>peftkit report</title><style>"
+            "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+            "td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}</style></head><body>"
+            + "\n".join(parts) + "</body></html>")
+    index = out_dir / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index
+
+
+def run_all(quick: bool = False, only: list[str] | None = None, out: str | None = None,
+            parameters: dict | None = None) -> Path:
+    paths = notebooks(only)
+    out_dir = Path(out) if out else ROOT / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings, t_all = [], time.perf_counter()
+    for path in paths:
+        t0 = time.perf_counter()
+        executed = execute(path, out_dir, quick, parameters)
+        to_html(executed)
+        timings.append((path.name, time.perf_counter() - t0))
+        print(f"{path.name:32s} {timings[-1][1]:7.1f} s", flush=True)
+    (out_dir / "timings.json").write_text(json.dumps({"quick": quick, "notebooks": dict(timings),
+                                                      "total_seconds": time.perf_counter() - t_all}, indent=2))
+    index = write_report(out_dir, timings)
+    print(f"all {len(paths)} notebooks in {time.perf_counter() - t_all:.0f} s; report: {index}")
+    return index

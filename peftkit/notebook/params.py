@@ -1,0 +1,54 @@
+"""Small helpers for the notebooks' first cells: resolving parameters and checking them.
+
+Papermill injects parameters *after* the `parameters` cell, so a size that depends on `quick`
+is written there as None and resolved here, once `quick` is final.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import plotly.io as pio
+import torch
+import transformers
+
+
+class ParameterError(ValueError):
+    """A notebook parameter has a value the notebook cannot use."""
+
+
+def pick(value, quick: bool, quick_value, full_value):
+    """`value` when the user set it, else the quick or the full default."""
+    if value is not None:
+        return value
+    return quick_value if quick else full_value
+
+
+def check(name: str, value, *, choices=None, positive: bool = False, between=None, kind=None):
+    """Raise ParameterError naming the parameter, its value and what is allowed."""
+    if kind is not None and not isinstance(value, kind) or isinstance(value, bool) and kind in (int, float):
+        raise ParameterError(f"notebook parameter {name}={value!r} should be a {getattr(kind, '__name__', kind)}.")
+    if choices is not None and value not in choices:
+        raise ParameterError(f"notebook parameter {name}={value!r} is not one of {list(choices)}.")
+    if positive and not (value is not None and value > 0):
+        raise ParameterError(f"notebook parameter {name}={value!r} must be positive.")
+    if between is not None and not (between[0] <= value <= between[1]):
+        raise ParameterError(f"notebook parameter {name}={value!r} must lie in [{between[0]}, {between[1]}].")
+    return value
+
+
+def setup(seed: int = 0, threads: int | None = None) -> dict:
+    """Seed everything, fix the thread count, and report what this notebook runs on."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+    # JupyterLab renders the mimetype bundle; the "notebook" part adds HTML with plotly.js inlined,
+    # so figures survive nbconvert's HTML export (the batch report) and need no network to view.
+    pio.renderers.default = "plotly_mimetype+notebook"
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "quick": os.environ.get("PEFTKIT_QUICK") == "1"}

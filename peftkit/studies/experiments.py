@@ -1,0 +1,252 @@
+"""Experiments: one method trained and measured (`run`), many side by side (`compare`).
+
+`compare` runs each configuration in a fresh Python process, so peak-memory figures (ru_maxrss
+on CPU) belong to that run alone, and caches each result row in `runs/results.jsonl` under a
+hash of the full configuration: a later notebook asking for the same run reuses the row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .. import data
+from ..bases.models import load_base
+from ..compress import quantize_base
+from ..core.methods import Method
+from ..core.surgery import apply, trainable_fraction
+from ..data.loaders import make_loaders
+from ..files.adapter_file import adapter_bytes, load_adapter, save_adapter
+from ..runtime import environment, peak_memory_mib, resolve_device
+from ..training.loop import TrainConfig, fit
+from ..training.metrics import evaluate
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: peftkit/<layer>/<module>.py
+DEFAULT_CACHE = ROOT / "runs" / "results.jsonl"
+_NOT_IN_KEY = ("progress", "checkpoint_dir", "checkpoint_every", "device")
+_KEYED_WHEN_SET = {"attention_dropout": None, "cpu_bf16": False, "fast_dropout": False}  # field -> its default
+
+
+def config_key(spec: dict) -> str:
+    blob = json.dumps(spec, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def make_spec(method: Method, base="minilm", domain="movies", n_train=None, cfg=None,
+              max_length: int = 128, eval_domains=True, n_eval=None, base_bits=None) -> dict:
+    cfg = cfg or TrainConfig(lr=method.default_lr)
+    tc = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_KEY}
+    for k, default in _KEYED_WHEN_SET.items():  # fields added later: absent at their default, so older keys stay valid
+        if k in tc and tc[k] is default:
+            tc.pop(k)
+    return {"method": method.to_dict(), "base": base, "domain": domain, "n_train": n_train,
+            "train": tc, "max_length": max_length, "eval_domains": bool(eval_domains), "n_eval": n_eval,
+            **({"base_bits": base_bits} if base_bits else {})}  # absent when unused: older keys stay valid
+
+
+def run(method: Method, base: str = "minilm", domain: str = "movies", n_train: int | None = None,
+        cfg=None, max_length: int = 128, eval_domains: bool = True, out: str | None = None,
+        n_eval: int | None = None, base_bits: int | None = None) -> dict:
+    """Train `method` on `domain` and measure it. Returns one flat result row (a dict).
+
+    n_train: a random subset of the training split; n_eval: caps every validation and test
+    split (for quick runs; None evaluates on all of them). base_bits: freeze the base's Linear
+    weights at that many bits (simulated, per channel) before applying the method: QLoRA's setting.
+    """
+    cfg = cfg or TrainConfig(lr=method.default_lr)
+    spec = make_spec(method, base, domain, n_train, cfg, max_length, eval_domains, n_eval, base_bits)
+    splits = data.subset(data.split(data.load_corpus(domain), seed=cfg.seed), n_train, n_eval, cfg.seed, domain)
+    model, tok = _base(base, cfg.seed, base_bits)
+    apply(model, method)
+    loaders = make_loaders(tok, splits, batch_size=cfg.batch_size, max_length=max_length, seed=cfg.seed)
+    t0 = time.perf_counter()
+    hist = fit(model, loaders["train"], loaders["val"], cfg)
+    train_time = time.perf_counter() - t0
+    device = str(resolve_device(cfg.device))
+    step_secs = hist.elapsed.diff().dropna()
+    if "val_accuracy" in hist:  # steps that also evaluated are not training-step timings
+        step_secs = step_secs[hist.val_accuracy.isna().iloc[1:].to_numpy()]
+    total = sum(p.numel() for p in model.parameters())
+    row = {"key": config_key(spec), "label": method.describe(), "method": method.name,
+           "spec": spec, "base": base, "domain": domain, "n_train": len(splits["train"]),
+           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "total": total, "trainable_pct": 100 * trainable_fraction(model),
+           "epochs": cfg.epochs, "lr": cfg.lr, "steps": int(hist.step.iloc[-1]),
+           "train_seconds": train_time,
+           "sec_per_step": float(step_secs.median()) if len(step_secs) else train_time / len(hist),
+           "peak_mem_mib": peak_memory_mib(device), "adapter_bytes": adapter_bytes(model),
+           "final_loss": float(hist.loss.tail(10).mean())}
+    test = evaluate(model, loaders["test"], num_labels=2)
+    row.update(accuracy=test["accuracy"], f1_macro=test["f1_macro"], test_loss=test["loss"], confusion=test["confusion"])
+    if eval_domains:
+        for other in data.FILES:
+            if other == domain:
+                m = test
+            else:
+                od = data.sample_rows(data.split(data.load_corpus(other), seed=cfg.seed)["test"], n_eval, cfg.seed)
+                m = evaluate(model, make_loaders(tok, {"test": od}, batch_size=cfg.batch_size,
+                                                 max_length=max_length)["test"], num_labels=2)
+            row[f"acc_{other}"], row[f"f1_{other}"] = m["accuracy"], m["f1_macro"]
+    bf16 = (cfg.bf16 and device.startswith("cuda")) or (cfg.cpu_bf16 and device == "cpu")
+    row["env"] = {**environment(device), "precision": "bf16 autocast" if bf16 else "fp32"}
+    row["history"] = hist[[c for c in ("step", "loss", "lr", "val_accuracy", "val_f1_macro") if c in hist]].to_dict("list")
+    row["val_accuracy"] = _last_val_accuracy(row["history"])
+    if out:
+        row["adapter_dir"] = str(out)
+        save_adapter(model, out)
+        Path(out, "metrics.json").write_text(json.dumps(row, indent=2, default=str))
+    return row
+
+
+def _base(base: str, seed: int, bits: int | None):
+    model, tok = load_base(base, num_labels=2, seed=seed)
+    if bits:
+        quantize_base(model, bits, inplace=True)
+    return model, tok
+
+
+def read_cache(path=DEFAULT_CACHE) -> dict[str, dict]:
+    path = Path(path)
+    rows = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+                rows[r["key"]] = r
+            except (json.JSONDecodeError, KeyError):
+                continue  # a torn last line from a killed writer: skip it, keep the rest
+    return rows
+
+
+def append_cache(row: dict, path=DEFAULT_CACHE) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # several processes may append at once
+        f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_in_subprocess(spec: dict, threads: int | None) -> dict:
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.run([sys.executable, "-m", "peftkit.studies.experiments", "--worker"], input=json.dumps(spec),
+                          capture_output=True, text=True, env=env, cwd=str(ROOT))
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+        raise RuntimeError(f"the run for {spec['method']} failed in its subprocess:\n{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare(methods, base: str = "minilm", domain: str = "movies", n_train: int | None = None,
+            cfg=None, max_length: int = 128, eval_domains: bool = True, cache=DEFAULT_CACHE,
+            fresh_process: bool = True, threads: int | None = None, progress: bool = True,
+            n_eval: int | None = None, need_adapters: bool = False, base_bits: int | None = None) -> pd.DataFrame:
+    """Run each method (reusing cached rows) and return one DataFrame row per method.
+
+    cfg=None trains each method at its registry default learning rate (`Method.default_lr`).
+
+    Each trained adapter is saved under `runs/adapters/<key>/` (next to the cache), and the row's
+    `adapter_dir` names it. need_adapters=True retrains a cached row whose adapter folder is gone.
+    fresh_process=False runs in this process: faster to start, but peak memory then mixes runs.
+    """
+    cached = read_cache(cache) if cache else {}
+    rows = []
+    bar = tqdm(methods, desc="compare", disable=not progress)
+    for method in bar:
+        mcfg = cfg or TrainConfig(lr=method.default_lr)  # each method's own default rate (core.methods)
+        spec = make_spec(method, base, domain, n_train, mcfg, max_length, eval_domains, n_eval, base_bits)
+        key = config_key(spec)
+        bar.set_postfix_str(method.describe())
+        hit = cached.get(key)
+        if hit is not None and not (need_adapters and not _has_adapter(hit)):
+            rows.append({**hit, "cached": True})
+            continue
+        quiet = dataclasses.replace(mcfg, progress=False)
+        out = str(Path(cache).parent / "adapters" / key) if cache else None
+        if fresh_process:
+            row = _run_in_subprocess({**spec, "cfg": dataclasses.asdict(quiet), "out": out}, threads)
+        else:
+            row = run(method, base, domain, n_train, quiet, max_length, eval_domains, out=out, n_eval=n_eval,
+                      base_bits=base_bits)
+        if cache:
+            append_cache(row, cache)
+        rows.append({**row, "cached": False})
+    return results_frame(rows)
+
+
+def _has_adapter(row: dict) -> bool:
+    d = row.get("adapter_dir")
+    return bool(d) and (Path(d) / "adapter.json").exists()
+
+
+TABLE_COLUMNS = ["label", "method", "accuracy", "f1_macro", "val_accuracy", "trainable", "trainable_pct", "sec_per_step",
+                 "peak_mem_mib", "adapter_bytes", "train_seconds", "epochs", "lr", "n_train"]
+
+
+def _last_val_accuracy(history) -> float:
+    """The last validation accuracy in a row's history (NaN when it never evaluated)."""
+    vals = [v for v in (history or {}).get("val_accuracy", []) if v is not None and v == v]
+    return float(vals[-1]) if vals else float("nan")
+
+
+def results_frame(rows) -> pd.DataFrame:
+    """Result rows as a DataFrame, the table's columns first. `val_accuracy` (the last validation
+    accuracy) is what to choose a learning rate or a rank by: the test split stays for reporting."""
+    df = pd.DataFrame(list(rows))
+    if df.empty:
+        return df
+    if "history" in df:  # rows cached before val_accuracy was recorded carry it in their history
+        derived = df["history"].map(lambda h: _last_val_accuracy(h if isinstance(h, dict) else None))
+        df["val_accuracy"] = df["val_accuracy"].fillna(derived) if "val_accuracy" in df else derived
+    first = [c for c in TABLE_COLUMNS if c in df]
+    return df[first + [c for c in df.columns if c not in first]]
+
+
+def _worker() -> int:
+    spec = json.loads(sys.stdin.read())
+    row = run(Method.from_dict(spec["method"]), spec["base"], spec["domain"], spec["n_train"],
+              TrainConfig(**spec["cfg"]), spec["max_length"], spec["eval_domains"], out=spec.get("out"),
+              n_eval=spec.get("n_eval"), base_bits=spec.get("base_bits"))
+    print(json.dumps(row, default=str))
+    return 0
+
+
+def transfer_matrix(df: pd.DataFrame, metric: str = "acc") -> pd.DataFrame:
+    """Train domain (rows) x test domain (columns) from result rows with acc_/f1_ columns."""
+    m = df.drop_duplicates("domain", keep="last").set_index("domain")
+    out = m[[f"{metric}_{d}" for d in data.FILES]]
+    out.columns = list(data.FILES)
+    return out.reindex([d for d in data.FILES if d in out.index])
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    raise SystemExit(_worker())
+
+
+def trained_model(method: Method, base: str = "minilm", domain: str = "movies", n_train: int | None = None,
+                  cfg=None, n_eval: int | None = None, cache=DEFAULT_CACHE, fresh_process: bool = True,
+                  threads: int | None = None, base_bits: int | None = None):
+    """(model, tokenizer, result row) for a trained `method`: from the cache when its adapter is
+    there (as `compare` left it), else trained now. The model is a fresh base with the adapter loaded."""
+    cfg = cfg or TrainConfig(lr=method.default_lr)
+    if not cache:
+        raise ValueError("trained_model keeps adapters beside the result cache: pass a cache path, not None.")
+    row = compare([method], base=base, domain=domain, n_train=n_train, cfg=cfg, cache=cache, progress=False,
+                  n_eval=n_eval, fresh_process=fresh_process, threads=threads, need_adapters=True,
+                  base_bits=base_bits).iloc[0].to_dict()
+    model, tok = _base(base, cfg.seed, base_bits)
+    load_adapter(model, row["adapter_dir"])
+    return model.eval(), tok, row

@@ -1,0 +1,278 @@
+"""Choosing a method from measured evidence: `recommend(results, constraints)`.
+
+It reads a `compare()` DataFrame, keeps the runs that meet the constraints (max trainable
+fraction, max seconds per step, max peak memory, max adapter bytes, min accuracy), finds their
+Pareto front (no other feasible run is as good on every criterion and better on one), and chooses:
+the most accurate feasible run is the reference, any run within one standard error of its test
+accuracy counts as equally good, and the cheapest of those wins. Every reason cites the measured
+numbers. When nothing is feasible, it says which limit to relax, and by how much.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from ..core.methods import Method
+
+# constraint -> (results column, "max" or "min", how to print a value)
+LIMITS = {
+    "max_trainable_fraction": ("trainable_fraction", "max", lambda v: f"{100 * v:.3g}% trainable"),
+    "max_sec_per_step": ("sec_per_step", "max", lambda v: f"{v:.3g} s/step"),
+    "max_peak_mem_mib": ("peak_mem_mib", "max", lambda v: f"{v:,.0f} MiB peak"),
+    "max_adapter_bytes": ("adapter_bytes", "max", lambda v: _bytes(v)),
+    "min_accuracy": ("accuracy", "min", lambda v: f"{100 * v:.1f}% accuracy"),
+}
+SETUP_COLUMNS = ("base", "domain", "n_train", "epochs")
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Limits on measured results; None leaves a criterion free."""
+
+    max_trainable_fraction: float | None = None  # of all parameters, in (0, 1]
+    max_sec_per_step: float | None = None
+    max_peak_mem_mib: float | None = None
+    max_adapter_bytes: float | None = None
+    min_accuracy: float | None = None            # in [0, 1]
+
+    def __post_init__(self):
+        bad = []
+        for name in LIMITS:
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                bad.append(f"{name}={v!r} must be a finite number >= 0 or None")
+            elif name == "max_trainable_fraction" and v > 1:
+                bad.append(f"max_trainable_fraction={v!r} is a fraction in [0, 1] (0.01 means 1%)")
+            elif name == "min_accuracy" and v > 1:
+                bad.append(f"min_accuracy={v!r} is a fraction in [0, 1] (0.8 means 80%)")
+        if bad:
+            raise ValueError("invalid constraints: " + "; ".join(bad) + ".")
+
+    def active(self) -> dict:
+        return {k: getattr(self, k) for k in LIMITS if getattr(self, k) is not None}
+
+
+@dataclass
+class Evidence:
+    """What `recommend` found. `chosen` is None when no row meets every constraint."""
+
+    constraints: Constraints
+    table: pd.DataFrame            # every row, with `feasible` and `violates`
+    front: pd.DataFrame            # the feasible rows no other feasible row beats on every criterion
+    chosen: pd.Series | None
+    reasons: list[str]
+    relax: pd.DataFrame = field(default_factory=pd.DataFrame)  # what to loosen when nothing fits
+
+    @property
+    def label(self) -> str | None:
+        return None if self.chosen is None else self.chosen["label"]
+
+    @property
+    def method(self) -> Method | None:
+        if self.chosen is None or not isinstance(self.chosen.get("spec"), dict):
+            return None
+        return Method.from_dict(self.chosen["spec"]["method"])
+
+    def text(self) -> str:
+        head = f"Recommended: {self.label}." if self.chosen is not None else "Nothing meets every constraint."
+        return "\n".join([head, *[f"- {r}" for r in self.reasons]])
+
+    def __str__(self) -> str:
+        return self.text()
+
+
+def prepare(results: pd.DataFrame, needed: set[str]) -> pd.DataFrame:
+    """`results` checked (one set-up, the `needed` columns) with unique labels: what recommend reads."""
+    if not isinstance(results, pd.DataFrame) or results.empty:
+        raise ValueError("recommend needs a non-empty DataFrame of results from compare() or results_frame().")
+    df = results.copy()
+    if "trainable_fraction" not in df:
+        if "trainable_pct" in df:
+            df["trainable_fraction"] = df["trainable_pct"] / 100
+        elif {"trainable", "total"} <= set(df):
+            df["trainable_fraction"] = df["trainable"] / df["total"]
+    missing = sorted(c for c in needed | {"label", "accuracy"} if c not in df)
+    if missing:
+        raise ValueError(f"the results lack column(s) {missing}, which these constraints need; pass "
+                         "compare()'s DataFrame, or drop the constraint.")
+    groups = [c for c in SETUP_COLUMNS if c in df]
+    if groups and len(df.groupby(groups, dropna=False)) > 1:
+        sets = df.groupby(groups, dropna=False).size().reset_index(name="rows").to_dict("records")
+        raise ValueError(f"the results mix {len(sets)} set-ups ({', '.join(groups)}): {sets}. Rows trained "
+                         "on different data or budgets are not comparable; keep one, e.g. "
+                         "results[(results.base == 'minilm') & (results.n_train == 8454)].")
+    if df["label"].duplicated().any() and "lr" in df:
+        dup = df["label"].duplicated(keep=False)
+        df.loc[dup, "label"] = [f"{lab} (lr {lr:g})" for lab, lr in zip(df.loc[dup, "label"], df.loc[dup, "lr"])]
+    if df["label"].duplicated().any():  # the same set-up run twice: number the repeats
+        df["label"] = df["label"] + df.groupby("label").cumcount().map(lambda k: f" #{k + 1}" if k else "")
+    return df.reset_index(drop=True)
+
+
+def _violations(row, limits: dict) -> list[str]:
+    out = []
+    for name, limit in limits.items():
+        col, sense, _ = LIMITS[name]
+        v = row[col]
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            out.append(name)  # not measured: cannot be shown to meet the limit
+        elif (sense == "max" and v > limit) or (sense == "min" and v < limit):
+            out.append(name)
+    return out
+
+
+def pareto(df: pd.DataFrame, criteria: dict[str, str]) -> pd.DataFrame:
+    """Rows that no other row matches or beats on every criterion and beats on one.
+
+    criteria maps a column to "max" or "min".
+    """
+    signed = pd.DataFrame({c: df[c] if s == "max" else -df[c] for c, s in criteria.items()}).to_numpy(float)
+    keep = []
+    for i, a in enumerate(signed):
+        dominated = any((b >= a).all() and (b > a).any() for j, b in enumerate(signed) if j != i)
+        keep.append(not dominated)
+    return df[keep]
+
+
+def accuracy_se(row) -> float:
+    """One standard error of a test accuracy, sqrt(p(1 - p)/n), n read from the confusion matrix."""
+    conf = row.get("confusion") if hasattr(row, "get") else None
+    n = sum(map(sum, conf)) if isinstance(conf, (list, tuple)) else row.get("n_test", 0)
+    p = row["accuracy"]
+    return math.sqrt(p * (1 - p) / n) if n else 0.0
+
+
+def _fmt(row, name: str) -> str:
+    col, _, fmt = LIMITS[name]
+    return fmt(row[col])
+
+
+def recommend(results: pd.DataFrame, constraints: Constraints | dict | None = None,
+              tolerance: float | str = "se", prefer: str = "trainable_fraction", **limits) -> Evidence:
+    """The method the measurements support under the constraints.
+
+    Among the feasible rows, the most accurate is the reference; any feasible row within
+    `tolerance` of its accuracy counts as equally good ("se": one standard error of the best row's
+    test accuracy, from its confusion matrix), and of those the one lowest in `prefer` (a cost
+    column: trainable_fraction, sec_per_step, peak_mem_mib or adapter_bytes) is chosen.
+    Limits may be given as a Constraints, a dict, or keywords: recommend(df, max_sec_per_step=0.6).
+    """
+    if isinstance(constraints, dict):
+        limits = {**constraints, **limits}
+        constraints = None
+    if constraints is None:
+        unknown = sorted(set(limits) - set(LIMITS))
+        if unknown:
+            raise ValueError(f"unknown constraint(s) {unknown}; the constraints are {list(LIMITS)}.")
+        constraints = Constraints(**limits)
+    elif limits:
+        raise ValueError("give the limits either as a Constraints or as keywords, not both.")
+    costs = ("trainable_fraction", "sec_per_step", "peak_mem_mib", "adapter_bytes")
+    if prefer not in costs:
+        raise ValueError(f"prefer={prefer!r} is not a cost column; choose one of {list(costs)}.")
+    active = constraints.active()
+    df = prepare(results, {LIMITS[k][0] for k in active} | {prefer})
+    df["violates"] = [_violations(row, active) for _, row in df.iterrows()]
+    df["feasible"] = df["violates"].str.len() == 0
+    feasible = df[df.feasible]
+    criteria = {"accuracy": "max", **{c: "min" for c in costs if c in df and feasible[c].notna().all()}}
+
+    if feasible.empty:
+        relax = _relaxations(df, active)
+        return Evidence(constraints, df, feasible, None, _relax_reasons(relax, len(df)), relax)
+
+    front = pareto(feasible, criteria)
+    best = front.loc[front.accuracy.idxmax()]
+    tol = accuracy_se(best) if tolerance == "se" else float(tolerance)
+    close = front[front.accuracy >= best.accuracy - tol - 1e-12]
+    chosen = close.loc[close[prefer].idxmin()]
+    reasons = [f"{len(feasible)} of {len(df)} runs meet the constraints"
+               + (f" ({', '.join(f'{k} = {LIMITS[k][2](v)}' for k, v in active.items())})" if active else
+                  " (none set)") + f"; {len(front)} of those are on the Pareto front."]
+    if chosen["label"] == best["label"]:
+        reasons.append(f"{chosen['label']} has the highest accuracy that meets them: "
+                       f"{100 * chosen.accuracy:.1f}%.")
+    else:
+        reasons.append(f"{best['label']} is the most accurate at {100 * best.accuracy:.1f}%, but "
+                       f"{chosen['label']} reaches {100 * chosen.accuracy:.1f}%, within "
+                       f"{100 * tol:.1f} points (one standard error of the test accuracy"
+                       f"{'' if tolerance == 'se' else ': the tolerance given'}), at "
+                       f"{_cost(chosen, prefer)} against {_cost(best, prefer)}.")
+    others = [c for c in costs if c != prefer and c in df and pd.notna(chosen.get(c))]
+    reasons.append(f"{chosen['label']} costs " + ", ".join(_cost(chosen, c) for c in [prefer, *others]) + ".")
+    excluded = df[~df.feasible & (df.accuracy > chosen.accuracy)]
+    for _, row in excluded.iterrows():
+        why = "; ".join(f"{_fmt(row, k)} against the limit {LIMITS[k][2](active[k])}" for k in row["violates"])
+        reasons.append(f"{row['label']} is more accurate ({100 * row.accuracy:.1f}%) but is excluded: {why}.")
+    return Evidence(constraints, df, front, chosen, reasons)
+
+
+def _cost(row, col: str) -> str:
+    return {"trainable_fraction": lambda v: f"{100 * v:.3g}% trainable", "sec_per_step": lambda v: f"{v:.3g} s/step",
+            "peak_mem_mib": lambda v: f"{v:,.0f} MiB peak", "adapter_bytes": _bytes}[col](row[col])
+
+
+def _relaxations(df: pd.DataFrame, active: dict) -> pd.DataFrame:
+    """What to loosen. Each row is one limit's smallest change that admits a run when only that
+    limit moves (any one of them is enough). When no single change is enough: the changes the run
+    needing the fewest of them would need, all together (column `together`)."""
+    rows = []
+    for name, limit in active.items():
+        col, sense, _ = LIMITS[name]
+        others = df[df.violates.map(lambda v: set(v) <= {name}) & df[col].notna()]
+        if others.empty:
+            continue
+        pick = others.loc[others[col].idxmin() if sense == "max" else others[col].idxmax()]
+        rows.append({"constraint": name, "limit": limit, "needed": pick[col], "admits": pick["label"],
+                     "change": _change(limit, pick[col]), "together": False})
+    if rows:
+        return pd.DataFrame(rows).sort_values("change", key=lambda s: s.abs()).reset_index(drop=True)
+    measured = df[[all(pd.notna(r[LIMITS[k][0]]) for k in r.violates) for _, r in df.iterrows()]]
+    if measured.empty:
+        return pd.DataFrame()
+    # the run needing the fewest changes, then the smallest ones (summed as log ratios)
+    score = [(len(r.violates), sum(abs(math.log(max(r[LIMITS[k][0]], 1e-12) / max(active[k], 1e-12)))
+                                   for k in r.violates)) for _, r in measured.iterrows()]
+    fewest = measured.iloc[min(range(len(score)), key=score.__getitem__)]
+    return pd.DataFrame([{"constraint": name, "limit": active[name], "needed": fewest[LIMITS[name][0]],
+                          "admits": fewest["label"], "change": _change(active[name], fewest[LIMITS[name][0]]),
+                          "together": True} for name in fewest.violates])
+
+
+def _change(limit: float, needed: float) -> float:
+    return (needed - limit) / limit if limit else math.inf
+
+
+def _relax_reasons(relax: pd.DataFrame, n: int) -> list[str]:
+    if relax.empty:
+        return [f"None of the {n} runs meets every constraint, and none has the measurements to say "
+                "how far to relax them."]
+    together = bool(relax["together"].iloc[0])
+    lines = [f"None of the {n} runs meets every constraint. "
+             + (f"No single limit is enough: {relax['admits'].iloc[0]} needs all of these changes."
+                if together else "Any one of these changes admits a run:")]
+    for r in relax.to_dict("records"):
+        fmt = LIMITS[r["constraint"]][2]
+        if r["constraint"] == "min_accuracy":
+            pct = f" ({100 * (r['needed'] - r['limit']):+.1f} points)"
+        elif not math.isfinite(r["change"]):
+            pct = ""
+        elif r["change"] > 1:
+            pct = f" ({r['needed'] / r['limit']:.3g}x)"
+        else:
+            pct = f" ({100 * r['change']:+.0f}%)"
+        lines.append(f"Relax {r['constraint']} from {fmt(r['limit'])} to {fmt(r['needed'])}{pct}"
+                     + ("." if together else f" to admit {r['admits']}."))
+    return lines

@@ -1,0 +1,199 @@
+"""Choosing a method, two ways: from rules, and from measured evidence.
+
+Rules. The seed article ended with `choose_finetuning_method(model_size, available_resources,
+task_complexity, deployment_constraints)`, a chain of if/elif guesses. Here the chain is data: a
+table of `Rule`s, each with its conditions, the method it recommends and the reason in words,
+tried top to bottom (the first rule whose conditions all hold wins). `ARTICLE_RULES` keeps the
+article's four inputs and four outcomes; `RULES` adds what people actually weigh: zero added
+inference latency, many tasks served from one base, an update that must be inspectable, and
+whether a full fine-tune fits in memory at all. `choose_method(**answers)` walks a table and
+returns a `Recommendation` with the path it took.
+
+Evidence. `recommend(results, ...)` reads a `compare()` DataFrame, keeps the rows that meet the
+constraints, and returns their Pareto front and a choice whose reasons cite the measured numbers;
+when nothing is feasible it says which limit to relax, and by how much. It lives in
+`evidence.py` and is re-exported here, so both answers come from one module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from ..core.methods import Adapter, FullFineTune, Hybrid, LoRA, Method
+from .recommend import Constraints, Evidence, pareto, recommend  # noqa: F401  (re-exported)
+
+# --- the questions ----------------------------------------------------------------------------
+
+# name -> (choices, default, what it asks). The first four are the article's inputs.
+QUESTIONS: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "model_size": (("small", "medium", "large"), "small",
+                   "the base model: small (< 1B parameters), medium (1-10B), large (> 10B)"),
+    "available_resources": (("limited", "moderate", "abundant"), "moderate",
+                            "training compute and accelerator memory at hand"),
+    "task_complexity": (("low", "medium", "high"), "medium",
+                        "how far the task is from what the base already does"),
+    "deployment_constraints": (("strict", "moderate", "flexible"), "moderate",
+                               "how tight storage and memory are where the model is served"),
+    "zero_latency": (("no", "yes"), "no", "must inference cost exactly what the base costs?"),
+    "multi_task": (("no", "yes"), "no", "are many tasks served from one shared base?"),
+    "inspectable": (("no", "yes"), "no", "must the learned change be inspectable and removable?"),
+    "full_ft_fits": (("unknown", "yes", "no"), "unknown",
+                     "does a full fine-tune (weights, gradients, AdamW state) fit in memory?"),
+}
+ARTICLE_INPUTS = ("model_size", "available_resources", "task_complexity", "deployment_constraints")
+
+
+class AnswerError(ValueError):
+    """An answer to the decision tree names an unknown question or an invalid choice."""
+
+
+def validate_answers(answers: dict) -> dict:
+    """Every question answered (defaults filled in), booleans read as yes/no; raise AnswerError."""
+    unknown = sorted(set(answers) - set(QUESTIONS))
+    if unknown:
+        raise AnswerError(f"unknown question(s) {unknown}; the questions are {list(QUESTIONS)}.")
+    out = {}
+    for name, (choices, default, _) in QUESTIONS.items():
+        value = answers.get(name, default)
+        if isinstance(value, bool) and "yes" in choices:
+            value = "yes" if value else "no"
+        if value not in choices:
+            raise AnswerError(f"{name}={value!r} is not a valid answer; choose one of {list(choices)}.")
+        out[name] = value
+    return out
+
+
+# --- the rules ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rule:
+    """If every answer named in `when` is one of its values, recommend `method`, because `reason`."""
+
+    name: str
+    when: dict
+    method: Method
+    reason: str
+    source: str = "peftkit"  # "article": the seed article's own rule
+
+    def __post_init__(self):
+        for q, values in self.when.items():
+            if q not in QUESTIONS or not set(values) <= set(QUESTIONS[q][0]):
+                raise AnswerError(f"rule {self.name!r}: {q} in {values} is not a valid condition.")
+
+    def check(self, answers: dict) -> tuple[bool, str]:
+        """(matched, why): why names the first condition that failed, or all that held."""
+        for q, values in self.when.items():
+            if answers[q] not in values:
+                return False, f"{q} is {answers[q]}, not {' or '.join(values)}"
+        return True, " and ".join(f"{q} is {answers[q]}" for q in self.when) or "no earlier rule applied"
+
+
+LORA, ADAPTER, HYBRID, FULL = LoRA(r=8, alpha=16), Adapter(), Hybrid(), FullFineTune()
+
+# The article's chain, in its order. Its outcomes: LoRA, adapters, a full fine-tune, a hybrid.
+ARTICLE_RULES: tuple[Rule, ...] = (
+    Rule("large-and-limited", {"model_size": ("large",), "available_resources": ("limited",)}, LORA,
+         "a large model on limited hardware: train a low-rank update and freeze the rest", "article"),
+    Rule("complex-and-flexible", {"task_complexity": ("high",), "deployment_constraints": ("flexible",)},
+         ADAPTER, "a hard task and room at deployment: adapters add capacity as new layers", "article"),
+    Rule("small-and-abundant", {"model_size": ("small",), "available_resources": ("abundant",)}, FULL,
+         "a small model and plenty of compute: update every weight", "article"),
+    Rule("otherwise", {}, HYBRID, "no clear case: combine LoRA and adapters", "article"),
+)
+
+# peftkit's table: hard requirements first (they exclude methods outright), then the article's
+# cases, guarded by what they silently assumed, then the defaults.
+RULES: tuple[Rule, ...] = (
+    Rule("zero-latency", {"zero_latency": ("yes",)}, LORA,
+         "only LoRA folds into the base weight (W + (alpha/r)·BA): merged, the model has the base's "
+         "exact shape and cost. Adapters add layers on the forward path that cannot be folded in."),
+    Rule("inspectable", {"inspectable": ("yes",)}, LORA,
+         "LoRA's change is one matrix per adapted layer, ΔW = (alpha/r)·BA of rank at most r: its "
+         "norm and singular values can be read off, compared across tasks, and removed exactly (unmerge)."),
+    Rule("large-and-limited", {"model_size": ("large",), "available_resources": ("limited",)}, LORA,
+         "a large model on limited hardware (the article's first case): a low-rank update on the "
+         "attention projections needs no gradients or optimizer state for the frozen weights."),
+    Rule("no-room-for-full", {"full_ft_fits": ("no",), "task_complexity": ("high",)}, HYBRID,
+         "a hard task, and a full fine-tune does not fit: LoRA on attention plus adapters after the "
+         "feed-forward blocks give the most capacity of the methods that do fit."),
+    Rule("complex-and-flexible", {"task_complexity": ("high",), "deployment_constraints": ("flexible",)},
+         ADAPTER, "a hard task and room at deployment (the article's second case): adapters add "
+         "non-linear capacity as small new layers, and their extra latency is acceptable here."),
+    Rule("many-tasks", {"multi_task": ("yes",)}, LORA,
+         "many tasks on one base: each task is a small file of LoRA factors swapped into the one "
+         "frozen base; the base is stored and loaded once."),
+    Rule("small-and-abundant", {"model_size": ("small",), "available_resources": ("abundant",),
+                                "full_ft_fits": ("yes", "unknown")}, FULL,
+         "a small model, plenty of compute and the memory for it (the article's third case): "
+         "updating every weight is the quality reference, and its cost is affordable."),
+    Rule("strict-deployment", {"deployment_constraints": ("strict",)}, LORA,
+         "tight storage or memory where it is served: LoRA's factors are the smallest artefact, and "
+         "merged they add nothing at run time."),
+    Rule("otherwise", {}, LORA,
+         "no requirement points elsewhere: LoRA r=8 on query and value is the usual starting point; "
+         "measure it against the alternatives (recommend() on compare() results)."),
+)
+
+# Extra notes attached to a recommendation when their conditions hold and its method matches.
+CAVEATS: tuple[tuple[dict, str, str], ...] = (
+    ({"zero_latency": ("yes",), "multi_task": ("yes",)}, "lora",
+     "zero latency and many tasks pull apart: keep one merged copy per task, or serve the tasks "
+     "unmerged from one base and accept a small extra cost per layer."),
+    ({"full_ft_fits": ("no",)}, "", "a full fine-tune was ruled out: it does not fit in memory."),
+    ({"deployment_constraints": ("strict",)}, "adapter",
+     "deployment is strict, and adapters add layers at run time: check their latency (notebook 03)."),
+)
+
+
+@dataclass(frozen=True)
+class Step:
+    rule: str
+    matched: bool
+    why: str
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The method a rule table recommends, why, and the path of rules tried to get there."""
+
+    method: Method
+    rule: Rule
+    reasons: list[str]
+    path: list[Step]
+    answers: dict
+
+    @property
+    def label(self) -> str:
+        return self.method.describe()
+
+    def text(self) -> str:
+        lines = [f"Recommended: {self.label} (rule '{self.rule.name}').", *[f"- {r}" for r in self.reasons]]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.text()
+
+
+def choose_method(rules: tuple[Rule, ...] = RULES, **answers) -> Recommendation:
+    """Walk `rules` top to bottom with the given answers; the first rule that holds decides."""
+    answers = validate_answers(answers)
+    path = []
+    for rule in rules:
+        matched, why = rule.check(answers)
+        path.append(Step(rule.name, matched, why))
+        if matched:
+            reasons = [f"{why}: {rule.reason}"]
+            reasons += [text for when, method, text in CAVEATS
+                        if (not method or method == rule.method.name)
+                        and all(answers[q] in v for q, v in when.items())]
+            return Recommendation(rule.method, rule, reasons, path, answers)
+    raise AnswerError(f"no rule matched {answers}; a rule table must end with an unconditional rule.")
+
+
+def rules_frame(rules: tuple[Rule, ...] = RULES) -> pd.DataFrame:
+    """The table, one row per rule, in the order it is tried."""
+    return pd.DataFrame([{"rule": r.name, "if": " and ".join(f"{q} in {list(v)}" for q, v in r.when.items())
+                          or "(always)", "recommend": r.method.describe(), "because": r.reason,
+                          "source": r.source} for r in rules])

@@ -1,0 +1,392 @@
+"""Hyperparameter search with Optuna: TPE sampling, median pruning on per-epoch validation accuracy.
+
+Each trial builds a method (LoRA, Adapter, Hybrid, FullFineTune or HeadOnly) from the sampled
+values, applies it to a fresh copy of the base, trains it with `fit` on a subset of the training
+split and reports validation accuracy after every epoch. Optuna's `MedianPruner` stops a trial
+whose accuracy at epoch k is below the median of earlier trials at epoch k. The objective is the
+last epoch's validation accuracy; the test split is never looked at (retrain the best config with
+`best_config` + `experiments.compare` for that).
+
+Storage. A study lives in a database, so it survives the process: by default SQLite at
+runs/optuna.db, and calling `tune` again with the same study name continues it. `n_trials` is the
+number of finished trials (complete or pruned) the study should hold, counting earlier runs and
+every other worker, so several processes can share one target exactly.
+
+Several machines: give every worker the same Optuna RDB URL and study name. With PostgreSQL:
+
+    # once, on the database host
+    createuser -P peftkit && createdb -O peftkit peftkit
+    # on every worker (pip install psycopg2-binary)
+    python -c "from peftkit.studies.tuning import tune; tune('lora', n_trials=100,
+        storage='postgresql+psycopg2://peftkit:PASSWORD@dbhost:5432/peftkit', study_name='lora-movies')"
+
+Each worker asks for trials until the study holds 100 finished ones; TPE's "constant liar" keeps
+workers from sampling the same point while trials run. SQLite is fine for processes on one
+machine (it locks the file), not for several machines on a network file system.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import fcntl
+import math
+import os
+import socket
+import time
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+import torch
+from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
+from tqdm.auto import tqdm
+
+from .. import data
+from ..bases.models import load_base
+from ..core.methods import METHODS
+from ..core.surgery import apply
+from ..data.loaders import make_loaders
+from ..training.loop import TrainConfig, fit
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: peftkit/<layer>/<module>.py
+DEFAULT_STORAGE = f"sqlite:///{ROOT / 'runs' / 'optuna.db'}"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+TRAIN_KNOBS = ("lr", "batch_size", "weight_decay", "warmup_ratio", "epochs")
+
+
+def _searchable(method: str) -> dict:
+    """knob key -> Knob, for the knobs of `method` (read from the registry) that a search may change."""
+    out = {}
+    for k in METHODS[method].all_knobs():
+        if k.space is not None:
+            out.setdefault(k.key, k)  # a hybrid's "dropout" sets both halves' dropout
+    return out
+
+
+def method_knobs() -> dict[str, tuple[str, ...]]:
+    """What each registered method lets a search change, besides the training knobs."""
+    return {name: tuple(_searchable(name)) for name in METHODS}
+
+
+METHOD_KNOBS = method_knobs()  # as of import; call method_knobs() to see methods registered later
+INTEGER_KNOBS = ("batch_size", "epochs")
+# names people reach for (PEFT's and transformers') -> ours, for "did you mean"
+ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr",
+           "batch": "batch_size", "size": "adapter_size", "bottleneck": "adapter_size", "reduction": "adapter_size"}
+
+
+class SpaceError(ValueError):
+    """A search space names an unknown knob or gives it an impossible range."""
+
+
+class StorageError(ValueError):
+    """A storage URL that Optuna cannot use, and what to write instead."""
+
+
+def default_space(method: str = "lora") -> dict:
+    """The search space: name -> (low, high), (low, high, "log"), [choices] or a fixed value."""
+    _check_method(method)
+    space = {"lr": METHODS[method].lr_space, "batch_size": [16, 32, 64]}
+    return space | {key: k.space for key, k in _searchable(method).items()}
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise SpaceError(f"cannot tune method {method!r}; choose one of {list(METHODS)}.")
+
+
+def build(method: str, params: dict, epochs: int = 1, seed: int = 0):
+    """(Method, TrainConfig) from one set of sampled values."""
+    p = dict(params)
+    train = {k: p.pop(k) for k in TRAIN_KNOBS if k in p}
+    if "r" in p and "alpha" not in p:
+        p["alpha"] = 2 * p["r"]  # a searched rank without a searched alpha keeps alpha/r = 2
+    m = METHODS[method].from_knobs(p)
+    cfg = TrainConfig(**{"epochs": epochs, "seed": seed, "progress": False, **train})
+    return m, cfg
+
+
+def parse_space(space: dict | None, method: str = "lora") -> dict:
+    """Check a space against a method; returns name -> ("fixed" | "int" | "float" | "categorical", ...)."""
+    _check_method(method)
+    if space is None:
+        space = default_space(method)
+    if not isinstance(space, dict) or not space:
+        raise SpaceError(f"the space must be a non-empty dict of knob -> range, like {default_space(method)}.")
+    searchable = _searchable(method)
+    knobs = tuple(searchable) + TRAIN_KNOBS
+    dims = {}
+    for name, spec in space.items():
+        if name not in knobs:
+            close = [ALIASES[name]] if ALIASES.get(name) in knobs else difflib.get_close_matches(str(name), knobs, n=1)
+            raise SpaceError(f"unknown knob {name!r} for {method}" + (f"; did you mean {close[0]!r}?" if close else ".")
+                             + f" The knobs for {method} are {list(knobs)}.")
+        dims[name] = _parse_dim(name, spec, name in INTEGER_KNOBS or getattr(searchable.get(name), "kind", None) is int)
+    # Build the method and config at every corner the space can reach, so an impossible value
+    # (dropout 1.5, lr 0) fails now with the knob's name instead of inside trial 7.
+    for name, d in dims.items():
+        for value in _extremes(d):
+            probe = {n: _extremes(o)[0] for n, o in dims.items()} | {name: value}
+            try:
+                build(method, probe)
+            except (ValueError, TypeError) as e:
+                raise SpaceError(f"{name}={value!r} is reachable in the space {space[name]!r} but invalid: {e}") from None
+    return dims
+
+
+def _parse_dim(name: str, spec, integer: bool):
+    if isinstance(spec, list):
+        if not spec:
+            raise SpaceError(f"{name}: an empty list of choices; give at least one value.")
+        return ("categorical", list(spec))
+    if isinstance(spec, tuple):
+        log = len(spec) == 3 and spec[2] == "log"
+        if len(spec) not in (2, 3) or (len(spec) == 3 and not log):
+            raise SpaceError(f"{name}={spec!r}: a range is (low, high) or (low, high, 'log').")
+        low, high = spec[:2]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
+            raise SpaceError(f"{name}={spec!r}: the bounds must be finite numbers.")
+        if not low < high:
+            raise SpaceError(f"{name}={spec!r}: low must be below high (for one value, write {name}={low!r}).")
+        if log and low <= 0:
+            raise SpaceError(f"{name}={spec!r}: a log range needs low > 0.")
+        if integer and not (float(low).is_integer() and float(high).is_integer()):
+            raise SpaceError(f"{name}={spec!r}: {name} is an integer; give integer bounds.")
+        return ("int" if integer else "float", int(low) if integer else float(low),
+                int(high) if integer else float(high), log)
+    if isinstance(spec, (int, float, str)) and not isinstance(spec, bool):
+        return ("fixed", spec)
+    raise SpaceError(f"{name}={spec!r}: write (low, high), (low, high, 'log'), [choices] or a single value.")
+
+
+def _extremes(d) -> list:
+    return {"fixed": lambda: [d[1]], "categorical": lambda: d[1], "int": lambda: [d[1], d[2]],
+            "float": lambda: [d[1], d[2]]}[d[0]]()
+
+
+def suggest(trial: optuna.Trial, dims: dict) -> dict:
+    out = {}
+    for name, d in dims.items():
+        if d[0] == "fixed":
+            out[name] = d[1]
+        elif d[0] == "categorical":
+            out[name] = trial.suggest_categorical(name, d[1])
+        elif d[0] == "int":
+            out[name] = trial.suggest_int(name, d[1], d[2], log=d[3])
+        else:
+            out[name] = trial.suggest_float(name, d[1], d[2], log=d[3])
+    return out
+
+
+def resolve_storage(storage=None):
+    """An Optuna storage from a URL (None: SQLite at runs/optuna.db; "memory": this process only)."""
+    if isinstance(storage, optuna.storages.BaseStorage):
+        return storage
+    if storage in ("memory", ":memory:"):
+        return optuna.storages.InMemoryStorage()
+    if storage is None:
+        (ROOT / "runs").mkdir(exist_ok=True)
+        storage = DEFAULT_STORAGE
+    if not isinstance(storage, str):
+        raise StorageError(f"storage={storage!r} should be a database URL string, 'memory', or None.")
+    try:
+        url = make_url(storage)
+    except sqlalchemy.exc.ArgumentError:
+        raise StorageError(f"storage={storage!r} is not a database URL. Write e.g. 'sqlite:///runs/optuna.db' "
+                           "or 'postgresql+psycopg2://user:password@host:5432/db'.") from None
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "postgres":
+        raise StorageError(f"{shown}: SQLAlchemy spells PostgreSQL 'postgresql://' (not 'postgres://').")
+    try:
+        url.get_dialect()
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise StorageError(f"{shown}: unknown database kind {url.drivername!r}. Optuna's RDB storage takes "
+                           "SQLAlchemy URLs: sqlite:///path, postgresql+psycopg2://..., mysql+pymysql://...") from None
+    except ImportError as e:
+        raise StorageError(f"{shown}: the database driver is not installed ({e}). For PostgreSQL: "
+                           "pip install psycopg2-binary; for MySQL: pip install pymysql.") from None
+    kwargs = {}
+    if url.get_backend_name() == "sqlite":
+        if url.database in (None, "", ":memory:"):
+            raise StorageError(f"{shown}: an in-memory SQLite database vanishes with its connection; use "
+                               "storage='memory' for a throwaway study, or a file: sqlite:///runs/optuna.db.")
+        folder = Path(url.database).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise StorageError(f"{shown}: the folder {folder} does not exist; create it, or use the default "
+                               "(storage=None: runs/optuna.db).")
+        kwargs = {"connect_args": {"timeout": 60}}  # wait for another worker's write lock
+    lock = None
+    if url.get_backend_name() == "sqlite":  # workers on one machine create the tables one at a time
+        lock = open(f"{Path(url.database).expanduser()}.lock", "a")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(storage, engine_kwargs=kwargs)
+            except sqlalchemy.exc.SQLAlchemyError as e:
+                # another worker (on another machine) was creating the same tables: they exist now
+                racing = any(s in str(e) for s in ("already exists", "UNIQUE constraint", "duplicate key"))
+                if not racing or attempt == 4:
+                    first = str(e).strip().splitlines()[0]
+                    raise StorageError(f"could not open the study database {shown}: {first}. Check that the "
+                                       "server is up, the database exists and the user may create tables.") from None
+                time.sleep(0.2 * (attempt + 1))
+    except ImportError as e:
+        raise StorageError(f"{shown}: the database driver is not installed ({e}). For PostgreSQL: "
+                           "pip install psycopg2-binary.") from None
+    finally:
+        if lock is not None:
+            lock.close()  # releases the lock
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _fail_orphans(study: optuna.Study) -> int:
+    """Fail RUNNING trials left by a killed process on this host (its pid is gone)."""
+    host, n = socket.gethostname(), 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        who = t.user_attrs.get("worker", "")
+        name, _, pid = who.rpartition(":")
+        if name == host and pid.isdigit() and not _alive(int(pid)):
+            optuna.trial.Trial(study, t._trial_id).set_user_attr("fail_reason", f"worker {who} is gone")
+            study.tell(t.number, state=TrialState.FAIL)
+            n += 1
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _count(study, states, below: int | None = None) -> int:
+    return sum(below is None or t.number < below for t in study.get_trials(deepcopy=False, states=states))
+
+
+def tune(method: str = "lora", space: dict | None = None, n_trials: int = 20, storage=None,
+         study_name: str | None = None, timeout: float | None = None, *, base: str = "minilm",
+         domain: str = "movies", n_train: int | None = 2000, n_val: int | None = 500, epochs: int = 2,
+         max_length: int = 128, seed: int = 0, sampler_seed: int | None = None, threads: int | None = None,
+         progress: bool = True) -> optuna.Study:
+    """Search `space` for `method` until the study holds `n_trials` finished trials (or `timeout`
+    seconds pass); returns the Optuna study. Trials already in the study, from an earlier call or
+    another worker, count towards n_trials: calling again continues, never repeats.
+
+    n_train / n_val: random subsets of the training and validation splits (None: all), drawn with
+    `seed` exactly as `experiments.run` draws them, so `best_config` retrains on the same data.
+    sampler_seed: seeds TPE (None: random, so parallel workers explore different points).
+    """
+
+    dims = parse_space(space, method)
+    if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
+        raise ValueError(f"n_trials={n_trials!r} must be a positive integer (the study's target of finished trials).")
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout={timeout!r} must be a positive number of seconds, or None.")
+    setup = {"method": method, "base": base, "domain": domain, "n_train": n_train, "n_val": n_val,
+             "epochs": epochs, "max_length": max_length, "seed": seed}
+    study_name = study_name or f"{method}-{base}-{domain}-n{n_train}-e{epochs}"
+    study = optuna.create_study(
+        storage=resolve_storage(storage), study_name=study_name, direction="maximize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=5),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0))
+    known = study.user_attrs.get("setup")
+    if known is None:
+        study.set_user_attr("setup", setup)
+    elif known != setup:
+        diff = {k: (known.get(k), v) for k, v in setup.items() if known.get(k) != v}
+        raise ValueError(f"study {study_name!r} was run with a different set-up (was, now): {diff}. Trials on "
+                         "different data are not comparable: pass another study_name.")
+    _fail_orphans(study)
+
+    if threads:
+        torch.set_num_threads(threads)
+    splits = data.split(data.load_corpus(domain), seed=seed)
+    train, val = splits["train"], splits["val"]
+    for name, df, n in (("n_train", train, n_train), ("n_val", val, n_val)):
+        if n is not None and not 2 <= n <= len(df):
+            raise ValueError(f"{name} must be between 2 and {len(df)} for {domain}, got {n}.")
+    train = data.subset({"train": train}, n_train, seed=seed, domain=domain)["train"]
+    val = data.sample_rows(val, n_val, seed)
+    base_model, tok = load_base(base, num_labels=2, seed=seed)
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, dims)
+        m, cfg = build(method, params, epochs=epochs, seed=seed)
+        model = copy.deepcopy(base_model)  # same head initialisation in every trial
+        apply(model, m)
+        loaders = make_loaders(tok, {"train": train, "val": val}, batch_size=cfg.batch_size,
+                               max_length=max_length, seed=seed)
+
+        def report(row):
+            epoch = int(round(row["epoch"]))
+            trial.report(row["val_accuracy"], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val accuracy {row['val_accuracy']:.4f} at epoch {epoch} is below the median")
+        t0 = time.perf_counter()
+        hist = fit(model, loaders["train"], loaders["val"], cfg, on_eval=report)
+        trial.set_user_attr("seconds", time.perf_counter() - t0)
+        last = hist.dropna(subset=["val_accuracy"]).iloc[-1]
+        trial.set_user_attr("val_f1_macro", float(last["val_f1_macro"]))
+        trial.set_user_attr("trainable", sum(p.numel() for p in model.parameters() if p.requires_grad))
+        return float(last["val_accuracy"])
+
+    done = _count(study, FINISHED)
+    bar = tqdm(total=n_trials, initial=min(done, n_trials), desc=f"tune {study_name}", disable=not progress)
+    t_start = time.monotonic()
+    while True:
+        if timeout is not None and time.monotonic() - t_start > timeout:
+            break
+        # Stop when the finished trials, plus those other workers are running, reach the target.
+        if _count(study, FINISHED) + _count(study, (TrialState.RUNNING,)) >= n_trials:
+            break
+        trial = study.ask()
+        trial.set_user_attr("worker", _worker_id())
+        # Two workers may ask at the same moment for the last slot: the later number stands down.
+        if _count(study, FINISHED + (TrialState.RUNNING,), below=trial.number) >= n_trials:
+            trial.set_user_attr("fail_reason", "surplus: the study reached n_trials while this trial was created")
+            study.tell(trial, state=TrialState.FAIL)
+            break
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+        except BaseException as e:
+            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:500])
+            study.tell(trial, state=TrialState.FAIL)
+            bar.close()
+            raise
+        else:
+            study.tell(trial, value)
+        bar.n = min(_count(study, FINISHED), n_trials)
+        bar.refresh()
+    bar.close()
+    return study
+
+
+def best_config(study: optuna.Study):
+    """(Method, TrainConfig) of the study's best complete trial, ready for `experiments.compare`."""
+    setup = study.user_attrs.get("setup")
+    if setup is None:
+        raise ValueError(f"study {study.study_name!r} was not made by peftkit.studies.tuning (it has no set-up record).")
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise ValueError(f"study {study.study_name!r} has no complete trial yet; run tune() first.")
+    method, cfg = build(setup["method"], study.best_params, epochs=setup["epochs"], seed=setup["seed"])
+    return method, dataclasses.replace(cfg, progress=True)
+
+
+def trials_frame(study: optuna.Study):
+    """One row per trial: number, state, value, the sampled parameters, seconds, worker."""
+    df = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs"))
+    df.columns = [c.removeprefix("params_").removeprefix("user_attrs_") for c in df.columns]
+    return df

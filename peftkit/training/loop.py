@@ -1,0 +1,276 @@
+"""`fit`: a training loop that knows nothing about PEFT.
+
+It optimises exactly the parameters that require grad (AdamW, linear warm-up then linear decay,
+clipping, accumulation), evaluates on a schedule, stops early, shows one progress bar, writes
+atomic checkpoints and resumes from them bit for bit, and refuses to go on after a NaN loss.
+Launched by `torchrun --nproc_per_node=N` it runs data-parallel (gloo on CPU, nccl on GPU):
+each rank takes its slice of the same global batch, and only rank 0 writes anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data.loaders import EpochBatchSampler
+from ..layers.dropout import set_attention_dropout, use_fast_dropout
+from ..runtime import cpu_has_bf16, resolve_device
+from . import checkpoint as ckpt
+from .metrics import evaluate, model_logits, to_device
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or inf; training stopped before the bad step was applied."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    lr: float = 5e-4                # fit knows no methods: experiments and the CLI pass Method.default_lr
+    batch_size: int = 32            # the global batch; the loaders are built with it
+    weight_decay: float = 0.0       # applied to matrices only, never to biases or norms
+    warmup_ratio: float = 0.06      # the BERT/RoBERTa fine-tuning recipe
+    grad_clip: float | None = 1.0   # max global grad norm; None turns clipping off
+    grad_accumulation: int = 1      # micro-batches per optimizer step
+    eval_every: int | None = None   # optimizer steps between evaluations; None: each epoch
+    patience: int | None = None     # evaluations without improvement before stopping
+    monitor: str = "f1_macro"       # the validation metric patience watches (higher is better)
+    seed: int = 0
+    device: str = "auto"            # "auto": cuda, then mps, then cpu
+    bf16: bool = True               # bf16 autocast on cuda
+    cpu_bf16: bool = False          # bf16 autocast on cpu too: faster only where the CPU has AVX512-BF16 or AMX
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None  # optimizer steps; None: each epoch
+    max_steps: int | None = None    # stop after this many optimizer steps (smoke runs)
+    attention_dropout: float | None = None  # None: the model's own (MiniLM: 0.1); 0 lets CPU attention use its fused kernel
+    fast_dropout: bool = False      # swap nn.Dropout for peftkit.dropout.FastDropout: same p, half the cost on CPU, another random stream
+    progress: bool = True
+
+    def __post_init__(self):
+        checks = [
+            (isinstance(self.epochs, int) and self.epochs >= 1, "epochs must be an integer >= 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
+            (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be an integer >= 1"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be positive or None"),
+            (isinstance(self.grad_accumulation, int) and self.grad_accumulation >= 1, "grad_accumulation must be an integer >= 1"),
+            (self.eval_every is None or self.eval_every >= 1, "eval_every must be >= 1 or None"),
+            (self.patience is None or self.patience >= 1, "patience must be >= 1 or None"),
+            (self.device in ("auto", "cpu", "mps") or str(self.device).startswith("cuda"), "device must be auto, cpu, cuda[:N] or mps"),
+            (self.monitor in ("accuracy", "f1_macro", "f1_weighted", "neg_loss"), "monitor must be accuracy, f1_macro, f1_weighted or neg_loss"),
+            (self.attention_dropout is None or 0 <= self.attention_dropout < 1, "attention_dropout must be in [0, 1) or None"),
+            (isinstance(self.cpu_bf16, bool), "cpu_bf16 must be True or False"),
+            (isinstance(self.fast_dropout, bool), "fast_dropout must be True or False"),
+        ]
+        bad = [msg for ok, msg in checks if not ok]
+        if bad:
+            raise ValueError(f"invalid TrainConfig: {'; '.join(bad)}.")
+
+
+def autocast_for(device: torch.device, cfg: TrainConfig):
+    """The autocast context `fit` trains under: bf16 on cuda (cfg.bf16), and on cpu when asked
+    (cfg.cpu_bf16); otherwise a no-op. The parameters, gradients and AdamW state stay fp32."""
+    if device.type == "cuda" and cfg.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and cfg.cpu_bf16:
+        if not cpu_has_bf16():
+            warnings.warn("cpu_bf16=True, but this CPU has neither AVX512-BF16 nor AMX: bf16 is emulated "
+                          "and trains slower than fp32. Set cpu_bf16=False here.", stacklevel=3)
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world) — initialising the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _schedule(total: int, warmup_ratio: float):
+    warm = int(round(warmup_ratio * total))
+
+    def lr_factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        return max(0.0, (total - step) / max(1, total - warm))
+    return lr_factor
+
+
+def _iterate(loader):
+    """Iterate without touching the global RNG: a DataLoader draws a seed from it for every new
+    iterator, and a resumed run creates one more than the uninterrupted run did."""
+    state = torch.get_rng_state()
+    it = iter(loader)
+    torch.set_rng_state(state)
+    return it
+
+
+def fit(model, train_loader, val_loader=None, cfg: TrainConfig | None = None, resume: bool = False,
+        on_eval=None) -> pd.DataFrame:
+    """Train `model` in place; returns the history (step, epoch, loss, lr, val_*, elapsed).
+
+    on_eval: called with a copy of each evaluation's history row (step, epoch, loss, lr, val_*);
+    an exception it raises (e.g. optuna.TrialPruned) stops training and propagates.
+    """
+    cfg = cfg or TrainConfig()
+    device = resolve_device(cfg.device)
+    if cfg.attention_dropout is not None:
+        set_attention_dropout(model, cfg.attention_dropout)
+    if cfg.fast_dropout:
+        use_fast_dropout(model)
+    rank, world = _distributed(device)
+    model.to(device)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not named:
+        raise ValueError("no parameter requires grad: apply a method (peftkit.apply) or unfreeze something.")
+    if resume and not cfg.checkpoint_dir:
+        raise ValueError("resume=True needs cfg.checkpoint_dir, where the checkpoints are.")
+    torch.manual_seed(cfg.seed)
+
+    sampler = getattr(train_loader, "batch_sampler", None)  # a plain list of batches works too
+    if not isinstance(sampler, EpochBatchSampler):
+        if world > 1 or resume:
+            raise ValueError("data-parallel runs and resuming need a loader from peftkit.make_loaders "
+                             "(its batch order is reproducible); this one has a plain sampler.")
+        sampler = None
+    loader = train_loader
+    if sampler is not None and world > 1:
+        sampler = sampler.shard(rank, world)
+        loader = DataLoader(train_loader.dataset, batch_sampler=sampler, collate_fn=train_loader.collate_fn)
+    batches_per_epoch = len(sampler.global_batches()) if sampler else len(train_loader)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accumulation)
+    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+
+    decay = [p for p in named.values() if p.ndim >= 2]
+    no_decay = [p for p in named.values() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, cfg.warmup_ratio))
+    net = model
+    if world > 1:
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    state = {"step": 0, "epoch": 0, "batch": 0, "elapsed": 0.0, "history": [], "best": None,
+             "bad_evals": 0, "stopped": False, "last_checkpoint": None}
+    if resume and (path := ckpt.latest(cfg.checkpoint_dir)) is not None:
+        saved = ckpt.load(path, named, opt, sched)
+        state.update({k: saved[k] for k in state if k in saved}, last_checkpoint=str(path))
+
+    autocast = autocast_for(device, cfg)
+    bar = tqdm(total=total, initial=state["step"], disable=not cfg.progress or rank != 0,
+               desc="train", dynamic_ncols=True)
+    t_start = time.perf_counter() - state["elapsed"]
+
+    def save_checkpoint():
+        if cfg.checkpoint_dir is None:
+            return
+        state["elapsed"] = time.perf_counter() - t_start
+        if rank == 0:
+            meta = {**state, "config": asdict(cfg)}
+            state["last_checkpoint"] = str(ckpt.save(cfg.checkpoint_dir, named.items(), opt, sched, meta))
+        if world > 1:
+            dist.barrier()
+
+    def run_eval(row):
+        if val_loader is None:
+            return
+        m = evaluate(model, val_loader, device)
+        row.update({f"val_{k}": v for k, v in m.items() if k != "confusion"})
+        score = -m["loss"] if cfg.monitor == "neg_loss" else m[cfg.monitor]
+        if state["best"] is None or score > state["best"]:
+            state["best"], state["bad_evals"] = score, 0
+        else:
+            state["bad_evals"] += 1
+            if cfg.patience and state["bad_evals"] >= cfg.patience:
+                state["stopped"] = True
+        if on_eval is not None:
+            try:
+                on_eval(dict(row))
+            except BaseException:
+                bar.close()
+                model.train(was_training)
+                raise
+
+    was_training = model.training  # restored at the end: fit leaves the mode as it found it
+    net.train()
+    while state["epoch"] < cfg.epochs and state["step"] < total and not state["stopped"]:
+        epoch = state["epoch"]
+        if sampler is not None:
+            sampler.set_epoch(epoch, skip=state["batch"])
+        micro, losses = 0, []
+        n_left = batches_per_epoch - state["batch"]
+        for i, batch in enumerate(_iterate(loader)):
+            batch = to_device(batch, device)
+            last_micro = (micro + 1 == cfg.grad_accumulation) or (i + 1 == n_left)
+            sync = contextlib.nullcontext() if (world == 1 or last_micro) else net.no_sync()
+            with sync:
+                with autocast:
+                    loss = F.cross_entropy(model_logits(net, batch).float(), batch["labels"])
+                check = loss.detach().clone()
+                if world > 1:
+                    dist.all_reduce(check)
+                    check /= world
+                if not torch.isfinite(check):
+                    bar.close()
+                    raise TrainingDiverged(
+                        f"loss is {check.item()} at step {state['step'] + 1} (epoch {epoch + 1}); "
+                        f"the step was not applied. Last good checkpoint: "
+                        f"{state['last_checkpoint'] or 'none written yet'}. Lower lr (now {cfg.lr:g}), "
+                        "check the data for empty or broken rows, or enable grad_clip.")
+                (loss / cfg.grad_accumulation).backward()
+            losses.append(check.item())
+            micro += 1
+            state["batch"] += 1
+            if not last_micro:
+                continue
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.grad_clip)
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            state["step"] += 1
+            row = {"step": state["step"], "epoch": epoch + state["batch"] / batches_per_epoch,
+                   "loss": sum(losses) / len(losses), "lr": lr}
+            micro, losses = 0, []
+            end_of_epoch = state["batch"] >= batches_per_epoch
+            if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or (end_of_epoch and not cfg.eval_every):
+                run_eval(row)
+            row["elapsed"] = time.perf_counter() - t_start
+            state["history"].append(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            done = state["step"] >= total or state["stopped"]
+            if end_of_epoch:
+                state["epoch"], state["batch"] = epoch + 1, 0
+            if done or end_of_epoch or (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0):
+                save_checkpoint()
+            if done:
+                break
+    bar.close()
+    model.train(was_training)
+    hist = pd.DataFrame(state["history"])
+    hist.attrs.update(stopped_early=state["stopped"], best=state["best"], device=str(device),
+                      world_size=world, checkpoint=state["last_checkpoint"])
+    return hist
+
+
+def save_history(hist: pd.DataFrame, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    hist.to_json(path, orient="records", lines=True)
