@@ -249,6 +249,16 @@ def disagreements(grid: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def disagreement_text(grid: pd.DataFrame) -> str:
+    """`disagreements(grid)` as Markdown, one line per pair of deciding rules."""
+    lines = []
+    for r in disagreements(grid).to_dict("records"):
+        n, why = r["combinations"], r["peftkit's reason"]
+        lines.append(f"- {n} combination{'s' if n > 1 else ''}: the article's `{r['article rule']}` answers "
+                     f"{r['article']}; peftkit's `{r['peftkit rule']}` answers {r['peftkit']}, because {why}")
+    return "\n".join(lines) or "- none: the two tables agree on every combination."
+
+
 # --- the comparison words, measured ------------------------------------------------------------
 
 # method -> the article's words for training time and storage (its table, lines 263-267)

@@ -394,3 +394,11 @@ def test_a_standard_normal_base_blows_up_with_the_width():
     df = init_scale_demo()
     ratio = df["output std, weight ~ N(0, 1) (the article)"] / np.sqrt(df.in_features)
     assert ratio.between(0.9, 1.1).all() and df["output std, nn.Linear's init"].lt(1).all()
+
+
+def test_the_disagreement_text_has_one_line_per_pair_of_rules():
+    from peftkit.article_checks import disagreement_text
+    grid = article_vs_peftkit()
+    lines = disagreement_text(grid).splitlines()
+    assert len(lines) == len(disagreements(grid)) and all(line.startswith("- ") and "because" in line for line in lines)
+    assert disagreement_text(grid[grid.agree]).startswith("- none")
