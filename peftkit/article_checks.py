@@ -88,7 +88,7 @@ def trainable_base_demo(model=None, r: int = 8, steps: int = 3, lr: float = 1e-3
     labels = torch.randint(0, base.config.num_labels, (len(inputs["input_ids"]),),
                            generator=torch.Generator().manual_seed(seed))
     ref = _hidden(base, inputs)
-    head = find_head(base) or ""
+    head = find_head(base)
     rows = []
     for setting, everything in (("peftkit: base frozen", False), ("the article: every parameter trains", True)):
         m = apply(copy.deepcopy(base), LoRA(r=r, alpha=2 * r))
@@ -106,8 +106,8 @@ def trainable_base_demo(model=None, r: int = 8, steps: int = 3, lr: float = 1e-3
         lora = sum(p.numel() for l in lora_layers(m) for p in (l.lora_A, l.lora_B))
         total = sum(p.numel() for p in m.parameters())
         remove(m)  # the LoRA layers out: what is left is the base as training left it
-        changed = [n for n, p in m.named_parameters()
-                   if not n.startswith(head) and not torch.equal(p, base.get_parameter(n))]
+        changed = [n for n, p in m.named_parameters() if not (head and (n == head or n.startswith(head + ".")))
+                   and not torch.equal(p, base.get_parameter(n))]
         rows.append({"setting": setting, "trainable": sum(p.numel() for p in params), "LoRA factors": lora,
                      "trainable % of the model": 100 * sum(p.numel() for p in params) / total,
                      "base tensors changed": len(changed),
@@ -163,11 +163,12 @@ def adapter_init_demo(model=None, size: int = 8, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def quantization_demo(model=None, bits: int = 8, seed: int = 0) -> pd.DataFrame:
-    """The article's rounding (one scale per tensor, the result stored back in float32, lines
+def quantization_demo(model=None, seed: int = 0) -> pd.DataFrame:
+    """The article's 8-bit rounding (one scale per tensor, the result stored back in float32, lines
     450-459) against one scale per output row and against real int8 storage: bytes, the weights'
-    relative error, the encoder output's change, and on one matrix with a single outlier (as trained weights
-    have) the relative error and the share of its weights rounded to zero."""
+    relative error, the encoder output's change, and on one matrix with a single outlier (as
+    trained weights have) the relative error and the share of its weights rounded to zero."""
+    bits = 8
     m = _copy(model, seed)
     inputs = _inputs(m, seed)
     ref = _hidden(m, inputs)

@@ -95,7 +95,7 @@ def canonical(name: str, value) -> str:
     if close:
         msg += f"; did you mean {close[0]!r}?"
     else:
-        elsewhere = [q for q in QUESTIONS if q != name
+        elsewhere = [q for q in QUESTIONS if q != name and isinstance(value, str)
                      and (value in QUESTIONS[q][0] or value in ARTICLE_WORDS.get(q, {}))]
         msg += f"; {value!r} answers {' and '.join(elsewhere)}, not {name}." if elsewhere else "."
     raise AnswerError(msg)

@@ -136,6 +136,7 @@ def test_zero_latency_beats_the_article_adapter_case_and_notes_multi_task():
     (dict(model_size="Large"), r"did you mean 'large'\?"),
     (dict(deployment_constraints="good"), r"'good' answers available_resources, not deployment_constraints"),
     (dict(task_compexity="low"), r"Did you mean 'task_complexity' for 'task_compexity'\?"),
+    (dict(model_size=["large"]), r"model_size=\['large'\] is not a valid answer"),
 ])
 def test_invalid_answers_list_the_valid_choices(answers, match):
     with pytest.raises(AnswerError, match=match):
