@@ -85,3 +85,10 @@ def test_pool_keeps_each_files_rounds_paired_and_refuses_unlike_settings(tmp_pat
     with pytest.raises(SystemExit) as e:  # the CLI: a one-line error, exit code 2
         main(["--pool", str(tmp_path / "a.csv"), str(tmp_path / "missing.csv")])
     assert e.value.code == 2
+
+
+def test_benchmarks_readme_is_generated_from_the_results():
+    """benchmarks/README.md is what `python benchmarks/report.py` writes from the CSVs, not typed."""
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--check"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr

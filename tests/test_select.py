@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 import peftkit as pk
-from peftkit.studies.selection import (ARTICLE_RULES, QUESTIONS, RULES, AnswerError, Constraints, Rule, choose_method,
-                            pareto, recommend, rules_frame, validate_answers)
+from peftkit.studies.selection import (ARTICLE_CHOICES, ARTICLE_RULES, ARTICLE_WORDS, QUESTIONS, RULES, AnswerError, Constraints,
+                            Rule, choose_method, pareto, recommend, rules_frame, validate_answers, vocabulary_frame)
 
 # One set of answers per rule that reaches exactly that rule. A rule without a case fails below.
 RULE_CASES = {
@@ -47,14 +47,18 @@ def test_each_condition_of_a_rule_is_needed(rule):
         assert not rule.check({**answers, q: other})[0], f"{rule.name} still matches with {q}={other}"
 
 
-# The article's examples: its four inputs -> its outcome, and what peftkit's table says with the
-# new questions at their defaults (no latency, inspection or multi-task requirement; memory unknown).
+# The article's examples (lines 514 and 518) and a few more, in its words and in peftkit's: its four
+# inputs -> its outcome, and what peftkit's table says with the new questions at their defaults (no
+# latency, inspection or multi-task requirement; memory unknown). All 54 combinations of the
+# article's words are in test_article.py.
 ARTICLE_EXAMPLES = [
+    (("large", "limited", "simple", "strict"), "lora", "lora"),  # the article's scenario 1
+    (("medium", "good", "complex", "normal"), "adapter", "lora"),  # scenario 2; peftkit's differs
     (("large", "limited", "high", "strict"), "lora", "lora"),
     (("small", "abundant", "high", "flexible"), "adapter", "adapter"),
-    (("small", "abundant", "low", "strict"), "full", "full"),
-    (("medium", "moderate", "medium", "moderate"), "hybrid", "lora"),  # peftkit's default differs
-    (("large", "abundant", "high", "strict"), "hybrid", "lora"),
+    (("small", "abundant", "low", "strict"), "lora", "full"),  # strict and simple; peftkit: full fine-tune
+    (("medium", "moderate", "medium", "moderate"), "lora", "lora"),
+    (("medium", "normal", "complex", "loose"), "lora", "adapter"),  # peftkit: complex and flexible
 ]
 
 
@@ -65,10 +69,47 @@ def test_article_examples(inputs, article, ours):
     assert choose_method(**answers).method.name == ours
 
 
-def test_article_table_keeps_its_four_outcomes_and_ends_unconditionally():
-    assert {r.method.name for r in ARTICLE_RULES} == {"lora", "adapter", "full", "hybrid"}
+def test_article_table_is_its_chain_in_its_words():
+    assert [r.name for r in ARTICLE_RULES] == ["large-and-limited", "strict-and-simple", "complex-and-good", "otherwise"]
+    assert [r.method.name for r in ARTICLE_RULES] == ["lora", "lora", "adapter", "lora"]
+    assert {r.source for r in ARTICLE_RULES} == {"article"}
+    article_words = {w for words in ARTICLE_CHOICES.values() for w in words}
+    assert all(v in article_words for r in ARTICLE_RULES for values in r.when.values() for v in values)
     assert {r.method.name for r in RULES} == {"lora", "adapter", "full", "hybrid"}
     assert not ARTICLE_RULES[-1].when and not RULES[-1].when
+
+
+def test_the_article_rules_speak_the_articles_words():
+    rec = choose_method(ARTICLE_RULES, model_size="medium", available_resources="abundant", task_complexity="high",
+                        deployment_constraints="moderate")
+    assert rec.rule.name == "complex-and-good"
+    assert rec.reasons[0].startswith("task_complexity is complex and available_resources is good")
+    assert rec.path[0].why == "model_size is medium, not large"
+    assert rec.path[1].why == "deployment_constraints is normal, not strict"
+
+
+# The word table, written out: the article's word -> peftkit's word for the same answer.
+WORDS = {("available_resources", "normal"): "moderate", ("available_resources", "good"): "abundant",
+         ("task_complexity", "simple"): "low", ("task_complexity", "complex"): "high",
+         ("deployment_constraints", "normal"): "moderate", ("deployment_constraints", "loose"): "flexible"}
+
+
+def test_the_word_table_maps_every_article_word_onto_peftkits_scale():
+    assert {(q, a): p for q, words in ARTICLE_WORDS.items() for a, p in words.items() if a != p} == WORDS
+    for q, words in ARTICLE_WORDS.items():
+        assert set(words.values()) <= set(QUESTIONS[q][0])
+        assert len(set(words.values())) == len(words)  # no two article words for one answer
+        for article, ours in words.items():
+            assert article not in QUESTIONS[q][0] or article == ours  # a shared word means the same
+    assert len(vocabulary_frame()) == sum(len(w) for w in ARTICLE_WORDS.values())
+
+
+@pytest.mark.parametrize("question,article", list(WORDS), ids=lambda x: str(x))
+def test_article_words_are_answers(question, article):
+    assert validate_answers({question: article})[question] == WORDS[question, article]
+    ours = dict(model_size="medium", **{question: WORDS[question, article]})
+    theirs = dict(model_size="medium", **{question: article})
+    assert choose_method(**theirs) == choose_method(**ours)
 
 
 def test_memory_rules_out_the_full_fine_tune():
@@ -86,9 +127,16 @@ def test_zero_latency_beats_the_article_adapter_case_and_notes_multi_task():
 
 
 @pytest.mark.parametrize("answers,match", [
-    (dict(model_size="huge"), r"model_size='huge'.*\['small', 'medium', 'large'\]"),
+    (dict(model_size="huge"), r"model_size='huge'.*\['small', 'medium', 'large'\]\.$"),
     (dict(zero_latency="maybe"), r"\['no', 'yes'\]"),
     (dict(colour="red"), r"unknown question.*'colour'.*model_size"),
+    (dict(task_complexity="simpel"), r"\['low', 'medium', 'high'\] \(or the article's words \['simple', 'complex'\]\); "
+                                     r"did you mean 'simple'\?"),
+    (dict(available_resources="Good"), r"did you mean 'good'\?"),
+    (dict(model_size="Large"), r"did you mean 'large'\?"),
+    (dict(deployment_constraints="good"), r"'good' answers available_resources, not deployment_constraints"),
+    (dict(task_compexity="low"), r"Did you mean 'task_complexity' for 'task_compexity'\?"),
+    (dict(model_size=["large"]), r"model_size=\['large'\] is not a valid answer"),
 ])
 def test_invalid_answers_list_the_valid_choices(answers, match):
     with pytest.raises(AnswerError, match=match):
@@ -103,6 +151,11 @@ def test_booleans_are_read_as_yes_no():
 def test_a_rule_with_an_invalid_condition_is_refused():
     with pytest.raises(AnswerError, match="not a valid condition"):
         Rule("bad", {"model_size": ("gigantic",)}, pk.LoRA(), "never")
+    with pytest.raises(AnswerError, match="not a valid condition"):
+        Rule("bad", {"task_complexity": ("loose",)}, pk.LoRA(), "an article word of another question")
+    rule = Rule("either", {"task_complexity": ("simple", "medium")}, pk.LoRA(), "mixed vocabularies")
+    assert rule.check({"task_complexity": "low"})[0] and rule.check({"task_complexity": "medium"})[0]
+    assert not rule.check({"task_complexity": "high"})[0]
 
 
 def test_rules_frame_lists_every_rule_in_order():

@@ -17,7 +17,8 @@ def test_chooser_starts_at_the_defaults_and_shows_both_tables():
     c = MethodChooser()
     assert c.recommendation == choose_method()
     assert "Recommended: lora r=8" in c.text.value
-    assert "article's tree" in c.text.value and "disagrees" in c.text.value  # article: hybrid
+    assert c.article.rule.name == "otherwise"  # the article's default: LoRA
+    assert "article's tree" in c.text.value and "it agrees" in c.text.value
 
 
 def test_a_dropdown_change_updates_the_answer_the_text_and_the_highlighted_path():
@@ -38,7 +39,10 @@ def test_a_dropdown_change_updates_the_answer_the_text_and_the_highlighted_path(
     (shown,) = c.out.outputs
     assert list(shown["data"]) == ["application/vnd.plotly.v1+json"]
     assert shown["data"]["application/vnd.plotly.v1+json"]["data"] == c.figure.to_dict()["data"]
-    assert "it agrees" in c.text.value  # the article says adapter too
+    assert "<b>disagrees</b>" in c.text.value  # the article wants ample resources for adapters
+    c.dropdowns["available_resources"].value = "abundant"
+    assert c.recommendation.method.name == "adapter" and c.article.rule.name == "complex-and-good"
+    assert "it agrees" in c.text.value
 
 
 def test_chooser_rejects_a_bad_start_and_carries_css_classes():

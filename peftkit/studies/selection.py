@@ -1,13 +1,19 @@
 """Choosing a method, two ways: from rules, and from measured evidence.
 
 Rules. The seed article ended with `choose_finetuning_method(model_size, available_resources,
-task_complexity, deployment_constraints)`, a chain of if/elif guesses. Here the chain is data: a
-table of `Rule`s, each with its conditions, the method it recommends and the reason in words,
-tried top to bottom (the first rule whose conditions all hold wins). `ARTICLE_RULES` keeps the
-article's four inputs and four outcomes; `RULES` adds what people actually weigh: zero added
-inference latency, many tasks served from one base, an update that must be inspectable, and
+task_complexity, deployment_constraints)`, a chain of three if/elif tests and a default (lines
+486-509 of the text in shared/seed/). Here a chain is data: a table of `Rule`s, each with its
+conditions, the method it recommends and the reason in words, tried top to bottom (the first rule
+whose conditions all hold wins). `ARTICLE_RULES` is the article's chain in its order and its words
+(outcomes LoRA or Adapter only); `RULES` is peftkit's, which adds what people actually weigh: zero
+added inference latency, many tasks served from one base, an update that must be inspectable, and
 whether a full fine-tune fits in memory at all. `choose_method(**answers)` walks a table and
 returns a `Recommendation` with the path it took.
+
+Two vocabularies. The article answers in its own words (resources limited/normal/good, task
+simple/complex, deployment strict/normal/loose); peftkit's questions use a fuller scale
+(limited/moderate/abundant, low/medium/high, strict/moderate/flexible). `ARTICLE_WORDS` maps each
+article word to peftkit's word for the same answer, so either vocabulary is accepted everywhere.
 
 Evidence. `recommend(results, ...)` reads a `compare()` DataFrame, keeps the rows that meet the
 constraints, and returns their Pareto front and a choice whose reasons cite the measured numbers;
@@ -17,6 +23,7 @@ when nothing is feasible it says which limit to relax, and by how much. It lives
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 import pandas as pd
@@ -44,24 +51,69 @@ QUESTIONS: dict[str, tuple[tuple[str, ...], str, str]] = {
 }
 ARTICLE_INPUTS = ("model_size", "available_resources", "task_complexity", "deployment_constraints")
 
+# The article's vocabulary (the docstring of its choose_finetuning_method, lines 496-499), in its
+# order, each word -> peftkit's word for the same answer. The article has no middle task complexity.
+ARTICLE_WORDS: dict[str, dict[str, str]] = {
+    "model_size": {"small": "small", "medium": "medium", "large": "large"},
+    "available_resources": {"limited": "limited", "normal": "moderate", "good": "abundant"},
+    "task_complexity": {"simple": "low", "complex": "high"},
+    "deployment_constraints": {"strict": "strict", "normal": "moderate", "loose": "flexible"},
+}
+ARTICLE_CHOICES = {q: tuple(words) for q, words in ARTICLE_WORDS.items()}
+# the article's names for the methods its chain (or peftkit's) can answer
+METHOD_LABELS = {"lora": "LoRA", "adapter": "Adapter", "full": "full fine-tune", "hybrid": "hybrid", "head_only": "head only"}
+# peftkit's word -> the article's, to show an answer in the article's words where it has one
+ARTICLE_SAYS = {q: {ours: theirs for theirs, ours in words.items()} for q, words in ARTICLE_WORDS.items()}
+
 
 class AnswerError(ValueError):
     """An answer to the decision tree names an unknown question or an invalid choice."""
 
 
+def vocabulary_frame() -> pd.DataFrame:
+    """The word table: one row per article word, with peftkit's word for the same answer."""
+    return pd.DataFrame([{"question": q, "article's word": a, "peftkit's word": p}
+                         for q, words in ARTICLE_WORDS.items() for a, p in words.items()])
+
+
+def canonical(name: str, value) -> str:
+    """`value` in peftkit's words: a peftkit word as is, an article word mapped; else AnswerError
+    naming the valid words and, when `value` is close to one, saying which."""
+    choices = QUESTIONS[name][0]
+    if isinstance(value, str) and value in choices:
+        return value
+    article = ARTICLE_WORDS.get(name, {})
+    if isinstance(value, str) and value in article:
+        return article[value]
+    extra = [w for w in article if w not in choices]
+    msg = f"{name}={value!r} is not a valid answer; choose one of {list(choices)}"
+    if extra:
+        msg += f" (or the article's words {list(article)})"
+    known = list(choices) + extra
+    close = difflib.get_close_matches(str(value).strip().lower(), known, n=1, cutoff=0.6)
+    if close:
+        msg += f"; did you mean {close[0]!r}?"
+    else:
+        elsewhere = [q for q in QUESTIONS if q != name and isinstance(value, str)
+                     and (value in QUESTIONS[q][0] or value in ARTICLE_WORDS.get(q, {}))]
+        msg += f"; {value!r} answers {' and '.join(elsewhere)}, not {name}." if elsewhere else "."
+    raise AnswerError(msg)
+
+
 def validate_answers(answers: dict) -> dict:
-    """Every question answered (defaults filled in), booleans read as yes/no; raise AnswerError."""
+    """Every question answered (defaults filled in) in peftkit's words: article words mapped,
+    booleans read as yes/no; raise AnswerError."""
     unknown = sorted(set(answers) - set(QUESTIONS))
     if unknown:
-        raise AnswerError(f"unknown question(s) {unknown}; the questions are {list(QUESTIONS)}.")
+        close = [difflib.get_close_matches(str(u), list(QUESTIONS), n=1) for u in unknown]
+        hint = "".join(f" Did you mean {c[0]!r} for {u!r}?" for u, c in zip(unknown, close) if c)
+        raise AnswerError(f"unknown question(s) {unknown}; the questions are {list(QUESTIONS)}.{hint}")
     out = {}
     for name, (choices, default, _) in QUESTIONS.items():
         value = answers.get(name, default)
         if isinstance(value, bool) and "yes" in choices:
             value = "yes" if value else "no"
-        if value not in choices:
-            raise AnswerError(f"{name}={value!r} is not a valid answer; choose one of {list(choices)}.")
-        out[name] = value
+        out[name] = canonical(name, value)
     return out
 
 
@@ -78,33 +130,50 @@ class Rule:
     source: str = "peftkit"  # "article": the seed article's own rule
 
     def __post_init__(self):
+        # the conditions may use either vocabulary; `_accepts` holds them in peftkit's words
+        accepts = {}
         for q, values in self.when.items():
-            if q not in QUESTIONS or not set(values) <= set(QUESTIONS[q][0]):
+            words = set(QUESTIONS[q][0]) | set(ARTICLE_WORDS.get(q, {})) if q in QUESTIONS else set()
+            if not values or not set(values) <= words:
                 raise AnswerError(f"rule {self.name!r}: {q} in {values} is not a valid condition.")
+            accepts[q] = {canonical(q, v) for v in values}
+        object.__setattr__(self, "_accepts", accepts)
+
+    def _say(self, q: str, value: str) -> str:
+        """An answer as this rule's source says it: the article's rules speak the article's words."""
+        return ARTICLE_SAYS.get(q, {}).get(value, value) if self.source == "article" else value
 
     def check(self, answers: dict) -> tuple[bool, str]:
-        """(matched, why): why names the first condition that failed, or all that held."""
+        """(matched, why) for answers in peftkit's words (as validate_answers returns them): why
+        names the first condition that failed, or all that held."""
         for q, values in self.when.items():
-            if answers[q] not in values:
-                return False, f"{q} is {answers[q]}, not {' or '.join(values)}"
-        return True, " and ".join(f"{q} is {answers[q]}" for q in self.when) or "no earlier rule applied"
+            if answers[q] not in self._accepts[q]:
+                return False, f"{q} is {self._say(q, answers[q])}, not {' or '.join(values)}"
+        return True, " and ".join(f"{q} is {self._say(q, answers[q])}" for q in self.when) or "no earlier rule applied"
 
 
 LORA, ADAPTER, HYBRID, FULL = LoRA(r=8, alpha=16), Adapter(), Hybrid(), FullFineTune()
 
-# The article's chain, in its order. Its outcomes: LoRA, adapters, a full fine-tune, a hybrid.
+# The article's chain (section 6.1, lines 502-509 of the seed text), in its order and in its
+# words. Its outcomes are LoRA and Adapter only. The reasons are the article's own: the comments
+# on its two examples (lines 513, 517) and its list of where each method fits (section 5.1,
+# lines 363-375); it gives none for its second test.
 ARTICLE_RULES: tuple[Rule, ...] = (
     Rule("large-and-limited", {"model_size": ("large",), "available_resources": ("limited",)}, LORA,
-         "a large model on limited hardware: train a low-rank update and freeze the rest", "article"),
-    Rule("complex-and-flexible", {"task_complexity": ("high",), "deployment_constraints": ("flexible",)},
-         ADAPTER, "a hard task and room at deployment: adapters add capacity as new layers", "article"),
-    Rule("small-and-abundant", {"model_size": ("small",), "available_resources": ("abundant",)}, FULL,
-         "a small model and plenty of compute: update every weight", "article"),
-    Rule("otherwise", {}, HYBRID, "no clear case: combine LoRA and adapters", "article"),
+         "a large model with limited resources (the article's scenario 1); LoRA suits environments "
+         "with limited compute (section 5.1)", "article"),
+    Rule("strict-and-simple", {"deployment_constraints": ("strict",), "task_complexity": ("simple",)}, LORA,
+         "strict deployment constraints and a simple task; LoRA suits settings with strict "
+         "requirements on model size (section 5.1)", "article"),
+    Rule("complex-and-good", {"task_complexity": ("complex",), "available_resources": ("good",)}, ADAPTER,
+         "a complex task with ample resources (the article's scenario 2); adapters suit projects "
+         "that need fine control of the fine-tuning (section 5.1)", "article"),
+    Rule("otherwise", {}, LORA, "none of the three tests held: the article's default choice", "article"),
 )
 
-# peftkit's table: hard requirements first (they exclude methods outright), then the article's
-# cases, guarded by what they silently assumed, then the defaults.
+# peftkit's table: hard requirements first (they exclude methods outright), then the cases that
+# decide among the methods that remain, then the defaults. Where and why it parts from the
+# article's chain is computed in peftkit.article.article_vs_peftkit (notebook 06).
 RULES: tuple[Rule, ...] = (
     Rule("zero-latency", {"zero_latency": ("yes",)}, LORA,
          "only LoRA folds into the base weight (W + (alpha/r)·BA): merged, the model has the base's "
@@ -113,21 +182,22 @@ RULES: tuple[Rule, ...] = (
          "LoRA's change is one matrix per adapted layer, ΔW = (alpha/r)·BA of rank at most r: its "
          "norm and singular values can be read off, compared across tasks, and removed exactly (unmerge)."),
     Rule("large-and-limited", {"model_size": ("large",), "available_resources": ("limited",)}, LORA,
-         "a large model on limited hardware (the article's first case): a low-rank update on the "
+         "a large model on limited hardware (also the article's first test): a low-rank update on the "
          "attention projections needs no gradients or optimizer state for the frozen weights."),
     Rule("no-room-for-full", {"full_ft_fits": ("no",), "task_complexity": ("high",)}, HYBRID,
          "a hard task, and a full fine-tune does not fit: LoRA on attention plus adapters after the "
          "feed-forward blocks give the most capacity of the methods that do fit."),
     Rule("complex-and-flexible", {"task_complexity": ("high",), "deployment_constraints": ("flexible",)},
-         ADAPTER, "a hard task and room at deployment (the article's second case): adapters add "
-         "non-linear capacity as small new layers, and their extra latency is acceptable here."),
+         ADAPTER, "a hard task and room at deployment: adapters add non-linear capacity as small new "
+         "layers, and their extra latency is acceptable here. (The article asks for ample training "
+         "resources instead; what adapters cost is paid at inference, where deployment decides.)"),
     Rule("many-tasks", {"multi_task": ("yes",)}, LORA,
          "many tasks on one base: each task is a small file of LoRA factors swapped into the one "
          "frozen base; the base is stored and loaded once."),
     Rule("small-and-abundant", {"model_size": ("small",), "available_resources": ("abundant",),
                                 "full_ft_fits": ("yes", "unknown")}, FULL,
-         "a small model, plenty of compute and the memory for it (the article's third case): "
-         "updating every weight is the quality reference, and its cost is affordable."),
+         "a small model, plenty of compute and the memory for it: updating every weight is the "
+         "quality reference, and its cost is affordable (the article never recommends it)."),
     Rule("strict-deployment", {"deployment_constraints": ("strict",)}, LORA,
          "tight storage or memory where it is served: LoRA's factors are the smallest artefact, and "
          "merged they add nothing at run time."),
