@@ -210,7 +210,7 @@ def quantize_int8(model: nn.Module, skip="head", inplace: bool = False, backend:
     if backend == "ao":
         quantize_dynamic, qconfig, _ = ao
         if not per_channel:
-            from torch.ao.quantization import default_dynamic_qconfig as qconfig
+            from torch.ao.quantization import default_dynamic_qconfig as qconfig  # deprecated API: only on this path
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*(deprecat|quantize_per_channel).*")
             quantize_dynamic(model, {n: qconfig for n in targets}, dtype=torch.qint8, inplace=True)

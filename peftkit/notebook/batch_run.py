@@ -61,7 +61,7 @@ def _failing_cell(nb_path: Path) -> str:
 
 def execute(path: Path, out_dir: Path, quick: bool, parameters: dict | None = None, timeout: int = 3600) -> Path:
     """Run one notebook with papermill into out_dir; raise NotebookFailed with the cell's error."""
-    import papermill as pm
+    import papermill as pm  # heavy (it loads nbclient and a kernel manager): only batch runs need it
     params = {"quick": quick, "progress": False, **(parameters or {})}
     declared = declared_parameters(path)
     params = {k: v for k, v in params.items() if k in declared}
@@ -94,7 +94,7 @@ def execute(path: Path, out_dir: Path, quick: bool, parameters: dict | None = No
 
 
 def to_html(nb_path: Path) -> Path:
-    from nbconvert import HTMLExporter
+    from nbconvert import HTMLExporter  # heavy (jinja templates, mistune): only the report needs it
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(nb_path, as_version=4))
     out = nb_path.with_suffix(".html")
     out.write_text(body, encoding="utf-8")
