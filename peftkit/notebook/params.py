@@ -13,6 +13,7 @@ import numpy as np
 import plotly.io as pio
 import torch
 import transformers
+from IPython.display import Markdown
 
 
 class ParameterError(ValueError):
@@ -52,3 +53,14 @@ def setup(seed: int = 0, threads: int | None = None) -> dict:
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu",
             "quick": os.environ.get("PEFTKIT_QUICK") == "1"}
+
+
+def quick_banner(quick: bool, shrunk: dict) -> Markdown | None:
+    """A visible note on a quick run: what was shrunk, and that its numbers are noisier.
+    Display it right after the setup cell; returns None (nothing shown) on a full run."""
+    if not quick:
+        return None
+    items = "; ".join(f"{k}: {v}" for k, v in shrunk.items())
+    return Markdown(f"> **Quick mode.** This run is shrunk so that it finishes in seconds ({items}). "
+                    "The model and the steps are the full run's; the figures below are noisier. Run with "
+                    "`quick = False` (or `make run`) for the full ones.")
