@@ -6,8 +6,8 @@ target_modules, use_rslora, modules_to_save, ...) and `adapter_model.safetensors
 head as `base_model.model.<head path>.weight` and `.bias`. PEFT's A and B are peftkit's A and B
 and both scale by lora_alpha / r (or / sqrt(r) with use_rslora), so conversion is a renaming.
 
-`export_peft` also writes peftkit_base.json, the base fingerprint of adapter.json (PEFT ignores
-the file). `import_peft` checks everything before the model changes, as `load_adapter` does
+`export_peft` also writes peftkit_base.json: the base fingerprint of adapter.json and the SHA-256
+of adapter_model.safetensors (PEFT ignores the file). `import_peft` checks everything before the model changes, as `load_adapter` does
 (tensor values, exact shapes, bounded target regexes), and also refuses:
   - a module named in modules_to_save whose tensors are missing (it would keep its random
     initial weights, and the outputs would differ from the exporter's);
@@ -25,6 +25,7 @@ from torch import nn
 
 from ..core.methods import LoRA
 from ..core.surgery import applied, lora_layers
+from ..storage import is_sha256, sha256_file
 from ..layers.lora import LoRALinear
 from .adapter_file import (
     AdapterFile,
@@ -81,7 +82,8 @@ def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None
     d.mkdir(parents=True, exist_ok=True)
     write_tensors(d / PEFT_WEIGHTS, {_peft_key(k): v for k, v in state.items()}, {"format": "pt"})
     write_json(d / PEFT_CONFIG, config)
-    write_json(d / BASE_FILE, {"format": "peftkit-base", "base": fingerprint(model, done.head, m)})
+    write_json(d / BASE_FILE, {"format": "peftkit-base", "base": fingerprint(model, done.head, m),
+                               "tensors_sha256": sha256_file(d / PEFT_WEIGHTS)})
     return d
 
 
@@ -139,7 +141,18 @@ def import_peft(model: nn.Module, directory, verbose: bool = True, check_name: b
             raise AdapterFileError(f"{d / PEFT_CONFIG} was made for base {cfg['base_model_name_or_path']!r}, and this "
                                    f"model is {model.config.name_or_path!r}. Load the base it was made for; if it is the "
                                    "same model under another name, pass check_name=False.")
-    raw = read_tensors(d / PEFT_WEIGHTS)
+    base = None
+    if (d / BASE_FILE).exists():  # written by export_peft: the base's fingerprint and the tensors' checksum
+        base = read_json(d / BASE_FILE, "import_peft")
+        sha = base.get("tensors_sha256")
+        if base.get("format") != "peftkit-base" or not isinstance(base.get("base"), dict) or not (sha is None or is_sha256(sha)):
+            raise AdapterFileError(f"{d / BASE_FILE} is not the base fingerprint export_peft writes; remove it or export again.")
+    try:
+        raw = read_tensors(d / PEFT_WEIGHTS, base.get("tensors_sha256") if base else None, d / BASE_FILE)
+    except AdapterFileError as e:
+        if "SHA-256" not in str(e):
+            raise
+        raise AdapterFileError(f"{e} If PEFT saved this folder again after export_peft, delete {BASE_FILE}.") from None
     check_values(raw, str(d / PEFT_WEIGHTS))
     tensors = {}
     for k, v in raw.items():
@@ -161,10 +174,7 @@ def import_peft(model: nn.Module, directory, verbose: bool = True, check_name: b
         raise AdapterFileError(f"{d / PEFT_CONFIG} saves several modules {held}; peftkit trains one task head. "
                                "Import an adapter that saves only the head.")
     head = held[0] if held else None
-    if (d / BASE_FILE).exists():
-        base = read_json(d / BASE_FILE, "import_peft")
-        if base.get("format") != "peftkit-base" or not isinstance(base.get("base"), dict):
-            raise AdapterFileError(f"{d / BASE_FILE} is not the base fingerprint export_peft writes; remove it or export again.")
+    if base is not None:
         check_base(model, AdapterFile(d, method, head, {}, {"base": base["base"]}))
     apply_and_fill(model, method, head, tensors, str(d / PEFT_WEIGHTS))
     if verbose:
