@@ -219,7 +219,7 @@ def _compare(a) -> int:
     cols = ["label", "lr", "val_accuracy", "accuracy", "f1_macro", "trainable_pct", "sec_per_step", "peak_mem_mib",
             "adapter_bytes", "cached"]
     with pd.option_context("display.width", 200):
-        print(df[cols].to_string(index=False))
+        print(df.reindex(columns=cols).to_string(index=False))  # a cached row may lack a column
     return 0
 
 
