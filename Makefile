@@ -32,15 +32,16 @@ chromium:
 test: $(STAMP) data chromium
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
-	PEFTKIT_QUICK=1 $(PY) -m pytest -q -p no:cacheprovider --nbval-lax notebooks/
+	PEFTKIT_QUICK=1 PEFTKIT_RUNS=$(CURDIR)/runs $(PY) -m pytest -q -p no:cacheprovider --nbval-lax notebooks/
 
+# The notebooks run in notebooks/; PEFTKIT_RUNS points their result cache at the repository's runs/.
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	PEFTKIT_RUNS=$(CURDIR)/runs $(VENV)/bin/jupyter lab notebooks/
 
 # Notebook 06 as an app (code hidden): Voila on 127.0.0.1. Quick mode by default, so it starts in
 # seconds: it reads the cached comparison, or computes tiny runs. PEFTKIT_QUICK=0 computes MiniLM runs.
 dashboard: $(STAMP)
-	PEFTKIT_QUICK=$${PEFTKIT_QUICK:-1} $(VENV)/bin/voila notebooks/06_method_selection.ipynb \
+	PEFTKIT_QUICK=$${PEFTKIT_QUICK:-1} PEFTKIT_RUNS=$(CURDIR)/runs $(VENV)/bin/voila notebooks/06_method_selection.ipynb \
 		--Voila.ip=127.0.0.1 --port=$${PORT:-8866} --no-browser
 
 bench: $(STAMP)

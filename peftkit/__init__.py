@@ -11,6 +11,7 @@ import-linter, `make test`):
     core/       method specs and registry, targets, surgery
     layers/     LoRALinear, adapters, FastDropout, the naming contract
     runtime.py  device, threads, versions, memory     _version.py
+    storage.py  atomic folders, append-only JSONL logs, checksums, the default runs/ folder
 
 `import peftkit as pk` gives the names of the README's tour.
 """

@@ -1,14 +1,21 @@
-"""Command line: `python -m peftkit <command>`. Bad arguments give one line and exit code 2."""
+"""Command line: `python -m peftkit <command>`.
+
+Every user error gives one line and exit code 2, before any work is done: a malformed or
+out-of-range number (a learning rate of 0, --threads -2), an output folder that already exists,
+an unknown domain, or a method that cannot apply to the base (checked on a meta-device copy of
+the base, which costs no memory, before any data is read or any step trained)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -16,9 +23,12 @@ import torch
 import peftkit as pk  # the public face, for the demo: what a user's script would write
 
 from . import data
+from .bases.models import load_base
 from .core.methods import METHODS
+from .core.surgery import apply
+from .files.adapter_file import skeleton
 from .notebook.batch_run import NotebookFailed, run_all
-from .studies.experiments import compare, run
+from .studies.experiments import DEFAULT_CACHE, compare, run
 from .training.loop import TrainConfig
 
 
@@ -94,18 +104,39 @@ def _add_method_args(p):
                 g.add_argument(f"--{k.option}", dest=k.dest, type=str if k.kind is tuple else k.kind, default=None, help=help_)
 
 
+def _number(kind, low, what):
+    """An argparse type: a `kind` number >= low (> 0 for low=0.0), finite."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r} ({what})") from None
+        if (kind is float and not math.isfinite(v)) or v < low or (low == 0.0 and kind is float and v <= 0):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
+        return v
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = _number(int, 1, "give a whole number of at least 1")
+POSITIVE_FLOAT = _number(float, 0.0, "give a number above 0, e.g. 5e-3")
+
+
 def _add_train_args(p):
     g = p.add_argument_group("training")
-    g.add_argument("--base", default="minilm", help="minilm or tiny (a random test model; default minilm)")
+    g.add_argument("--base", default="minilm", choices=("minilm", "tiny"),
+                   help="minilm or tiny (a random test model; default minilm)")
     g.add_argument("--domain", default="movies", help="movies, amazon, nyt, tweets or all (default movies)")
-    g.add_argument("--epochs", type=int, default=1, help="epochs (default 1)")
-    g.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's, " + ", ".join(f"{n} {c.default_lr:g}" for n, c in METHODS.items()) + ")")
-    g.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    g.add_argument("--n-train", type=int, default=None, help="train on a random subset of this size")
-    g.add_argument("--max-length", type=int, default=128, help="max tokens per text (default 128)")
-    g.add_argument("--seed", type=int, default=0, help="seed for split, init and order (default 0)")
-    g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    g.add_argument("--attention-dropout", type=float, default=None,
+    g.add_argument("--epochs", type=POSITIVE_INT, default=1, help="epochs (default 1)")
+    g.add_argument("--lr", type=POSITIVE_FLOAT, default=None, help="learning rate (default: the method's, " + ", ".join(f"{n} {c.default_lr:g}" for n, c in METHODS.items()) + ")")
+    g.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="batch size (default 32)")
+    g.add_argument("--n-train", type=POSITIVE_INT, default=None, help="train on a random subset of this size")
+    g.add_argument("--max-length", type=_number(int, 2, "at least 2 tokens: [CLS] and [SEP]"), default=128,
+                   help="max tokens per text (default 128)")
+    g.add_argument("--seed", type=_number(int, 0, "give a whole number of at least 0"), default=0,
+                   help="seed for split, init and order (default 0)")
+    g.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch threads (default: torch's choice)")
+    g.add_argument("--attention-dropout", type=_number(float, -0.0, "a probability in [0, 1)"), default=None,
                    help="dropout on attention probabilities (default: the model's, 0.1 for MiniLM; 0 is faster on CPU)")
     g.add_argument("--cpu-bf16", action="store_true",
                    help="train under bf16 autocast on CPU (fast where the CPU has AVX512-BF16 or AMX)")
@@ -132,12 +163,37 @@ def _config(a, method_name: str):
                        cpu_bf16=a.cpu_bf16, fast_dropout=a.fast_dropout)
 
 
-def _train(a) -> int:
+def check_out(out) -> None:
+    """Refuse an output path that exists, unless it is an empty folder: nothing is overwritten."""
+    p = Path(out)
+    if p.is_symlink() or (p.exists() and not (p.is_dir() and not any(p.iterdir()))):
+        what = "a file" if p.is_file() else "a folder that is not empty" if p.is_dir() else "a link"
+        raise FileExistsError(f"--out {out} already exists ({what}); choose a new folder, or remove it first.")
 
+
+def preflight(a, methods) -> None:
+    """Every user error that the base decides, before any data is read or any step trained: each
+    method must apply to the base and train something. Checked on a meta-device copy (no memory)."""
+    if a.domain not in data.DOMAINS:
+        raise ValueError(f"unknown domain {a.domain!r}; choose one of {', '.join(data.DOMAINS)}.")
+    model, _ = load_base(a.base, num_labels=2, seed=a.seed)
+    for name, method in methods:
+        sk = skeleton(model)
+        with torch.device("meta"):
+            apply(sk, method)  # TargetError names what exists
+        if not any(p.requires_grad for p in sk.parameters()):
+            raise ValueError(f"method {name} trains nothing on base {a.base} (it has no task head to train); "
+                             "choose another method or base.")
+
+
+def _train(a) -> int:
+    check_out(a.out)
+    method = method_from_args(a.method, a)
+    cfg = _config(a, a.method)
+    preflight(a, [(a.method, method)])
     if a.threads:
         torch.set_num_threads(a.threads)
-    method = method_from_args(a.method, a)
-    row = run(method, base=a.base, domain=a.domain, n_train=a.n_train, cfg=_config(a, a.method), max_length=a.max_length,
+    row = run(method, base=a.base, domain=a.domain, n_train=a.n_train, cfg=cfg, max_length=a.max_length,
               eval_domains=not a.no_cross_domain, out=a.out)
     keys = ["label", "accuracy", "f1_macro", "trainable", "sec_per_step", "adapter_bytes"]
     print(json.dumps({k: row[k] for k in keys}, default=str))
@@ -150,8 +206,12 @@ def _compare(a) -> int:
     rows = []
     names = [n.strip() for n in a.methods.split(",")]
     methods = [method_from_args(n, a) for n in names]  # every name checked before anything trains
-    for name, method in zip(names, methods):
-        df = compare([method], base=a.base, domain=a.domain, n_train=a.n_train, cfg=_config(a, name),
+    configs = [_config(a, n) for n in names]
+    if not a.no_cache and Path(a.cache).is_dir():
+        raise FileExistsError(f"--cache {a.cache} is a folder; name a .jsonl file (default runs/results.jsonl).")
+    preflight(a, list(zip(names, methods)))
+    for name, method, cfg in zip(names, methods, configs):
+        df = compare([method], base=a.base, domain=a.domain, n_train=a.n_train, cfg=cfg,
                      max_length=a.max_length, eval_domains=not a.no_cross_domain, threads=a.threads,
                      cache=None if a.no_cache else a.cache, progress=not a.no_progress)
         rows.append(df)
@@ -159,12 +219,14 @@ def _compare(a) -> int:
     cols = ["label", "lr", "val_accuracy", "accuracy", "f1_macro", "trainable_pct", "sec_per_step", "peak_mem_mib",
             "adapter_bytes", "cached"]
     with pd.option_context("display.width", 200):
-        print(df[cols].to_string(index=False))
+        print(df.reindex(columns=cols).to_string(index=False))  # a cached row may lack a column
     return 0
 
 
 def _run(a) -> int:
     only = [o for o in a.only.split(",") if o.strip()] if a.only else None
+    if a.out is not None:
+        check_out(a.out)
     try:
         run_all(quick=a.quick, only=only, out=a.out)
     except NotebookFailed as e:
@@ -182,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
     rn.set_defaults(func=_run)
     demo = sub.add_parser("demo", help="a short end-to-end LoRA run on the real MiniLM")
-    demo.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
-    demo.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    demo.add_argument("--steps", type=POSITIVE_INT, default=5, help="training steps (default 5)")
+    demo.add_argument("--threads", type=POSITIVE_INT, default=2, help="torch threads (default 2)")
     demo.set_defaults(func=_demo)
     dat = sub.add_parser("data", help="fetch, verify and extract the sentiment corpus into data/")
     dat.add_argument("--sdist", help="use this vaderSentiment-3.3.2.tar.gz instead of downloading it")
@@ -198,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="train several methods, each in its own process, and tabulate")
     cp.add_argument("--methods", default="head_only,lora,adapter,full",
                     help=f"comma-separated, of {', '.join(METHODS)} (default head_only,lora,adapter,full)")
-    cp.add_argument("--cache", default=str(__import__("pathlib").Path("runs") / "results.jsonl"), help="result cache (default runs/results.jsonl)")
+    cp.add_argument("--cache", default=str(DEFAULT_CACHE),
+                    help=f"result cache (default {DEFAULT_CACHE}, relative to the working directory)")
     cp.add_argument("--no-cache", action="store_true", help="always retrain")
     cp.add_argument("--no-cross-domain", action="store_true", help="skip evaluating on the other domains")
     _add_method_args(cp)
@@ -219,6 +282,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message
         return 2

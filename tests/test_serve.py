@@ -242,6 +242,8 @@ def damage(path, how):
         k = next(k for k in t if k.endswith("lora_B"))
         t[k] = torch.full_like(t[k], float("nan"))
         save_file(t, str(w))
+        from peftkit.storage import sha256_file  # a matching checksum, so the value check is what refuses
+        j.write_text(json.dumps({**json.loads(j.read_text()), "tensors_sha256": sha256_file(w)}))
 
 
 @pytest.mark.parametrize("how, match", [("truncate", "truncated or corrupt"), ("pickle_only", "pickle"),

@@ -123,10 +123,12 @@ def test_bad_storage_is_explained(url, match):
     assert "secret" not in str(e.value)  # passwords are never echoed
 
 
-def test_default_storage_is_sqlite_under_runs():
+def test_default_storage_is_sqlite_under_runs_of_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("PEFTKIT_RUNS", raising=False)
+    monkeypatch.chdir(tmp_path)  # like the result cache: runs/ of the working directory
     storage = resolve_storage(None)
     assert isinstance(storage, optuna.storages.RDBStorage)
-    assert (ROOT / "runs" / "optuna.db").exists()
+    assert (tmp_path / "runs" / "optuna.db").exists()
 
 
 # --- searching -------------------------------------------------------------------------------

@@ -6,14 +6,29 @@ A target matches a module name the way Hugging Face PEFT's `target_modules` does
   - a regex:           r"layer\\.[0-2]\\..*\\.query" (must match the whole name)
 Errors say what was looked for, what is close, and what exists, and are raised before the
 model is touched.
+
+Regexes are bounded. Python's re backtracks, so a pattern such as ([a-z0-9.]+)+Z takes time
+exponential in the name's length, and a target can come from a file (adapter.json, a PEFT
+config). Rather than time a match (a running re call cannot be interrupted) or drop regex
+targets (PEFT's format has them), `regex_risk` reads the parsed pattern and refuses, before
+any matching: a repeated group holding another quantifier or an alternation ((a+)+, (a|ab)*,
+(a?){30}), backreferences, more than MAX_REPEATS quantifiers that repeat more than once
+(.*.*.*.* is polynomial of that degree), and patterns over MAX_PATTERN characters. What is
+left matches a module name in time at most cubic in its length: well under a millisecond.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 
 from torch import nn
+
+try:  # the parser behind re: sre_parse before Python 3.11, re._parser since
+    import re._parser as _sre
+except ImportError:  # pragma: no cover
+    import sre_parse as _sre
 
 from ..layers.names import under
 
@@ -22,14 +37,75 @@ class TargetError(ValueError):
     """A target names no layer, or a layer of the wrong kind. The model is unchanged."""
 
 
+MAX_PATTERN, MAX_REPEATS = 256, 3
+_REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT} | ({_sre.POSSESSIVE_REPEAT} if hasattr(_sre, "POSSESSIVE_REPEAT") else set())
+
+
+def regex_risk(pattern: str) -> str | None:
+    """Why matching `pattern` as a regex could take exponential (or high polynomial) time, or
+    None when it is safe. A pattern that is no valid regex is safe: it only matches literally."""
+    if len(pattern) > MAX_PATTERN:
+        return f"it is {len(pattern)} characters long (at most {MAX_PATTERN})"
+    try:
+        tree = _sre.parse(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return None
+    repeats = 0
+
+    def walk(items, repeated: bool):
+        nonlocal repeats
+        for op, av in items:
+            if op in _REPEATS:
+                many = av[1] > 1  # MAXREPEAT for *, + and {n,}
+                if repeated:
+                    return "a quantifier inside a repeated group (nested quantifiers, as in (a+)+)"
+                repeats += many
+                why = walk(av[2], many)
+            elif op is _sre.BRANCH:
+                if repeated:
+                    return "an alternation inside a repeated group (as in (a|ab)+)"
+                why = next((w for b in av[1] if (w := walk(b, repeated))), None)
+            elif op is _sre.SUBPATTERN:
+                why = walk(av[-1], repeated)
+            elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
+                why = walk(av[1], repeated)
+            elif op in (_sre.GROUPREF, _sre.GROUPREF_EXISTS):
+                return "a backreference"
+            elif op is getattr(_sre, "ATOMIC_GROUP", None):
+                why = walk(av, repeated)
+            else:
+                why = None
+            if why:
+                return why
+        return None
+
+    why = walk(tree, False)
+    if why is None and repeats > MAX_REPEATS:
+        why = f"{repeats} quantifiers that repeat (at most {MAX_REPEATS}, as in .*.*.*)"
+    return why
+
+
+@functools.lru_cache(maxsize=256)
+def _pattern(target: str):
+    """`target` compiled as a regex (None if it is none), or TargetError if it is unsafe."""
+    why = regex_risk(target)
+    if why:
+        raise TargetError(f"target {target[:80]!r} is refused as a regex: {why}, which can take exponential "
+                          "time to match. Name the layers instead (exact or as a dotted suffix, e.g. 'query'), "
+                          r"or use a simpler regex such as r'.*layer\.[0-2]\..*\.query'.")
+    try:
+        return re.compile(target)
+    except (re.error, RecursionError, OverflowError):
+        return None
+
+
 def name_matches(name: str, target: str) -> bool:
-    """True when module `name` is selected by `target` (exact, dotted suffix, or full regex)."""
+    """True when module `name` is selected by `target` (exact, dotted suffix, or full regex).
+    Raises TargetError for a regex that could backtrack for ever (see `regex_risk`)."""
+    pattern = _pattern(target)
     if name == target or name.endswith("." + target):
         return True
-    try:
-        return re.fullmatch(target, name) is not None
-    except re.error:
-        return False
+    return pattern is not None and pattern.fullmatch(name) is not None
 
 
 def suffix_matches(name: str, pattern: str) -> bool:

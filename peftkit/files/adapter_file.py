@@ -2,33 +2,56 @@
 
 peftkit's format is a folder with
   - adapter.safetensors: only the adapter and head tensors, under their unwrapped-model names;
-  - adapter.json: the method spec, the peftkit version, the head name and a base fingerprint
-    (architecture, the names and shapes of the base parameters, and a digest of frozen values).
-Nothing is ever unpickled: tensors are safetensors, metadata is JSON. Every file is written to
-a temporary name and renamed, so a crash never leaves a half-written adapter behind. Loading
-reads and checks everything before it touches the model, and rolls back if applying fails.
+  - adapter.json: the method spec, the peftkit version, the head name, a base fingerprint
+    (architecture, the names and shapes of the base parameters, and a digest of frozen values)
+    and `tensors_sha256`, the SHA-256 of adapter.safetensors.
+Nothing is ever unpickled: tensors are safetensors, metadata is JSON. `save_adapter` writes a
+whole new folder and swaps it in (`storage.atomic_folder`), so a crash leaves the old adapter or
+the new one, never new tensors beside old JSON, and nothing is written through a planted symlink.
+
+Loading checks everything before it touches the model, and a refusal (AdapterFileError) leaves
+every parameter and `requires_grad` flag as it was:
+  - the JSON's shape and types (a clear error, never a TypeError or RecursionError from parsing);
+  - the checksum, so a flipped bit anywhere in the tensors is refused. Files saved before
+    checksums existed carry none: they still load, with all the checks below and a warning
+    that re-saving adds one (refusing them would strand every adapter already on disk);
+  - every tensor floating-point (a header that declares a float tensor as I32 is refused),
+    finite, and within +-MAX_ABS (1e6; trained weights stay orders of magnitude below, and a
+    flipped exponent bit gives values near 1e38 that turn every prediction into NaN);
+  - the base fingerprint;
+  - the exact names and shapes the method would create, computed on a meta-device skeleton of the
+    model, which allocates nothing: a rank of 2**40 in adapter.json is refused as a shape mismatch
+    before a single byte is allocated, and no shape is ever broadcast;
+  - target patterns, by core.targets (regexes that could backtrack for ever are refused).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 from torch import nn
 
 from .._version import __version__
 from ..core.methods import Method
 from ..core.surgery import applied, apply, canonical_name, remove, wrapper_names
 from ..layers.names import is_adapter_param, under
+from ..storage import atomic_folder, is_sha256, sha256_bytes, sha256_file
 
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter.json"
+MAX_ABS = 1e6  # no trained weight comes near it; a flipped exponent bit lands far beyond it
+MAX_JSON_BYTES = 16 * 2**20  # an adapter.json is a few KB
 
 
 class AdapterFileError(ValueError):
@@ -65,15 +88,24 @@ def read_json(path: Path, what: str) -> dict:
         raise AdapterFileError(f"{path} not found: {what} needs it. Was the folder written by "
                                "save_adapter/export_peft, and is the path right?")
     try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{path} is not valid JSON ({e}); the file is corrupt. Save the adapter again.") from None
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise AdapterFileError(f"{path} is {path.stat().st_size:,} bytes, far more than any peftkit JSON "
+                                   "file; it is not one. Save the adapter again.")
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        if isinstance(e, AdapterFileError):
+            raise
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise AdapterFileError(f"{path} is not valid JSON ({why}); the file is corrupt. Save the adapter again.") from None
+    except OSError as e:
+        raise AdapterFileError(f"{path} cannot be read ({e.strerror}); {what} needs a readable file.") from None
     if not isinstance(obj, dict):
-        raise AdapterFileError(f"{path} should hold a JSON object, found {type(obj).__name__}.")
+        raise AdapterFileError(f"{path} should hold a JSON object, found {type(obj).__name__}. Save the adapter again.")
     return obj
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, sha256: str | None = None, described_in=None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, read once; with `sha256`, only if its bytes hash to it."""
     path = Path(path)
     if not path.exists():
         pickled = [p.name for p in path.parent.glob("*.bin")] + [p.name for p in path.parent.glob("*.pt")]
@@ -81,10 +113,48 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
                 "code; convert them to safetensors in a trusted environment." if pickled else "")
         raise AdapterFileError(f"{path} not found.{hint}")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterFileError(f"{path} is not a readable safetensors file ({e}); it may be truncated "
-                               "or corrupt. Save the adapter again.") from None
+        data = path.read_bytes()
+    except OSError as e:
+        raise AdapterFileError(f"{path} cannot be read ({e.strerror}).") from None
+    if sha256 is not None and sha256_bytes(data) != sha256:
+        raise AdapterFileError(f"{path} does not match the SHA-256 recorded in {described_in}: it is truncated "
+                               "or corrupt, or was changed after saving. Nothing was loaded; save the adapter again.")
+    try:
+        return load_bytes(data)
+    except Exception as e:  # parsing untrusted bytes: any failure is the file's, never a crash
+        raise AdapterFileError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it may be "
+                               "truncated or corrupt. Save the adapter again.") from None
+
+
+def check_method(method: Method, source: str) -> None:
+    """Raise AdapterFileError for a setting no training produces: a scale (LoRA's alpha) beyond
+    +-MAX_ABS would overflow the outputs however sane the tensors are."""
+    for f in dataclasses.fields(method):
+        v = getattr(method, f.name)
+        if isinstance(v, Method):
+            check_method(v, source)
+        elif f.name == "alpha" and isinstance(v, (int, float)) and not abs(v) <= MAX_ABS:
+            raise AdapterFileError(f"{source}: {method.name} alpha={v!r} is beyond {MAX_ABS:g}; it would overflow "
+                                   "every prediction. The file is corrupt or crafted; save the adapter again.")
+
+
+def check_values(tensors: dict, source: str) -> None:
+    """Raise AdapterFileError unless every tensor is floating-point, finite and within +-MAX_ABS."""
+    for k, t in tensors.items():
+        if not t.is_floating_point():
+            raise AdapterFileError(f"{source}: tensor {k} is stored as {str(t.dtype).replace('torch.', '')}, not "
+                                   "a floating-point type, so its bytes would be read as integers. The file is "
+                                   "corrupt or was crafted; save the adapter again.")
+        if not t.numel():
+            continue
+        if not torch.isfinite(t).all():
+            raise AdapterFileError(f"{source}: tensor {k} holds NaN or inf (a diverged training run?); it would "
+                                   "poison every prediction. Retrain, or pick an earlier checkpoint.")
+        peak = t.abs().amax().item()
+        if peak > MAX_ABS:
+            raise AdapterFileError(f"{source}: tensor {k} holds a value of {peak:.3g}, beyond +-{MAX_ABS:g}, where "
+                                   "no trained weight lies (a flipped bit?); it would overflow the predictions to "
+                                   "NaN. Save the adapter again from the trained model.")
 
 
 def base_items(model: nn.Module, skip_head: str | None):
@@ -129,18 +199,25 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
             if is_adapter_param(n) or under(n, done.head) or done.method.trains_base}
 
 
+def write_adapter_files(folder: Path, tensors: dict, meta: dict) -> None:
+    """adapter.safetensors, then adapter.json recording its names, shapes and SHA-256."""
+    folder = Path(folder)
+    write_tensors(folder / WEIGHTS, tensors, {"format": "pt"})
+    write_json(folder / CONFIG, {**meta, "tensors": {k: list(v.shape) for k, v in tensors.items()},
+                                 "tensors_sha256": sha256_file(folder / WEIGHTS)})
+
+
 def save_adapter(model: nn.Module, directory) -> Path:
-    """Write adapter.safetensors and adapter.json into `directory` (created if needed)."""
+    """Write adapter.safetensors and adapter.json as the folder `directory`: a new folder is
+    written and swapped in whole. `directory` may be absent, empty, or an earlier adapter folder
+    (replaced whole); a folder holding other files is refused, so nothing of yours is deleted."""
     done = applied(model)
     state = adapter_state(model)
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     meta = {"format": "peftkit-adapter", "peftkit_version": __version__, "method": done.method.to_dict(),
-            "head": done.head, "base": fingerprint(model, done.head, done.method),
-            "tensors": {k: list(v.shape) for k, v in state.items()}}
-    write_tensors(d / WEIGHTS, state, {"format": "pt"})
-    write_json(d / CONFIG, meta)
-    return d
+            "head": done.head, "base": fingerprint(model, done.head, done.method)}
+    with atomic_folder(directory, marker=CONFIG, what="save_adapter") as tmp:
+        write_adapter_files(tmp, state, meta)
+    return Path(directory)
 
 
 @dataclass(frozen=True)
@@ -162,11 +239,30 @@ def read_adapter(directory) -> AdapterFile:
     if meta.get("format") != "peftkit-adapter":
         hint = " It looks like a PEFT adapter: use import_peft." if (d / "adapter_config.json").exists() else ""
         raise AdapterFileError(f"{d / CONFIG} is not a peftkit adapter description.{hint}")
+    spec = meta.get("method")
+    if not isinstance(spec, dict):
+        raise AdapterFileError(f"{d / CONFIG} holds no method spec (a JSON object under 'method'); save the adapter again.")
     try:
-        method = Method.from_dict(meta["method"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise AdapterFileError(f"{d / CONFIG} holds an invalid method spec: {e}") from None
-    return AdapterFile(d, method, meta.get("head"), read_tensors(d / WEIGHTS), meta)
+        method = Method.from_dict(spec)
+    except Exception as e:  # parsing untrusted JSON: a TypeError or RecursionError is the file's fault
+        raise AdapterFileError(f"{d / CONFIG} holds an invalid method spec ({type(e).__name__}: {e}); "
+                               "save the adapter again.") from None
+    check_method(method, str(d / CONFIG))
+    head = meta.get("head")
+    if head is not None and not (isinstance(head, str) and head):
+        raise AdapterFileError(f"{d / CONFIG}: 'head' must be a module name or null, got {head!r}; save the adapter again.")
+    if not isinstance(meta.get("base", {}), dict):
+        raise AdapterFileError(f"{d / CONFIG}: 'base' must be the fingerprint object save_adapter writes; save the adapter again.")
+    sha = meta.get("tensors_sha256")
+    if sha is None:
+        warnings.warn(f"{d / CONFIG} records no SHA-256 of its tensors (saved by an older peftkit), so a damaged "
+                      "file can only be caught by the value checks. Save the adapter again to add one.", stacklevel=3)
+    elif not is_sha256(sha):
+        raise AdapterFileError(f"{d / CONFIG}: 'tensors_sha256' is not a SHA-256 hex digest; the file is corrupt. "
+                               "Save the adapter again.")
+    tensors = read_tensors(d / WEIGHTS, sha, d / CONFIG)
+    check_values(tensors, str(d / WEIGHTS))
+    return AdapterFile(d, method, head, tensors, meta)
 
 
 def check_base(model: nn.Module, adapter: AdapterFile) -> None:
@@ -196,6 +292,29 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     return apply_and_fill(model, adapter.method, adapter.head, adapter.tensors, str(adapter.path / WEIGHTS))
 
 
+def skeleton(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters and buffers live on the meta device: every name and
+    shape, no memory. Used to check an adapter's tensors without touching the live model."""
+    memo = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def planned_state(sk: nn.Module, method: Method, head, source: str) -> dict[str, torch.Tensor]:
+    """The tensors (meta: names and shapes only) that applying `method` would create on the model
+    whose `skeleton` is `sk`. Allocates nothing, whatever the rank; `sk` itself is not changed."""
+    sk = copy.deepcopy(sk)
+    try:
+        with torch.device("meta"):  # layers built without an explicit device (adapters) stay empty too
+            apply(sk, method, head=head)
+        return adapter_state(sk)
+    except Exception as e:  # TargetError, bad settings, an impossible size: all the file's fault
+        raise AdapterFileError(f"{source}: its method ({method.describe()}) does not fit this "
+                               f"{type(sk).__name__}: {e}") from None
+
+
 def check_tensors(state: dict, tensors: dict, source: str) -> None:
     """Raise AdapterFileError unless `tensors` has exactly the names and shapes of `state`."""
     missing = sorted(set(state) - set(tensors))
@@ -212,10 +331,13 @@ def check_tensors(state: dict, tensors: dict, source: str) -> None:
 
 
 def apply_and_fill(model, method, head, tensors, source: str):
-    """Apply `method`, copy `tensors` into it, and roll back completely if anything is off."""
+    """Check `tensors` against what `method` would create (on a skeleton), then apply `method` and
+    copy them in. Every check runs before the model is touched; should applying itself fail, the
+    wrappers are removed and every `requires_grad` flag restored."""
+    check_tensors(planned_state(skeleton(model), method, head, source), tensors, source)
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    apply(model, method, head=head)
     try:
+        apply(model, method, head=head)
         state = adapter_state(model)
         check_tensors(state, tensors, source)
         with torch.no_grad():

@@ -5,6 +5,16 @@ target_modules, use_rslora, modules_to_save, ...) and `adapter_model.safetensors
 `base_model.model.<module path>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r), plus the
 head as `base_model.model.<head path>.weight` and `.bias`. PEFT's A and B are peftkit's A and B
 and both scale by lora_alpha / r (or / sqrt(r) with use_rslora), so conversion is a renaming.
+
+`export_peft` also writes peftkit_base.json: the base fingerprint of adapter.json and the SHA-256
+of adapter_model.safetensors (PEFT ignores the file). `import_peft` checks everything before the model changes, as `load_adapter` does
+(tensor values, exact shapes, bounded target regexes), and also refuses:
+  - a module named in modules_to_save whose tensors are missing (it would keep its random
+    initial weights, and the outputs would differ from the exporter's);
+  - a detectably different base: the fingerprint in peftkit_base.json when present, and the
+    base named in base_model_name_or_path when both it and the model's name are Hub names or
+    peftkit's (a local path proves nothing: it differs from machine to machine).
+It reports what it loaded in one line (verbose=False to keep quiet).
 """
 
 from __future__ import annotations
@@ -15,10 +25,17 @@ from torch import nn
 
 from ..core.methods import LoRA
 from ..core.surgery import applied, lora_layers
+from ..storage import is_sha256, sha256_file
+from ..layers.lora import LoRALinear
 from .adapter_file import (
+    AdapterFile,
     AdapterFileError,
     apply_and_fill,
     adapter_state,
+    check_base,
+    check_method,
+    check_values,
+    fingerprint,
     read_json,
     read_tensors,
     write_json,
@@ -26,6 +43,8 @@ from .adapter_file import (
 )
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+BASE_FILE = "peftkit_base.json"  # peftkit's fingerprint of the base, beside PEFT's files
+_ALIASES = {"peftkit:minilm": "sentence-transformers/all-MiniLM-L6-v2"}  # load_base's names, as the Hub spells them
 PREFIX = "base_model.model."
 # PEFT features with no peftkit equivalent: importing them would silently change the outputs.
 _UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "layers_to_transform": None,
@@ -63,11 +82,26 @@ def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None
     d.mkdir(parents=True, exist_ok=True)
     write_tensors(d / PEFT_WEIGHTS, {_peft_key(k): v for k, v in state.items()}, {"format": "pt"})
     write_json(d / PEFT_CONFIG, config)
+    write_json(d / BASE_FILE, {"format": "peftkit-base", "base": fingerprint(model, done.head, m),
+                               "tensors_sha256": sha256_file(d / PEFT_WEIGHTS)})
     return d
 
 
-def import_peft(model: nn.Module, directory) -> nn.Module:
-    """Apply a PEFT LoRA adapter folder to a fresh base `model`. The model is unchanged on error."""
+def _base_name(name) -> str | None:
+    """A base's name as the Hub spells it (peftkit's own names mapped to theirs), lower case; None
+    when unknown or a local path (paths differ from machine to machine, so they prove nothing)."""
+    if not isinstance(name, str) or not name.strip():
+        return None
+    name = _ALIASES.get(name, name).strip()
+    if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:
+        return None
+    return name.lower()
+
+
+def import_peft(model: nn.Module, directory, verbose: bool = True, check_name: bool = True) -> nn.Module:
+    """Apply a PEFT LoRA adapter folder to a fresh base `model`. Everything is checked first; on
+    any error the model is unchanged. check_name=False skips only the comparison of the base's
+    name (for a base known under two names); the fingerprint and every shape are always checked."""
     d = Path(directory)
     cfg = read_json(d / PEFT_CONFIG, "import_peft")
     if cfg.get("peft_type") != "LORA":
@@ -82,13 +116,44 @@ def import_peft(model: nn.Module, directory) -> nn.Module:
     targets = cfg.get("target_modules")
     if not targets:
         raise AdapterFileError(f"{d / PEFT_CONFIG} names no target_modules.")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise AdapterFileError(f"{d / PEFT_CONFIG}: target_modules must be a list of module names or one regex string, "
+                               f"got {targets!r:.80}.")
+    saved = cfg.get("modules_to_save") or []
+    if not (isinstance(saved, list) and all(isinstance(h, str) and h for h in saved)):
+        raise AdapterFileError(f"{d / PEFT_CONFIG}: modules_to_save must be a list of module names, got {saved!r:.80}.")
+    r = cfg.get("r")
+    if not isinstance(r, int) or isinstance(r, bool):
+        raise AdapterFileError(f"{d / PEFT_CONFIG}: r must be a positive integer, got {r!r:.40}.")
     try:
-        method = LoRA(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
+        method = LoRA(r=r, alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
                       targets=tuple(targets) if isinstance(targets, list) else targets,
                       rslora=bool(cfg.get("use_rslora", False)))
-    except (KeyError, TypeError, ValueError) as e:
-        raise AdapterFileError(f"{d / PEFT_CONFIG} has an invalid LoRA setting: {e}") from None
-    raw = read_tensors(d / PEFT_WEIGHTS)
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise AdapterFileError(f"{d / PEFT_CONFIG} has an invalid LoRA setting: {type(e).__name__}: {e}") from None
+    check_method(method, str(d / PEFT_CONFIG))
+    if applied(model) is not None:
+        raise ValueError("import_peft needs a fresh base model; this one already has a method applied.")
+    if check_name:
+        theirs = _base_name(cfg.get("base_model_name_or_path"))
+        ours = _base_name(getattr(getattr(model, "config", None), "name_or_path", None))
+        if theirs and ours and theirs != ours:
+            raise AdapterFileError(f"{d / PEFT_CONFIG} was made for base {cfg['base_model_name_or_path']!r}, and this "
+                                   f"model is {model.config.name_or_path!r}. Load the base it was made for; if it is the "
+                                   "same model under another name, pass check_name=False.")
+    base = None
+    if (d / BASE_FILE).exists():  # written by export_peft: the base's fingerprint and the tensors' checksum
+        base = read_json(d / BASE_FILE, "import_peft")
+        sha = base.get("tensors_sha256")
+        if base.get("format") != "peftkit-base" or not isinstance(base.get("base"), dict) or not (sha is None or is_sha256(sha)):
+            raise AdapterFileError(f"{d / BASE_FILE} is not the base fingerprint export_peft writes; remove it or export again.")
+    try:
+        raw = read_tensors(d / PEFT_WEIGHTS, base.get("tensors_sha256") if base else None, d / BASE_FILE)
+    except AdapterFileError as e:
+        if "SHA-256" not in str(e):
+            raise
+        raise AdapterFileError(f"{e} If PEFT saved this folder again after export_peft, delete {BASE_FILE}.") from None
+    check_values(raw, str(d / PEFT_WEIGHTS))
     tensors = {}
     for k, v in raw.items():
         if not k.startswith(PREFIX):
@@ -97,8 +162,26 @@ def import_peft(model: nn.Module, directory) -> nn.Module:
         if name.endswith((".lora_A.weight", ".lora_B.weight")):
             name = name[: -len(".weight")]
         tensors[name] = v
-    saved = cfg.get("modules_to_save") or []
-    head = next((h for h in saved if any(t.startswith(h + ".") for t in tensors)), None)
-    if applied(model) is not None:
-        raise ValueError("import_peft needs a fresh base model; this one already has a method applied.")
-    return apply_and_fill(model, method, head, tensors, str(d / PEFT_WEIGHTS))
+    modules = dict(model.named_modules())
+    present = [h for h in saved if h in modules]  # PEFT lists "classifier" and "score" for any classifier
+    held = [h for h in present if any(t.startswith(h + ".") for t in tensors)]
+    missing = [h for h in present if h not in held]
+    if missing:
+        raise AdapterFileError(f"{d / PEFT_CONFIG} names {missing} in modules_to_save, but {d / PEFT_WEIGHTS} holds no "
+                               "tensors for it: the module would keep its random initial weights and the outputs would "
+                               "differ from the exporter's. Export the adapter again with the module's weights.")
+    if len(held) > 1:
+        raise AdapterFileError(f"{d / PEFT_CONFIG} saves several modules {held}; peftkit trains one task head. "
+                               "Import an adapter that saves only the head.")
+    head = held[0] if held else None
+    if base is not None:
+        check_base(model, AdapterFile(d, method, head, {}, {"base": base["base"]}))
+    apply_and_fill(model, method, head, tensors, str(d / PEFT_WEIGHTS))
+    if verbose:
+        layers = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+        leaves = ", ".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in layers))
+        print(f"import_peft: LoRA r={method.r} alpha={method.alpha:g}{' (rsLoRA)' if method.rslora else ''} on "
+              f"{len(layers)} layers ({leaves}); head: "
+              + (f"{head!r} from modules_to_save" if head else "none saved, the model's own stays frozen")
+              + f"; {len(tensors)} tensors from {d / PEFT_WEIGHTS}")
+    return model

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import nbformat
 
+from ..storage import RUNS_ENV, runs_dir
 from ..studies.experiments import DEFAULT_CACHE, read_cache, results_frame
 from .plots import pareto_figure
 
@@ -66,8 +67,10 @@ def execute(path: Path, out_dir: Path, quick: bool, parameters: dict | None = No
     declared = declared_parameters(path)
     params = {k: v for k, v in params.items() if k in declared}
     out = out_dir / path.name
-    env_quick = os.environ.get("PEFTKIT_QUICK")
+    env_quick, env_runs = os.environ.get("PEFTKIT_QUICK"), os.environ.get(RUNS_ENV)
     os.environ["PEFTKIT_QUICK"] = "1" if quick else "0"
+    # the kernel runs in notebooks/: point its result cache and Optuna storage at the caller's runs/
+    os.environ[RUNS_ENV] = str(runs_dir().resolve())
     # papermill infers parameter types by parsing the cell and warns about every line it cannot
     # (`quick = os.environ.get(...)`), then calls those names unknown: noise here, because the
     # names were checked against the cell above. Its errors still show.
@@ -86,10 +89,11 @@ def execute(path: Path, out_dir: Path, quick: bool, parameters: dict | None = No
         raise
     finally:
         pm_log.setLevel(pm_level)
-        if env_quick is None:
-            os.environ.pop("PEFTKIT_QUICK", None)
-        else:
-            os.environ["PEFTKIT_QUICK"] = env_quick
+        for name, value in (("PEFTKIT_QUICK", env_quick), (RUNS_ENV, env_runs)):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return out
 
 

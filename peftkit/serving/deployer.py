@@ -22,8 +22,7 @@ serve_store.py.
 
 from __future__ import annotations
 
-import copy
-import itertools
+import json
 import re
 import threading
 import time
@@ -33,12 +32,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from ..bases.models import load_base
 from ..core.methods import Method
 from ..core.surgery import apply, find_head, lora_layers, remove
-from ..core.targets import TargetError
 from ..data.loaders import pad_batch
 from ..files.adapter_file import (
     CONFIG,
@@ -47,7 +44,9 @@ from ..files.adapter_file import (
     adapter_state,
     check_base,
     check_tensors,
+    planned_state,
     read_adapter,
+    skeleton,
 )
 from ..layers.names import under
 from ..runtime import resolve_device
@@ -79,16 +78,6 @@ class Registered:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors)
-
-
-def skeleton(model: nn.Module) -> nn.Module:
-    """A copy of `model` whose parameters and buffers live on the meta device: every name and
-    shape, no memory. Used to check an adapter's tensors without touching the live model."""
-    memo = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    return copy.deepcopy(model, memo)
 
 
 class Deployer:
@@ -143,8 +132,10 @@ class Deployer:
     def register(self, name: str, adapter_dir, replace: bool = False) -> dict:
         """Check the adapter in `adapter_dir` against this base and hold it under `name`.
 
-        Refuses (AdapterFileError) a missing, corrupt or pickled file, an adapter trained on another
-        base, tensors that do not fit the method, and NaN or inf values. Returns a summary row.
+        Refuses (AdapterFileError) a missing, corrupt or pickled file, a checksum that does not
+        match, an adapter trained on another base, tensors that do not fit the method exactly,
+        non-float, NaN, inf or absurdly large values, and unsafe target regexes, all before
+        anything changes (see files/adapter_file.py). Returns a summary row.
         """
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise ValueError(f"adapter name {name!r} must be 1-64 letters, digits, '_', '.' or '-', "
@@ -220,14 +211,9 @@ class Deployer:
             check_base(self.model, adapter)  # raises AdapterFileError
 
     def _expected_shapes(self, method: Method, head, source) -> dict:
-        key = (method, head)
-        if key not in self._expected:
-            sk = copy.deepcopy(self._skeleton)
-            try:
-                apply(sk, method, head=head)
-            except (TargetError, ValueError, TypeError) as e:
-                raise AdapterFileError(f"{source}: its method {method} does not fit this {self.base} base: {e}") from None
-            self._expected[key] = {k: v for k, v in adapter_state(sk).items()}
+        key = (json.dumps(method.to_dict(), sort_keys=True, default=str), head)  # hashable whatever the file held
+        if key not in self._expected:  # on the meta skeleton: no allocation, whatever the rank
+            self._expected[key] = planned_state(self._skeleton, method, head, source)
         return self._expected[key]
 
     # -- switching ----------------------------------------------------------------------------

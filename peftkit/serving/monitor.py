@@ -26,7 +26,6 @@ ground truth of a sample; None marks an example whose label has not arrived.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..storage import append_lines, read_jsonl
 from .dashboard import dashboard
 from .drift import ks_2samp, psi, psi_categorical
 
@@ -320,23 +320,15 @@ class Monitor:
 
         Each line is {"type": "metrics" | "alert" | "note", "monitor": name, "pid": ..., ...}. The
         whole batch goes out in one locked write (fcntl), so several processes can export to the
-        same file at once without tearing each other's lines.
+        same file at once without tearing each other's lines, and it starts on a fresh line, so a
+        torn last line left by a killed writer never swallows the first new one
+        (`storage.append_lines`).
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             parts = {"metrics": self._rows, "alert": self._alerts, "note": self._notes}
             lines = [json.dumps(_clean({"type": kind, "monitor": self.name, "pid": os.getpid(), **item}), allow_nan=False)
                      for kind, items in parts.items() for item in items[self._exported[kind]:]]
-            if lines:
-                with open(path, "a") as f:
-                    fcntl.flock(f, fcntl.LOCK_EX)
-                    try:
-                        f.write("\n".join(lines) + "\n")
-                        f.flush()
-                        os.fsync(f.fileno())
-                    finally:
-                        fcntl.flock(f, fcntl.LOCK_UN)
+            append_lines(Path(path), lines, fsync=True)
             self._exported = {k: len(v) for k, v in parts.items()}
             return len(lines)
 
@@ -350,11 +342,13 @@ class Monitor:
 
 
 def read_export(path) -> pd.DataFrame:
-    """The lines `Monitor.export` wrote, as one DataFrame (a torn last line from a killed writer is skipped)."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return pd.DataFrame(rows)
+    """The lines `Monitor.export` wrote, as one DataFrame. A line that is not a JSON object (torn
+    by a killed writer, edited, invalid UTF-8) is skipped, and a warning says how many were;
+    the count is also in the frame's attrs["skipped_lines"]."""
+    rows, skipped = read_jsonl(path)
+    if skipped:
+        warnings.warn(f"{path}: skipped {skipped} line(s) that are not monitor records (torn by a killed "
+                      f"writer, or edited); read the other {len(rows)}.", stacklevel=2)
+    df = pd.DataFrame(rows)
+    df.attrs["skipped_lines"] = skipped
+    return df

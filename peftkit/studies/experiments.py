@@ -3,18 +3,19 @@
 `compare` runs each configuration in a fresh Python process, so peak-memory figures (ru_maxrss
 on CPU) belong to that run alone, and caches each result row in `runs/results.jsonl` under a
 hash of the full configuration: a later notebook asking for the same run reuses the row.
+`runs/` is relative to the working directory (or $PEFTKIT_RUNS; see peftkit.storage.runs_dir).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -28,11 +29,13 @@ from ..core.surgery import apply, trainable_fraction
 from ..data.loaders import make_loaders
 from ..files.adapter_file import adapter_bytes, load_adapter, save_adapter
 from ..runtime import environment, peak_memory_mib, resolve_device
+from ..storage import append_lines, read_jsonl, runs_dir
 from ..training.loop import TrainConfig, fit
 from ..training.metrics import evaluate
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: peftkit/<layer>/<module>.py
-DEFAULT_CACHE = ROOT / "runs" / "results.jsonl"
+# runs/results.jsonl relative to the working directory (or under $PEFTKIT_RUNS), as the CLI's --cache
+DEFAULT_CACHE = runs_dir() / "results.jsonl"
 _NOT_IN_KEY = ("progress", "checkpoint_dir", "checkpoint_every", "device")
 _KEYED_WHEN_SET = {"attention_dropout": None, "cpu_bf16": False, "fast_dropout": False}  # field -> its default
 
@@ -116,26 +119,24 @@ def _base(base: str, seed: int, bits: int | None):
 
 
 def read_cache(path=DEFAULT_CACHE) -> dict[str, dict]:
+    """Result rows by key (the last row of a key wins). A line that is not a result row (torn by a
+    killed writer, null, a list, a number, invalid UTF-8, no string "key") is skipped, and a
+    warning says how many were; the file is left as it is."""
     path = Path(path)
-    rows = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-                rows[r["key"]] = r
-            except (json.JSONDecodeError, KeyError):
-                continue  # a torn last line from a killed writer: skip it, keep the rest
-    return rows
+    if not path.is_file():
+        return {}
+    rows, skipped = read_jsonl(path)
+    good = [r for r in rows if isinstance(r.get("key"), str)]
+    skipped += len(rows) - len(good)
+    if skipped:
+        warnings.warn(f"{path}: skipped {skipped} line(s) that are not result rows (a write torn by a killed run, "
+                      f"or an edit); using the other {len(good)}. Delete those lines to silence this.", stacklevel=2)
+    return {r["key"]: r for r in good}
 
 
 def append_cache(row: dict, path=DEFAULT_CACHE) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # several processes may append at once
-        f.write(json.dumps(row, default=str) + "\n")
-        f.flush()
-        fcntl.flock(f, fcntl.LOCK_UN)
+    """Append `row` as one line, under a lock, starting on a fresh line (`storage.append_lines`)."""
+    append_lines(Path(path), [json.dumps(row, default=str)])
 
 
 def _run_in_subprocess(spec: dict, threads: int | None) -> dict:
@@ -175,7 +176,7 @@ def compare(methods, base: str = "minilm", domain: str = "movies", n_train: int 
             rows.append({**hit, "cached": True})
             continue
         quiet = dataclasses.replace(mcfg, progress=False)
-        out = str(Path(cache).parent / "adapters" / key) if cache else None
+        out = str((Path(cache).parent / "adapters" / key).resolve()) if cache else None  # the worker runs in ROOT
         if fresh_process:
             row = _run_in_subprocess({**spec, "cfg": dataclasses.asdict(quiet), "out": out}, threads)
         else:

@@ -8,7 +8,8 @@ last epoch's validation accuracy; the test split is never looked at (retrain the
 `best_config` + `experiments.compare` for that).
 
 Storage. A study lives in a database, so it survives the process: by default SQLite at
-runs/optuna.db, and calling `tune` again with the same study name continues it. `n_trials` is the
+runs/optuna.db, relative to the working directory like the result cache (or under $PEFTKIT_RUNS;
+see peftkit.storage.runs_dir), and calling `tune` again with the same study name continues it. `n_trials` is the
 number of finished trials (complete or pruned) the study should hold, counting earlier runs and
 every other worker, so several processes can share one target exactly.
 
@@ -49,10 +50,10 @@ from ..bases.models import load_base
 from ..core.methods import METHODS
 from ..core.surgery import apply
 from ..data.loaders import make_loaders
+from ..storage import runs_dir
 from ..training.loop import TrainConfig, fit
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository: peftkit/<layer>/<module>.py
-DEFAULT_STORAGE = f"sqlite:///{ROOT / 'runs' / 'optuna.db'}"
+DEFAULT_STORAGE = f"sqlite:///{runs_dir() / 'optuna.db'}"  # relative: the working directory's runs/
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 TRAIN_KNOBS = ("lr", "batch_size", "weight_decay", "warmup_ratio", "epochs")
@@ -188,9 +189,9 @@ def resolve_storage(storage=None):
         return storage
     if storage in ("memory", ":memory:"):
         return optuna.storages.InMemoryStorage()
-    if storage is None:
-        (ROOT / "runs").mkdir(exist_ok=True)
-        storage = DEFAULT_STORAGE
+    if storage is None:  # DEFAULT_STORAGE, with $PEFTKIT_RUNS read now
+        (runs_dir()).mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{runs_dir() / 'optuna.db'}"
     if not isinstance(storage, str):
         raise StorageError(f"storage={storage!r} should be a database URL string, 'memory', or None.")
     try:

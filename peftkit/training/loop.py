@@ -3,6 +3,12 @@
 It optimises exactly the parameters that require grad (AdamW, linear warm-up then linear decay,
 clipping, accumulation), evaluates on a schedule, stops early, shows one progress bar, writes
 atomic checkpoints and resumes from them bit for bit, and refuses to go on after a NaN loss.
+
+Resuming compares before it loads. Each checkpoint records the run: its TrainConfig (less
+progress, device and where checkpoints go), its data signature (examples, batches per epoch,
+batch size, the order's seed, a digest of the example lengths, validation size), the method
+spec and the trainable parameters' names and shapes. `resume=True` refuses a checkpoint whose
+record differs, naming each changed field; `resume="force"` continues anyway with a warning.
 Launched by `torchrun --nproc_per_node=N` it runs data-parallel (gloo on CPU, nccl on GPU):
 each rank takes its slice of the same global batch, and only rank 0 writes anything.
 """
@@ -10,6 +16,8 @@ each rank takes its slice of the same global batch, and only rank 0 writes anyth
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
 import time
@@ -34,6 +42,64 @@ from .metrics import evaluate, model_logits, to_device
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or inf; training stopped before the bad step was applied."""
+
+
+class ResumeMismatch(ckpt.CheckpointError):
+    """resume=True found a checkpoint of a differently configured run; nothing was loaded."""
+
+
+_NOT_COMPARED = ("progress", "device", "checkpoint_dir", "checkpoint_every")  # change nothing that is computed
+
+
+def run_record(cfg, sampler, batches_per_epoch: int, val_loader, named: dict, spec) -> dict:
+    """What identifies a run, as a checkpoint records it (JSON types only)."""
+    data = {"batches_per_epoch": batches_per_epoch, "batch_size": cfg.batch_size}
+    if sampler is not None:
+        lengths = json.dumps(list(sampler.lengths)).encode()
+        data.update(train_examples=len(sampler.lengths), order_seed=sampler.seed, bucket=sampler.bucket,
+                    drop_last=sampler.drop_last, lengths_sha256=hashlib.sha256(lengths).hexdigest())
+    val = getattr(val_loader, "dataset", None)
+    if val is not None and hasattr(val, "__len__"):
+        data["val_examples"] = len(val)
+    record = {"config": {k: v for k, v in asdict(cfg).items() if k not in _NOT_COMPARED}, "data": data,
+              "method": spec, "trainable": {n: list(p.shape) for n, p in named.items()}}
+    return json.loads(json.dumps(record, default=str))  # as it reads back from state.json
+
+
+def _flat(d, prefix=""):
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def run_differences(saved: dict | None, now: dict) -> list[str]:
+    """Each field where the checkpoint's run record and this run's differ, in words."""
+    saved = saved if isinstance(saved, dict) else {}
+    out = []
+    for part in ("config", "data", "method", "trainable"):
+        if part not in saved:
+            out.append(f"{part}: not recorded in the checkpoint (written by an older peftkit)")
+        elif part == "trainable":
+            if saved[part] != now[part]:
+                out.append("the trainable parameters (their names or shapes: another method or model)")
+        elif saved[part] != now[part]:
+            a, b = _flat(saved[part], f"{part}."), _flat(now[part], f"{part}.")
+            for k in sorted(set(a) | set(b)):
+                if a.get(k, "(absent)") != b.get(k, "(absent)"):
+                    out.append(f"{k} is {a.get(k, '(absent)')!r} in the checkpoint, {b.get(k, '(absent)')!r} now")
+    return out
+
+
+def _method_spec(model, spec):
+    """The method spec to record: `spec` if given, else the one peftkit.apply left on the model
+    (read by duck typing: fit imports nothing of PEFT), else None."""
+    if spec is not None:
+        return spec
+    method = getattr(getattr(model, "peftkit", None), "method", None)
+    return method.to_dict() if hasattr(method, "to_dict") else None
 
 
 @dataclass
@@ -121,13 +187,21 @@ def _iterate(loader):
     return it
 
 
-def fit(model, train_loader, val_loader=None, cfg: TrainConfig | None = None, resume: bool = False,
-        on_eval=None) -> pd.DataFrame:
+def fit(model, train_loader, val_loader=None, cfg: TrainConfig | None = None, resume: bool | str = False,
+        on_eval=None, spec: dict | None = None) -> pd.DataFrame:
     """Train `model` in place; returns the history (step, epoch, loss, lr, val_*, elapsed).
 
+    resume: True continues from the latest checkpoint in cfg.checkpoint_dir when its recorded run
+    (config, data signature, method, trainable shapes) equals this one, and raises ResumeMismatch
+    naming each difference otherwise; "force" continues anyway, with a warning. No checkpoint
+    yet: a fresh start.
     on_eval: called with a copy of each evaluation's history row (step, epoch, loss, lr, val_*);
     an exception it raises (e.g. optuna.TrialPruned) stops training and propagates.
+    spec: a JSON description of what is trained (e.g. Method.to_dict()), recorded in checkpoints
+    and compared on resume; by default the method `peftkit.apply` left on the model.
     """
+    if resume not in (False, True, "force"):
+        raise ValueError(f"resume must be False, True or 'force', got {resume!r}.")
     cfg = cfg or TrainConfig()
     device = resolve_device(cfg.device)
     if cfg.attention_dropout is not None:
@@ -154,6 +228,8 @@ def fit(model, train_loader, val_loader=None, cfg: TrainConfig | None = None, re
         sampler = sampler.shard(rank, world)
         loader = DataLoader(train_loader.dataset, batch_sampler=sampler, collate_fn=train_loader.collate_fn)
     batches_per_epoch = len(sampler.global_batches()) if sampler else len(train_loader)
+    record = run_record(cfg, getattr(train_loader, "batch_sampler", None) if sampler else None, batches_per_epoch,
+                        val_loader, named, _method_spec(model, spec))
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accumulation)
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
 
@@ -169,7 +245,18 @@ def fit(model, train_loader, val_loader=None, cfg: TrainConfig | None = None, re
     state = {"step": 0, "epoch": 0, "batch": 0, "elapsed": 0.0, "history": [], "best": None,
              "bad_evals": 0, "stopped": False, "last_checkpoint": None}
     if resume and (path := ckpt.latest(cfg.checkpoint_dir)) is not None:
-        saved = ckpt.load(path, named, opt, sched)
+        found = ckpt.read(path)  # checksum and layout; nothing changes yet
+        diffs = run_differences(found.meta.get("run"), record)
+        if diffs and resume != "force":
+            raise ResumeMismatch(
+                f"resume=True, but this run differs from the one checkpointed in {path}: {'; '.join(diffs)}. "
+                "Continuing would mix the two (a changed batch size re-reads the saved position in the wrong "
+                "units; a new lr or seed would be silently overridden). Run with the checkpoint's settings, use "
+                "a new checkpoint_dir to start afresh, or pass resume='force' to continue anyway.")
+        if diffs:
+            warnings.warn(f"resume='force': continuing {path} although {'; '.join(diffs)}. Its weights, optimizer, "
+                          "schedule and position are restored as saved; the result matches neither run.", stacklevel=2)
+        saved = ckpt.restore(found, named, opt, sched)  # every tensor checked before any is copied
         state.update({k: saved[k] for k in state if k in saved}, last_checkpoint=str(path))
 
     autocast = autocast_for(device, cfg)
@@ -182,7 +269,7 @@ def fit(model, train_loader, val_loader=None, cfg: TrainConfig | None = None, re
             return
         state["elapsed"] = time.perf_counter() - t_start
         if rank == 0:
-            meta = {**state, "config": asdict(cfg)}
+            meta = {**state, "config": asdict(cfg), "run": record}
             state["last_checkpoint"] = str(ckpt.save(cfg.checkpoint_dir, named.items(), opt, sched, meta))
         if world > 1:
             dist.barrier()
