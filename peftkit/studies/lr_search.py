@@ -99,13 +99,18 @@ def ranking_text(view: pd.DataFrame) -> str:
     """One computed sentence on `rate_ranking`'s view: is the order the same at both rates?"""
     def order(what):
         d = view.dropna(subset=[f"accuracy at {what}"]).sort_values(f"accuracy at {what}", ascending=False)
-        return [f"{r['label']} ({100 * r[f'accuracy at {what}']:.1f}%)" for r in d.to_dict("records")]
-    a, b = order("default"), order("chosen")
-    same = [x.split(" (")[0] for x in a] == [x.split(" (")[0] for x in b]
+        acc = d[f"accuracy at {what}"].tolist()
+        names = [f"{r['label']} ({100 * r[f'accuracy at {what}']:.1f}%)" for r in d.to_dict("records")]
+        text = names[0] if names else ""
+        for prev, cur, name in zip(acc, acc[1:], names[1:]):
+            text += (" = " if abs(prev - cur) < 1e-12 else " > ") + name
+        return text, view.set_index("label")[f"rank at {what}"].to_dict()
+    (a, ra), (b, rb) = order("default"), order("chosen")
+    same = ra == rb
     head = ("The order by test accuracy is the same at the default and at the chosen rates" if same else
             "Tuning the rate changes the order by test accuracy")
     d = view.dropna(subset=["accuracy at chosen"]).sort_values("accuracy at chosen", ascending=False).to_dict("records")
     ties = [f"{x['label']} and {y['label']}" for x, y in zip(d, d[1:]) if x["lo at chosen"] <= y["hi at chosen"]]
     tail = (f" At the chosen rates the intervals of {'; of '.join(ties)} overlap: their order there "
             f"is not settled at this precision." if ties else "")
-    return f"{head}: at the default rates {' > '.join(a)}; at the chosen rates {' > '.join(b)}.{tail}"
+    return f"{head}: at the default rates {a}; at the chosen rates {b}.{tail}"
