@@ -202,8 +202,10 @@ def test_every_registered_grid_holds_its_default_rate():
         assert any(math.isclose(lr, cls.default_lr) for lr in cls.lr_choices()), name
 
 
-def test_cli_compare_with_seeds_prints_intervals(tmp_path):
-    p = _cli("compare", "--base", "tiny", "--domain", "tweets", "--methods", "head_only", "--n-train", "32",
-             "--seeds", "0,1", "--no-cross-domain", "--in-process", "--no-progress", "--threads", "1", "--cache", str(tmp_path / "r.jsonl"))
-    assert p.returncode == 0, p.stderr
-    assert "mean over seeds with 95% intervals" in p.stdout and "t over 2 seeds and 420 test items" in p.stdout
+def test_cli_compare_with_seeds_prints_intervals(tmp_path, capsys):
+    from peftkit import cli
+    code = cli.main(["compare", "--base", "tiny", "--domain", "tweets", "--methods", "head_only", "--n-train", "32",
+                     "--seeds", "0,1", "--no-cross-domain", "--in-process", "--no-progress", "--threads", "1",
+                     "--cache", str(tmp_path / "r.jsonl")])
+    out = capsys.readouterr().out
+    assert code == 0 and "mean over seeds with 95% intervals" in out and "t over 2 seeds and 420 test items" in out
