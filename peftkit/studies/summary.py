@@ -19,7 +19,7 @@ from .experiments import results_frame
 
 SETUP = ("base", "domain", "n_train", "epochs", "split_seed")  # a reference must share these
 COSTS = ("sec_per_step", "peak_mem_mib", "train_seconds")        # measured: vary from run to run
-EXACT = ("trainable", "total", "trainable_pct", "adapter_bytes")  # the same at every seed
+EXACT = ("trainable", "total", "trainable_pct", "trainable_fraction", "adapter_bytes")  # the same at every seed
 
 
 def _frame(results) -> pd.DataFrame:
@@ -29,10 +29,9 @@ def _frame(results) -> pd.DataFrame:
     if "spec" in df and not {"seed", "config"} <= set(df):
         df = results_frame(df.to_dict("records"))
     df = df.copy()
-    if "seed" not in df:
-        df["seed"] = 0
-    if "config" not in df:
-        df["config"] = df["label"] + df["lr"].map(lambda v: f" lr={v:g}") if "lr" in df else df["label"]
+    df["seed"] = df["seed"].fillna(0) if "seed" in df else 0
+    fallback = df["label"].astype(str) + (df["lr"].map(lambda v: f" lr={v:g}") if "lr" in df else "")
+    df["config"] = df["config"].fillna(fallback) if "config" in df else fallback  # rows without a spec
     return df
 
 
@@ -150,7 +149,7 @@ def summarize(results, by: str | list | None = None, reference: str | None = "fu
                 row[col] = first[col]
                 if col == "adapter_bytes":
                     row[f"{col}_lo"] = row[f"{col}_hi"] = first[col]
-        if "trainable_pct" in row:
+        if "trainable_pct" in row and "trainable_fraction" not in row:
             row["trainable_fraction"] = row["trainable_pct"] / 100
         for col in COSTS:
             if col in runs and runs[col].notna().all():
