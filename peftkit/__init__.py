@@ -30,11 +30,12 @@ from .serving.deployer import Deployer
 from .serving.monitor import Monitor
 from .studies import article
 from .studies.experiments import compare
+from .studies.summary import summarize
 
 __all__ = [
     "Adapter", "AdapterFileError", "AdapterLinear", "BottleneckAdapter", "Deployer", "FastDropout", "FullFineTune",
     "HeadOnly", "Hybrid", "LoRA", "LoRALinear", "METHODS", "MLP", "MergeError", "Method", "ModelWithAdapters",
     "ModelWithLoRA", "Monitor", "TargetError", "__version__", "apply", "article", "compare", "export_peft",
-    "import_peft", "load_adapter", "load_base", "merge", "register", "report", "save_adapter",
+    "import_peft", "load_adapter", "load_base", "merge", "register", "report", "save_adapter", "summarize",
     "trainable_fraction", "unload", "unmerge", "use_fast_dropout",
 ]

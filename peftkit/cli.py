@@ -29,6 +29,7 @@ from .core.surgery import apply
 from .files.adapter_file import skeleton
 from .notebook.batch_run import NotebookFailed, run_all
 from .studies.experiments import DEFAULT_CACHE, compare, run
+from .studies.summary import format_summary, summarize
 from .training.loop import TrainConfig
 
 
@@ -128,13 +129,15 @@ def _add_train_args(p):
                    help="minilm or tiny (a random test model; default minilm)")
     g.add_argument("--domain", default="movies", help="movies, amazon, nyt, tweets or all (default movies)")
     g.add_argument("--epochs", type=POSITIVE_INT, default=1, help="epochs (default 1)")
-    g.add_argument("--lr", type=POSITIVE_FLOAT, default=None, help="learning rate (default: the method's, " + ", ".join(f"{n} {c.default_lr:g}" for n, c in METHODS.items()) + ")")
+    g.add_argument("--lr", type=_lr_arg, default=None, help="learning rate (default: the method's, " + ", ".join(f"{n} {c.default_lr:g}" for n, c in METHODS.items()) + "); compare also takes 'val': each family's rate chosen on validation from its grid")
     g.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="batch size (default 32)")
     g.add_argument("--n-train", type=POSITIVE_INT, default=None, help="train on a random subset of this size")
     g.add_argument("--max-length", type=_number(int, 2, "at least 2 tokens: [CLS] and [SEP]"), default=128,
                    help="max tokens per text (default 128)")
     g.add_argument("--seed", type=_number(int, 0, "give a whole number of at least 0"), default=0,
-                   help="seed for split, init and order (default 0)")
+                   help="seed for initialisation, data order and dropout (default 0)")
+    g.add_argument("--split-seed", type=_number(int, 0, "give a whole number of at least 0"), default=0,
+                   help="seed of the train/val/test split and the n-train sample (default 0)")
     g.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch threads (default: torch's choice)")
     g.add_argument("--attention-dropout", type=_number(float, -0.0, "a probability in [0, 1)"), default=None,
                    help="dropout on attention probabilities (default: the model's, 0.1 for MiniLM; 0 is faster on CPU)")
@@ -143,6 +146,24 @@ def _add_train_args(p):
     g.add_argument("--fast-dropout", action="store_true",
                    help="peftkit's FastDropout instead of torch's dropout: same p, about half the cost on CPU, another random stream")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _lr_arg(v: str):
+    """--lr: a positive number, or 'val' (compare: each family's rate chosen on validation)."""
+    return v if v in ("val", "default") else POSITIVE_FLOAT(v)
+
+
+_lr_arg.__name__ = "float"  # argparse names the type in its messages
+
+
+def _seeds_arg(v: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(t) for t in v.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seeds {v!r}: give integers separated by commas, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) < len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"invalid seeds {v!r}: give distinct whole numbers of at least 0, e.g. 0,1,2")
+    return seeds
 
 
 def method_from_args(name: str, a):
@@ -157,7 +178,7 @@ def default_lr(method_name: str) -> float:
 
 
 def _config(a, method_name: str):
-    lr = default_lr(method_name) if a.lr is None else a.lr
+    lr = default_lr(method_name) if not isinstance(a.lr, float) else a.lr
     return TrainConfig(epochs=a.epochs, lr=lr, batch_size=a.batch_size,
                        seed=a.seed, progress=not a.no_progress, attention_dropout=a.attention_dropout,
                        cpu_bf16=a.cpu_bf16, fast_dropout=a.fast_dropout)
@@ -193,8 +214,10 @@ def _train(a) -> int:
     preflight(a, [(a.method, method)])
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.lr == "val":
+        raise ValueError("--lr val chooses rates among several runs: use `compare`, not `train`.")
     row = run(method, base=a.base, domain=a.domain, n_train=a.n_train, cfg=cfg, max_length=a.max_length,
-              eval_domains=not a.no_cross_domain, out=a.out)
+              eval_domains=not a.no_cross_domain, out=a.out, split_seed=a.split_seed)
     keys = ["label", "accuracy", "f1_macro", "trainable", "sec_per_step", "adapter_bytes"]
     print(json.dumps({k: row[k] for k in keys}, default=str))
     print(f"adapter and metrics.json written to {a.out}")
@@ -202,24 +225,32 @@ def _train(a) -> int:
 
 
 def _compare(a) -> int:
-
-    rows = []
     names = [n.strip() for n in a.methods.split(",")]
     methods = [method_from_args(n, a) for n in names]  # every name checked before anything trains
-    configs = [_config(a, n) for n in names]
     if not a.no_cache and Path(a.cache).is_dir():
         raise FileExistsError(f"--cache {a.cache} is a folder; name a .jsonl file (default runs/results.jsonl).")
     preflight(a, list(zip(names, methods)))
-    for name, method, cfg in zip(names, methods, configs):
-        df = compare([method], base=a.base, domain=a.domain, n_train=a.n_train, cfg=cfg,
-                     max_length=a.max_length, eval_domains=not a.no_cross_domain, threads=a.threads,
-                     cache=None if a.no_cache else a.cache, progress=not a.no_progress)
-        rows.append(df)
-    df = pd.concat(rows, ignore_index=True)  # compare's frames carry val_accuracy, for choosing an lr
-    cols = ["label", "lr", "val_accuracy", "accuracy", "f1_macro", "trainable_pct", "sec_per_step", "peak_mem_mib",
-            "adapter_bytes", "cached"]
-    with pd.option_context("display.width", 200):
+    seeds = a.seeds or (a.seed,)
+    df = compare(methods, base=a.base, domain=a.domain, n_train=a.n_train, cfg=_config(a, names[0]),
+                 max_length=a.max_length, eval_domains=not a.no_cross_domain, threads=a.threads,
+                 cache=None if a.no_cache else a.cache, progress=not a.no_progress, fresh_process=not a.in_process,
+                 seeds=seeds, split_seed=a.split_seed, lr="default" if a.lr is None else a.lr, lr_seeds=a.lr_seeds)
+    cols = ["label", "seed", "lr", "val_accuracy", "accuracy", "f1_macro", "trainable_pct", "sec_per_step",
+            "peak_mem_mib", "adapter_bytes", "cached"]
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 60):
+        if "lr_search" in df.attrs:
+            t = df.attrs["lr_search"].table
+            print("Learning rates chosen on validation (mean over the search's seeds, 95% interval):")
+            print(t.assign(val=[f"{100 * v:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" for v, lo, hi in
+                                zip(t.val_accuracy, t.val_lo, t.val_hi)])[["label", "lr", "seeds", "val", "chosen"]]
+                  .to_string(index=False))
+            print()
         print(df.reindex(columns=cols).to_string(index=False))  # a cached row may lack a column
+        print()
+        reference = "full" if "full" in names else None
+        print("One row per configuration, mean over seeds with 95% intervals"
+              + (" and the paired difference to the full fine-tune:" if reference else ":"))
+        print(format_summary(summarize(df, reference=reference)).to_string(index=False))
     return 0
 
 
@@ -264,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"result cache (default {DEFAULT_CACHE}, relative to the working directory)")
     cp.add_argument("--no-cache", action="store_true", help="always retrain")
     cp.add_argument("--no-cross-domain", action="store_true", help="skip evaluating on the other domains")
+    cp.add_argument("--seeds", type=_seeds_arg, default=None,
+                    help="run each method once per seed, e.g. 0,1,2 (default: --seed alone); prints intervals over them")
+    cp.add_argument("--lr-seeds", type=_seeds_arg, default=None, help="with --lr val: the seeds the rates are chosen with (default: --seeds)")
+    cp.add_argument("--in-process", action="store_true",
+                    help="train in this process (faster to start; peak memory then mixes runs)")
     _add_method_args(cp)
     _add_train_args(cp)
     cp.set_defaults(func=_compare)

@@ -135,3 +135,77 @@ def test_base_bits_trains_on_a_rounded_base_and_keys_apart(tmp_path):
     assert "base_bits" not in make_spec(pk.LoRA(), "tiny")  # old cache keys stay valid
     w = model.bert.encoder.layer[0].attention.self.query.base.weight
     assert len(torch.unique(w[0])) <= 15
+
+
+# --- seeds, per-item records, learning rates chosen on validation --------------------------------
+
+TINY = dict(base="tiny", domain="tweets", n_train=32, n_eval=40, eval_domains=False, fresh_process=False, progress=False)
+
+
+def test_seeds_are_an_axis_and_adding_one_reuses_the_others(tmp_path):
+    cache = tmp_path / "results.jsonl"
+    m = pk.LoRA(r=2, alpha=4)
+    first = compare([m], cfg=CFG, cache=cache, seeds=(0, 1), **TINY)
+    assert list(first.seed) == [0, 1] and list(first.cached) == [False, False]
+    more = compare([m], cfg=CFG, cache=cache, seeds=(0, 1, 2), **TINY)
+    assert list(more.seed) == [0, 1, 2] and list(more.cached) == [True, True, False]
+    assert len(read_cache(cache)) == 3 and more.config.nunique() == 1 and more.key.nunique() == 3
+    # the split stays put: the same test items at every seed; the seed changes the training
+    assert more.test_items.nunique() == 1 and more.final_loss.nunique() == 3
+    assert all(len(c["tweets"]) == n == 40 for c, n in zip(more.correct, more.n_test))
+    # a seed-0 run on the seed-0 split keeps the key it had before seeds were an axis
+    assert more.key.iloc[0] == config_key(make_spec(m, "tiny", "tweets", 32, CFG, eval_domains=False, n_eval=40))
+    assert "split_seed" not in make_spec(m, "tiny", "tweets", 32, CFG, split_seed=0)
+    assert make_spec(m, "tiny", "tweets", 32, TrainConfig(seed=1), split_seed=0)["split_seed"] == 0
+    other = compare([m], cfg=CFG, cache=cache, seeds=0, split_seed=1, **TINY)
+    assert not other.cached.iloc[0] and other.test_items.iloc[0] != more.test_items.iloc[0]
+    s = pk.summarize(more, reference=None)
+    assert len(s) == 1 and s.n_seeds.iloc[0] == 3 and s.accuracy_lo.iloc[0] <= s.accuracy.iloc[0] <= s.accuracy_hi.iloc[0]
+    with pytest.raises(ValueError, match="distinct integers"):
+        compare([m], cfg=CFG, cache=cache, seeds=(1, 1), **TINY)
+
+
+def test_per_item_correctness_is_in_the_rows_order():
+    from peftkit import data
+    from peftkit.data.loaders import make_loaders
+    from peftkit.training.metrics import evaluate, predict
+    model, tok = pk.load_base("tiny", seed=0)
+    test = data.sample_rows(data.split(data.load_corpus("tweets"))["test"], 50, 0)
+    shortest_first = make_loaders(tok, {"test": test})["test"]
+    as_is = make_loaders(tok, {"test": test}, eval_by_length=False)["test"]
+    y, p, _ = predict(model, as_is)
+    assert evaluate(model, shortest_first, per_item=True)["correct"] == "".join("1" if c else "0" for c in y == p)
+
+
+def test_lr_val_chooses_each_familys_rate_on_validation(tmp_path):
+    from peftkit.studies.lr_search import lr_search, rate_ranking
+    cache = tmp_path / "results.jsonl"
+    methods = [pk.HeadOnly()]
+    df = compare(methods, cfg=CFG, cache=cache, seeds=(0,), lr="val", **TINY)
+    search = df.attrs["lr_search"]
+    t = search.table
+    assert list(t.lr) == list(pk.HeadOnly.lr_choices()) and t.chosen.sum() == 1
+    assert search.rates["head_only"] == t.loc[t.val_accuracy.idxmax(), "lr"] == df.lr.iloc[0]
+    assert "accuracy" not in t and (df.lr_chosen_by == "validation").all()  # test accuracy: only at the chosen rate
+    assert df.cached.all()  # the chosen run is the search's own
+    again = lr_search(methods, seeds=(0,), cfg=CFG, cache=cache, **TINY)
+    assert again.rates == search.rates and again.runs.cached.all()  # the choice comes back from the cache
+    view = rate_ranking(search, df)
+    assert view["default lr"].iloc[0] == pk.HeadOnly.default_lr and view["rank at chosen"].iloc[0] == 1
+    assert compare(methods, cfg=CFG, cache=cache, lr={"head_only": 1e-2}, **TINY).lr.iloc[0] == 1e-2
+    with pytest.raises(ValueError, match="no rate for"):
+        compare([pk.LoRA()], cfg=CFG, cache=cache, lr={"head_only": 1e-2}, **TINY)
+
+
+def test_every_registered_grid_holds_its_default_rate():
+    for name, cls in pk.METHODS.items():
+        assert any(math.isclose(lr, cls.default_lr) for lr in cls.lr_choices()), name
+
+
+def test_cli_compare_with_seeds_prints_intervals(tmp_path, capsys):
+    from peftkit import cli
+    code = cli.main(["compare", "--base", "tiny", "--domain", "tweets", "--methods", "head_only", "--n-train", "32",
+                     "--seeds", "0,1", "--no-cross-domain", "--in-process", "--no-progress", "--threads", "1",
+                     "--cache", str(tmp_path / "r.jsonl")])
+    out = capsys.readouterr().out
+    assert code == 0 and "mean over seeds with 95% intervals" in out and "t over 2 seeds and 420 test items" in out

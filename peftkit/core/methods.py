@@ -6,7 +6,9 @@ A spec validates its own settings when built, names the layers it would change w
 Everything that lists methods iterates `METHODS`: the command line, tuning, selection, plots and
 the test matrix. So each registered class carries what they need: its `label` and `color`, its
 `knobs` (the settings a user or a search may change, with their command-line option and default
-search range), its `default_lr` with the reason for it, and the `variants` the tests run.
+search range), its `default_lr` with the reason for it, the `lr_grid` that `compare(lr="val")`
+chooses a rate from on validation (three rates around the default, which a wider search at
+notebook 04's budget put in the middle), and the `variants` the tests run.
 """
 
 from __future__ import annotations
@@ -76,11 +78,17 @@ class Method:
     default_lr: ClassVar[float] = 1e-3
     lr_reason: ClassVar[str] = ""
     lr_space: ClassVar[tuple] = (1e-5, 1e-2, "log")  # the learning rates a search tries
+    lr_grid: ClassVar[tuple[float, ...]] = ()  # the rates lr="val" chooses from; () gives default/2, default, 2*default
     variants: ClassVar[dict[str, dict]] = {"": {}}  # settings the test matrix runs, by variant name
 
     @classmethod
     def all_knobs(cls) -> tuple[Knob, ...]:
         return cls.knobs
+
+    @classmethod
+    def lr_choices(cls) -> tuple[float, ...]:
+        """The learning rates `compare(lr="val")` chooses this family's from, on validation."""
+        return tuple(cls.lr_grid) or (cls.default_lr / 2, cls.default_lr, cls.default_lr * 2)
 
     @classmethod
     def from_knobs(cls, values: dict, by: str = "key") -> "Method":
@@ -156,6 +164,7 @@ class LoRA(Method):
     lr_reason: ClassVar[str] = (
         "chosen on movies validation for 2,000 snippets (63 steps): of 1e-3, 2e-3, 5e-3 and 1e-2, "
         "5e-3 scored best; the usual 1e-3 is too low for so few steps")
+    lr_grid: ClassVar[tuple[float, ...]] = (2e-3, 5e-3, 1e-2)
     variants: ClassVar[dict[str, dict]] = {"": {}, "rslora": {"rslora": True}}
 
     r: int = 8
@@ -198,6 +207,7 @@ class Adapter(Method):
     lr_reason: ClassVar[str] = (
         "LoRA's rate, chosen on movies validation for 2,000 snippets (63 steps); the adapter's own "
         "best there, 1e-2, scored 0.4 points higher on validation")
+    lr_grid: ClassVar[tuple[float, ...]] = (2e-3, 5e-3, 1e-2)
     variants: ClassVar[dict[str, dict]] = {"pfeiffer": {"placement": "pfeiffer"}, "houlsby": {"placement": "houlsby"},
                                            "deep": {"variant": "deep", "layernorm": True}}
 
@@ -253,6 +263,7 @@ class Hybrid(Method):
     color: ClassVar[str] = "#2ca02c"
     default_lr: ClassVar[float] = 5e-3
     lr_reason: ClassVar[str] = "the rate of its two halves, LoRA and the adapter"
+    lr_grid: ClassVar[tuple[float, ...]] = (2e-3, 5e-3, 1e-2)
 
     lora: LoRA = field(default_factory=LoRA)
     adapter: Adapter = field(default_factory=Adapter)
@@ -298,6 +309,7 @@ class FullFineTune(Method):
         "chosen on movies validation for 2,000 snippets (63 steps): of 2e-5 to 4e-4, 2e-4 scored best; "
         "the usual BERT rate, 2e-5, is too low for so few steps")
     lr_space: ClassVar[tuple] = (1e-6, 1e-3, "log")
+    lr_grid: ClassVar[tuple[float, ...]] = (1e-4, 2e-4, 4e-4)
 
 
 @register("head_only")
@@ -310,3 +322,4 @@ class HeadOnly(Method):
     default_lr: ClassVar[float] = 1e-3
     lr_reason: ClassVar[str] = "a linear probe on frozen features; 1e-3 is the rate notebook 04 uses for it"
     lr_space: ClassVar[tuple] = (1e-4, 3e-2, "log")
+    lr_grid: ClassVar[tuple[float, ...]] = (1e-3, 3e-3, 1e-2)

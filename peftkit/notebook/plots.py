@@ -1,5 +1,9 @@
 """plotly figures for results people want to look at. Each takes plain data (a History or a
-results DataFrame) and returns a `plotly.graph_objects.Figure`; nothing here trains."""
+results DataFrame) and returns a `plotly.graph_objects.Figure`; nothing here trains.
+
+Figures of results draw every measured value with its 95% interval as an error bar: they read
+`summarize()`'s table (`<column>_lo` / `<column>_hi`), and summarise compare()'s rows themselves
+when given those. One colour per method, the registry's (`style.method_colors`)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,22 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..studies.recommend import pareto
+from ..studies.summary import summarize
 from ..style import TEMPLATE, method_colors
+
+
+def _summary(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with interval columns: summarize()'s table as it is, compare()'s rows summarised."""
+    return df if "accuracy_lo" in df else summarize(df, reference=None)
+
+
+def _errors(df: pd.DataFrame, col: str) -> dict:
+    """error_y for a go trace: the distance from `col` to its interval's ends (none when unknown)."""
+    lo, hi = f"{col}_lo", f"{col}_hi"
+    if lo not in df or hi not in df:
+        return {}
+    return dict(error_y=dict(type="data", symmetric=False, array=(df[hi] - df[col]).tolist(),
+                             arrayminus=(df[col] - df[lo]).tolist(), thickness=1.2, width=4))
 
 
 def history_figure(histories: dict) -> go.Figure:
@@ -41,11 +60,18 @@ def pareto_front(df: pd.DataFrame, x: str = "trainable", y: str = "accuracy") ->
 
 
 def pareto_figure(df: pd.DataFrame, x: str = "trainable", y: str = "accuracy") -> go.Figure:
-    """Accuracy against trainable parameters (log x), with the Pareto front drawn."""
+    """Accuracy (mean over seeds, 95% interval as error bars) against trainable parameters (log
+    x), with the noise-aware Pareto front drawn through the methods no other beats beyond the intervals."""
+    df = _summary(df).copy()
+    extra = {}
+    if f"{y}_lo" in df:
+        df["_plus"], df["_minus"] = df[f"{y}_hi"] - df[y], df[y] - df[f"{y}_lo"]
+        extra = dict(error_y="_plus", error_y_minus="_minus")
+    hover = {c: f for c, f in (("f1_macro", ":.3f"), ("trainable_pct", ":.3f"), ("seeds", True), ("interval", True),
+                               ("_plus", False), ("_minus", False)) if c in df}
     fig = px.scatter(df, x=x, y=y, color="method", color_discrete_map=method_colors(), hover_name="label",
-                     log_x=True, template=TEMPLATE,
-                     hover_data={"f1_macro": ":.3f", "trainable_pct": ":.3f"},
-                     labels={x: "trainable parameters (log)", y: y.replace("_", " ")})
+                     log_x=True, template=TEMPLATE, hover_data=hover,
+                     labels={x: "trainable parameters (log)", y: y.replace("_", " ")}, **extra)
     front = pareto_front(df, x, y)
     fig.add_trace(go.Scatter(x=front[x], y=front[y], mode="lines", name="Pareto front",
                              line=dict(color="grey", dash="dot")))
@@ -55,22 +81,33 @@ def pareto_figure(df: pd.DataFrame, x: str = "trainable", y: str = "accuracy") -
 
 
 def rank_figure(df: pd.DataFrame) -> go.Figure:
-    """Test accuracy and macro F1 of LoRA against its rank r."""
-    d = df[df.method == "lora"].copy()
+    """Test accuracy of LoRA against its rank r: the mean over seeds, the 95% interval as error
+    bars; the hover says how many seeds each point has."""
+    d = _summary(df)
+    d = d[d.method == "lora"].copy()
     d["r"] = [s["method"]["r"] for s in d["spec"]]
     d = d.sort_values("r")
-    fig = go.Figure([go.Scatter(x=d["r"], y=d[c], mode="lines+markers", name=c.replace("_", " "))
-                     for c in ("accuracy", "f1_macro")])
+    text = [f"r={r}: {100 * a:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}], seeds {s}"
+            for r, a, lo, hi, s in zip(d.r, d.accuracy, d.accuracy_lo, d.accuracy_hi, d.get("seeds", [""] * len(d)))]
+    fig = go.Figure([go.Scatter(x=d["r"], y=d["accuracy"], mode="lines+markers", name="test accuracy",
+                                line=dict(color=method_colors()["lora"]), hovertext=text, hoverinfo="text",
+                                **_errors(d, "accuracy"))])
     fig.update_xaxes(type="log", tickvals=list(d["r"]), title_text="LoRA rank r")
+    fig.update_yaxes(title_text="test accuracy (95% interval)")
     fig.update_layout(template=TEMPLATE, height=360, title="LoRA: quality against rank")
     return fig
 
 
 def cost_figure(df: pd.DataFrame) -> go.Figure:
-    """Seconds per training step and peak memory, one bar per method."""
+    """Seconds per training step and peak memory, one bar per method: medians over seeds, with
+    their 95% intervals as error bars (none for a single run)."""
+    df = _summary(df)
+    colors = [method_colors().get(m, "#7f7f7f") for m in df["method"]]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("seconds per training step", "peak memory (MiB)"))
-    fig.add_trace(go.Bar(x=df["label"], y=df["sec_per_step"], name="s/step"), 1, 1)
-    fig.add_trace(go.Bar(x=df["label"], y=df["peak_mem_mib"], name="MiB"), 1, 2)
+    fig.add_trace(go.Bar(x=df["label"], y=df["sec_per_step"], name="s/step", marker_color=colors,
+                         **_errors(df, "sec_per_step")), 1, 1)
+    fig.add_trace(go.Bar(x=df["label"], y=df["peak_mem_mib"], name="MiB", marker_color=colors,
+                         **_errors(df, "peak_mem_mib")), 1, 2)
     fig.update_layout(template=TEMPLATE, height=420, showlegend=False)
     fig.update_xaxes(tickangle=45)
     return fig
@@ -81,6 +118,60 @@ def transfer_heatmap(matrix: pd.DataFrame, metric: str = "accuracy") -> go.Figur
     fig = px.imshow(matrix, text_auto=".3f", color_continuous_scale="Viridis", aspect="auto",
                     labels=dict(x="test domain", y="train domain", color=metric), template=TEMPLATE)
     fig.update_layout(height=400, title=f"cross-domain transfer ({metric})")
+    return fig
+
+
+def transfer_figure(cells: pd.DataFrame) -> go.Figure:
+    """Cross-domain accuracy as grouped bars with 95% error bars: x the test domain, one bar per
+    training domain. `cells`: `summary.transfer_cells`'s table (train, test, accuracy, lo, hi)."""
+    fig = go.Figure()
+    for train, d in cells.groupby("train", sort=False):
+        fig.add_trace(go.Bar(x=d["test"], y=d["accuracy"], name=f"trained on {train}",
+                             error_y=dict(type="data", symmetric=False, array=(d["hi"] - d["accuracy"]).tolist(),
+                                          arrayminus=(d["accuracy"] - d["lo"]).tolist())))
+    fig.update_layout(template=TEMPLATE, height=400, barmode="group", title="cross-domain transfer (accuracy, 95% interval)")
+    fig.update_xaxes(title_text="test domain")
+    fig.update_yaxes(title_text="test accuracy", tickformat=".0%")
+    return fig
+
+
+def lr_search_figure(table: pd.DataFrame) -> go.Figure:
+    """Validation accuracy against the learning rate, one line per family (`lr_search`'s table):
+    the mean over the search's seeds with its 95% interval; the chosen rate ringed."""
+    fig = go.Figure()
+    colors = method_colors()
+    for family, d in table.groupby("family", sort=False):
+        d = d.sort_values("lr")
+        fig.add_trace(go.Scatter(x=d["lr"], y=d["val_accuracy"], mode="lines+markers", name=d["label"].iloc[0],
+                                 line=dict(color=colors.get(family, "#7f7f7f")),
+                                 error_y=dict(type="data", symmetric=False, array=(d["val_hi"] - d["val_accuracy"]).tolist(),
+                                              arrayminus=(d["val_accuracy"] - d["val_lo"]).tolist())))
+        c = d[d.chosen]
+        fig.add_trace(go.Scatter(x=c["lr"], y=c["val_accuracy"], mode="markers", showlegend=False, hoverinfo="skip",
+                                 marker=dict(size=16, color="rgba(0,0,0,0)", line=dict(color="black", width=2))))
+    fig.update_xaxes(type="log", title_text="learning rate (log)")
+    fig.update_yaxes(title_text="validation accuracy (95% interval)")
+    fig.update_layout(template=TEMPLATE, height=400, title="each family's learning rate, chosen on validation (ringed)")
+    return fig
+
+
+def ranking_figure(view: pd.DataFrame) -> go.Figure:
+    """`rate_ranking`'s view: each method's test accuracy at its default and at its chosen rate,
+    with 95% error bars, joined by a line."""
+    fig = go.Figure()
+    colors = method_colors()
+    where = ["default rate", "chosen rate"]
+    for r in view.to_dict("records"):
+        y = [r["accuracy at default"], r["accuracy at chosen"]]
+        plus = [r["hi at default"] - y[0], r["hi at chosen"] - y[1]]
+        minus = [y[0] - r["lo at default"], y[1] - r["lo at chosen"]]
+        fig.add_trace(go.Scatter(x=where, y=y, mode="lines+markers", name=r["label"],
+                                 line=dict(color=colors.get(r["family"], "#7f7f7f")),
+                                 hovertext=[f"lr {r['default lr']:g}, seeds {r['seeds at default']}",
+                                            f"lr {r['chosen lr']:g}, seeds {r['seeds at chosen']}"],
+                                 error_y=dict(type="data", symmetric=False, array=plus, arrayminus=minus)))
+    fig.update_yaxes(title_text="test accuracy (95% interval)", tickformat=".0%")
+    fig.update_layout(template=TEMPLATE, height=400, title="the ranking at the default and at the chosen learning rates")
     return fig
 
 
@@ -151,7 +242,7 @@ def evidence_figure(evidence) -> go.Figure:
         rank = d.trainable_fraction.rank(method="first").astype(int)
         fig.add_trace(go.Scatter(x=d.trainable_fraction, y=d.accuracy, mode="markers+text", text=d.label,
                                  textposition=["top center" if k % 2 else "bottom center" for k in rank], hovertext=hover, hoverinfo="text", name=name,
-                                 marker=dict(size=12, color=color, opacity=1 if feasible else 0.6)))
+                                 marker=dict(size=12, color=color, opacity=1 if feasible else 0.6), **_errors(d, "accuracy")))
     if len(evidence.front):
         front = pareto_front(evidence.front, "trainable_fraction", "accuracy")
         fig.add_trace(go.Scatter(x=front.trainable_fraction, y=front.accuracy, mode="lines", name="Pareto front",

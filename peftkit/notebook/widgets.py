@@ -217,7 +217,7 @@ class ConstraintExplorer:
     figure, widget.
     """
 
-    def __init__(self, results, tolerance="se"):
+    def __init__(self, results, tolerance="interval"):
         df = prepare(results, set())  # the same checks (one set-up, the columns) as recommend
         recommend(df, tolerance=tolerance)  # and fail now, before any widget exists
         self.results, self.tolerance = df, tolerance

@@ -43,7 +43,7 @@ from ..serving.deployer import Deployer
 from ..serving.monitor import Monitor
 from ..training.loop import TrainConfig, fit
 from ..training.metrics import f1_scores, model_logits, to_device
-from .article_checks import claims_table  # noqa: F401  (notebook 04 imports it from here)
+from .article_checks import claims_table, claims_text  # noqa: F401  (notebook 04 imports them from here)
 from .selection import ARTICLE_RULES, METHOD_LABELS, choose_method
 from .tuning import build
 

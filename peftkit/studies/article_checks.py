@@ -31,6 +31,8 @@ from ..compress import (
 from ..core.methods import Adapter, LoRA
 from ..core.surgery import adapter_layers, apply, find_head, lora_layers, merge, remove
 from ..layers.lora import LoRALinear
+from . import stats
+from .summary import _frame, accuracy_difference, paired_ratio
 from .selection import (
     ARTICLE_CHOICES,
     ARTICLE_INPUTS,
@@ -286,30 +288,70 @@ TIME_WORDS = {"long": (0.9, float("inf")), "medium": (0.6, 0.9), "shorter": (0.0
 STORAGE_WORDS = {"high": (0.5, float("inf")), "low": (0.0, 0.10), "extremely low": (0.0, 0.01)}
 
 
-def _holds(word: str, ratio: float, words: dict) -> bool:
-    lo, hi = words[word]
-    return lo <= ratio < hi
-
-
-def claims_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per method family present in `df` (a compare() result with a full fine-tune)."""
+def claims_table(df: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """One row per method family in `df` (compare() rows, one or more seeds each, with a full
+    fine-tune): the article's words for training time and storage, the measured ratio to the full
+    fine-tune (paired by seed, with its interval) and each claim's verdict, computed from the
+    interval: "holds" (inside the word's range), "does not hold" (outside it) or "cannot tell at
+    this precision" (across its edge, or one run only). Storage is exact (file bytes). Also the
+    accuracy difference to the full fine-tune with its interval."""
+    df = _frame(df)
     full = df[df.method == "full"]
     if full.empty:
         raise ValueError("claims_table needs a full fine-tune row to compare against; include FullFineTune().")
-    full = full.iloc[0]
+    full = full[full.config == full.groupby("config", sort=False).size().idxmax()]  # the one with most seeds
     rows = []
     for method, words in CLAIMS.items():
         d = df[df.method == method]
         if d.empty:
             continue
-        # the family's most typical member: the median step time, and its storage
-        row = d.iloc[(d.sec_per_step - d.sec_per_step.median()).abs().argmin()]
-        t = row.sec_per_step / full.sec_per_step
-        s = row.adapter_bytes / full.adapter_bytes
-        rows.append({"method": method, "measured run": row.label,
-                     "claimed training time": words["training time"], "step time vs full": round(t, 3),
-                     "time claim holds": _holds(words["training time"], t, TIME_WORDS),
-                     "claimed storage": words["storage"], "storage vs full": round(s, 5),
-                     "storage claim holds": _holds(words["storage"], s, STORAGE_WORDS),
-                     "accuracy": round(row.accuracy, 4), "accuracy vs full (pt)": round(100 * (row.accuracy - full.accuracy), 2)})
+        # the family's most typical member: the median step time
+        per = d.groupby("config", sort=False).sec_per_step.median()
+        runs = d[d.config == (per - per.median()).abs().idxmin()]
+        t = paired_ratio(runs, full, "sec_per_step", level)
+        storage = float(runs.adapter_bytes.iloc[0]) / float(full.adapter_bytes.iloc[0])
+        acc, _ = accuracy_difference(runs, full, level)
+        if method == "full":
+            acc = stats.Interval(0.0, 0.0, 0.0, "the reference")
+        word_t, word_s = words["training time"], words["storage"]
+        rows.append({"method": method, "measured run": runs.label.iloc[0], "seeds": t.n_seeds if t else 0,
+                     "claimed training time": word_t,
+                     "step time vs full": round(t.estimate, 3) if t else math.nan,
+                     "time lo": round(t.lo, 3) if t else math.nan, "time hi": round(t.hi, 3) if t else math.nan,
+                     "time claim": stats.verdict(t.lo, t.hi, *TIME_WORDS[word_t]) if t else stats.CANNOT_TELL,
+                     "claimed storage": word_s, "storage vs full": round(storage, 5),
+                     "storage claim": stats.verdict(storage, storage, *STORAGE_WORDS[word_s]),
+                     "accuracy": round(float(runs.accuracy.mean()), 4),
+                     "accuracy vs full (pt)": round(100 * acc.estimate, 2) if acc else math.nan,
+                     "accuracy lo (pt)": round(100 * acc.lo, 2) if acc else math.nan,
+                     "accuracy hi (pt)": round(100 * acc.hi, 2) if acc else math.nan,
+                     "accuracy vs full": "reference" if method == "full" else
+                     stats.direction(acc.lo, acc.hi) if acc else stats.CANNOT_TELL})
     return pd.DataFrame(rows)
+
+
+def claims_text(table: pd.DataFrame) -> str:
+    """`claims_table` in sentences (Markdown list), every number and verdict read from the table."""
+    lines = []
+    for r in table.to_dict("records"):
+        n = r["seeds"]
+        seeds = f"{n} seed{'s' * (n != 1)}"
+        lo, hi = r["time lo"], r["time hi"]
+        span = f" [{lo:g}, {hi:g}]" if lo == lo and hi == hi else " (no interval from one run)"
+        lines.append(f"- {r['method']}: '{r['claimed training time']}' training time ({TIME_WORDS_TEXT[r['claimed training time']]}) "
+                     f"**{r['time claim']}**: measured {r['step time vs full']:g}x the full fine-tune's step{span}, {seeds}.")
+        lines.append(f"- {r['method']}: '{r['claimed storage']}' storage ({STORAGE_WORDS_TEXT[r['claimed storage']]}) "
+                     f"**{r['storage claim']}**: its file is {r['storage vs full']:.3g}x the full fine-tune's (exact).")
+    return "\n".join(lines)
+
+
+def _range_text(words: dict) -> dict:
+    def one(lo, hi):
+        if hi == float("inf"):
+            return f"at least {lo:g}x"
+        return f"below {hi:g}x" if lo == 0 else f"{lo:g}x to {hi:g}x"
+    return {w: one(*r) for w, r in words.items()}
+
+
+TIME_WORDS_TEXT = _range_text(TIME_WORDS)
+STORAGE_WORDS_TEXT = _range_text(STORAGE_WORDS)

@@ -4,6 +4,13 @@
 on CPU) belong to that run alone, and caches each result row in `runs/results.jsonl` under a
 hash of the full configuration: a later notebook asking for the same run reuses the row.
 `runs/` is relative to the working directory (or $PEFTKIT_RUNS; see peftkit.storage.runs_dir).
+
+Seeds are an axis: `compare(..., seeds=(0, 1, 2))` runs each configuration once per seed (the
+seed sets the head's and the adapter's initialisation, the data order and dropout; the split and
+the n_train sample stay those of `split_seed`). The seed is in the cache key, so adding a seed
+reuses the others. Each row records which test items it got right (`correct`), so `summary`
+can pair methods item by item. `lr="val"` chooses each family's learning rate on validation
+(`lr_search`).
 """
 
 from __future__ import annotations
@@ -46,7 +53,10 @@ def config_key(spec: dict) -> str:
 
 
 def make_spec(method: Method, base="minilm", domain="movies", n_train=None, cfg=None,
-              max_length: int = 128, eval_domains=True, n_eval=None, base_bits=None) -> dict:
+              max_length: int = 128, eval_domains=True, n_eval=None, base_bits=None, split_seed=None) -> dict:
+    """The configuration a run's cache key hashes. split_seed=None: the split follows cfg.seed, as
+    every run did before seeds became an axis; it is keyed only when it differs from cfg.seed, so
+    rows cached then keep their keys (a seed-0 run on the seed-0 split has the same key as ever)."""
     cfg = cfg or TrainConfig(lr=method.default_lr)
     tc = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_KEY}
     for k, default in _KEYED_WHEN_SET.items():  # fields added later: absent at their default, so older keys stay valid
@@ -54,21 +64,37 @@ def make_spec(method: Method, base="minilm", domain="movies", n_train=None, cfg=
             tc.pop(k)
     return {"method": method.to_dict(), "base": base, "domain": domain, "n_train": n_train,
             "train": tc, "max_length": max_length, "eval_domains": bool(eval_domains), "n_eval": n_eval,
-            **({"base_bits": base_bits} if base_bits else {})}  # absent when unused: older keys stay valid
+            **({"base_bits": base_bits} if base_bits else {}),  # absent when unused: older keys stay valid
+            **({"split_seed": split_seed} if split_seed is not None and split_seed != cfg.seed else {})}
+
+
+def config_id(spec: dict) -> str:
+    """The configuration without its seed: the runs of one configuration at several seeds share it."""
+    s = json.loads(json.dumps(spec, default=str))
+    train = dict(s.get("train") or {})
+    seed = train.pop("seed", 0)
+    s["train"], s["split_seed"] = train, s.get("split_seed", seed)
+    return config_key(s)
+
+
+def _test_items(df) -> str:
+    """A short fingerprint of a test split's texts: runs with the same one were tested on the same items."""
+    return hashlib.sha256("\n".join(map(str, df["text"])).encode()).hexdigest()[:12]
 
 
 def run(method: Method, base: str = "minilm", domain: str = "movies", n_train: int | None = None,
         cfg=None, max_length: int = 128, eval_domains: bool = True, out: str | None = None,
-        n_eval: int | None = None, base_bits: int | None = None) -> dict:
+        n_eval: int | None = None, base_bits: int | None = None, split_seed: int = 0) -> dict:
     """Train `method` on `domain` and measure it. Returns one flat result row (a dict).
 
     n_train: a random subset of the training split; n_eval: caps every validation and test
     split (for quick runs; None evaluates on all of them). base_bits: freeze the base's Linear
     weights at that many bits (simulated, per channel) before applying the method: QLoRA's setting.
+    cfg.seed seeds initialisation, data order and dropout; split_seed the split and the subsets.
     """
     cfg = cfg or TrainConfig(lr=method.default_lr)
-    spec = make_spec(method, base, domain, n_train, cfg, max_length, eval_domains, n_eval, base_bits)
-    splits = data.subset(data.split(data.load_corpus(domain), seed=cfg.seed), n_train, n_eval, cfg.seed, domain)
+    spec = make_spec(method, base, domain, n_train, cfg, max_length, eval_domains, n_eval, base_bits, split_seed)
+    splits = data.subset(data.split(data.load_corpus(domain), seed=split_seed), n_train, n_eval, split_seed, domain)
     model, tok = _base(base, cfg.seed, base_bits)
     apply(model, method)
     loaders = make_loaders(tok, splits, batch_size=cfg.batch_size, max_length=max_length, seed=cfg.seed)
@@ -82,6 +108,7 @@ def run(method: Method, base: str = "minilm", domain: str = "movies", n_train: i
     total = sum(p.numel() for p in model.parameters())
     row = {"key": config_key(spec), "label": method.describe(), "method": method.name,
            "spec": spec, "base": base, "domain": domain, "n_train": len(splits["train"]),
+           "seed": cfg.seed, "split_seed": split_seed, "config": config_id(spec),
            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "total": total, "trainable_pct": 100 * trainable_fraction(model),
            "epochs": cfg.epochs, "lr": cfg.lr, "steps": int(hist.step.iloc[-1]),
@@ -89,16 +116,19 @@ def run(method: Method, base: str = "minilm", domain: str = "movies", n_train: i
            "sec_per_step": float(step_secs.median()) if len(step_secs) else train_time / len(hist),
            "peak_mem_mib": peak_memory_mib(device), "adapter_bytes": adapter_bytes(model),
            "final_loss": float(hist.loss.tail(10).mean())}
-    test = evaluate(model, loaders["test"], num_labels=2)
-    row.update(accuracy=test["accuracy"], f1_macro=test["f1_macro"], test_loss=test["loss"], confusion=test["confusion"])
+    test = evaluate(model, loaders["test"], num_labels=2, per_item=True)
+    row.update(accuracy=test["accuracy"], f1_macro=test["f1_macro"], test_loss=test["loss"], confusion=test["confusion"],
+               n_test=test["n"], n_val=len(splits["val"]), test_items=_test_items(splits["test"]),
+               correct={domain: test["correct"]})
     if eval_domains:
         for other in data.FILES:
             if other == domain:
                 m = test
             else:
-                od = data.sample_rows(data.split(data.load_corpus(other), seed=cfg.seed)["test"], n_eval, cfg.seed)
+                od = data.sample_rows(data.split(data.load_corpus(other), seed=split_seed)["test"], n_eval, split_seed)
                 m = evaluate(model, make_loaders(tok, {"test": od}, batch_size=cfg.batch_size,
-                                                 max_length=max_length)["test"], num_labels=2)
+                                                 max_length=max_length)["test"], num_labels=2, per_item=True)
+                row["correct"][other] = m["correct"]
             row[f"acc_{other}"], row[f"f1_{other}"] = m["accuracy"], m["f1_macro"]
     bf16 = (cfg.bf16 and device.startswith("cuda")) or (cfg.cpu_bf16 and device == "cpu")
     row["env"] = {**environment(device), "precision": "bf16 autocast" if bf16 else "fp32"}
@@ -143,7 +173,7 @@ def _run_in_subprocess(spec: dict, threads: int | None) -> dict:
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    proc = subprocess.run([sys.executable, "-m", "peftkit.studies.experiments", "--worker"], input=json.dumps(spec),
+    proc = subprocess.run([sys.executable, "-m", "peftkit.studies.experiments", "--worker"], input=json.dumps(spec, default=str),
                           capture_output=True, text=True, env=env, cwd=str(ROOT))
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
@@ -154,23 +184,45 @@ def _run_in_subprocess(spec: dict, threads: int | None) -> dict:
 def compare(methods, base: str = "minilm", domain: str = "movies", n_train: int | None = None,
             cfg=None, max_length: int = 128, eval_domains: bool = True, cache=DEFAULT_CACHE,
             fresh_process: bool = True, threads: int | None = None, progress: bool = True,
-            n_eval: int | None = None, need_adapters: bool = False, base_bits: int | None = None) -> pd.DataFrame:
-    """Run each method (reusing cached rows) and return one DataFrame row per method.
+            n_eval: int | None = None, need_adapters: bool = False, base_bits: int | None = None,
+            seeds=None, split_seed: int = 0, lr=None, lr_seeds=None) -> pd.DataFrame:
+    """Run each method once per seed (reusing cached rows) and return one DataFrame row per run.
 
-    cfg=None trains each method at its registry default learning rate (`Method.default_lr`).
+    seeds: an int or a sequence of them; None runs once, at cfg.seed (0 without a cfg). The seed
+    sets initialisation, data order and dropout; the split stays `split_seed`'s. `summarize`
+    turns the rows into one per configuration, with intervals.
+    lr: None trains at cfg.lr when a cfg is given, else at each method's registry default
+    (`Method.default_lr`); a number trains every method at it; "default" at the registry's;
+    a dict {family: rate} (e.g. {"lora": 5e-3, "full": 2e-4}) at those; "val" chooses each
+    family's rate on the validation split over its registry grid (`Method.lr_grid`) with the
+    seeds `lr_seeds` (default: `seeds`), see `lr_search`. The search is kept in
+    `df.attrs["lr_search"]`, and the rows report the rate in `lr`, chosen by `lr_chosen_by`.
 
     Each trained adapter is saved under `runs/adapters/<key>/` (next to the cache), and the row's
     `adapter_dir` names it. need_adapters=True retrains a cached row whose adapter folder is gone.
     fresh_process=False runs in this process: faster to start, but peak memory then mixes runs.
     """
+    methods = list(methods)
+    base_cfg = cfg or TrainConfig()
+    seeds = as_seeds(seeds, base_cfg.seed)
+    search = None
+    if isinstance(lr, str) and lr == "val":
+        from .lr_search import lr_search  # it runs compare itself
+        search = lr_search(methods, seeds=seeds if lr_seeds is None else as_seeds(lr_seeds, 0), base=base,
+                           domain=domain, n_train=n_train, cfg=cfg, max_length=max_length, eval_domains=eval_domains,
+                           cache=cache, fresh_process=fresh_process, threads=threads, progress=progress,
+                           n_eval=n_eval, base_bits=base_bits, split_seed=split_seed)
+        lr = search.rates
+    rates = [rate_for(m, lr, cfg) for m in methods]  # every rate checked before anything trains
     cached = read_cache(cache) if cache else {}
     rows = []
-    bar = tqdm(methods, desc="compare", disable=not progress)
-    for method in bar:
-        mcfg = cfg or TrainConfig(lr=method.default_lr)  # each method's own default rate (core.methods)
-        spec = make_spec(method, base, domain, n_train, mcfg, max_length, eval_domains, n_eval, base_bits)
+    jobs = [(m, r, s) for m, r in zip(methods, rates) for s in seeds]
+    bar = tqdm(jobs, desc="compare", disable=not progress)
+    for method, rate, seed in bar:
+        mcfg = dataclasses.replace(base_cfg, lr=rate, seed=seed)
+        spec = make_spec(method, base, domain, n_train, mcfg, max_length, eval_domains, n_eval, base_bits, split_seed)
         key = config_key(spec)
-        bar.set_postfix_str(method.describe())
+        bar.set_postfix_str(f"{method.describe()} seed {seed}")
         hit = cached.get(key)
         if hit is not None and not (need_adapters and not _has_adapter(hit)):
             rows.append({**hit, "cached": True})
@@ -178,14 +230,46 @@ def compare(methods, base: str = "minilm", domain: str = "movies", n_train: int 
         quiet = dataclasses.replace(mcfg, progress=False)
         out = str((Path(cache).parent / "adapters" / key).resolve()) if cache else None  # the worker runs in ROOT
         if fresh_process:
-            row = _run_in_subprocess({**spec, "cfg": dataclasses.asdict(quiet), "out": out}, threads)
+            row = _run_in_subprocess({**spec, "cfg": dataclasses.asdict(quiet), "out": out, "split_seed": split_seed},
+                                     threads)
         else:
             row = run(method, base, domain, n_train, quiet, max_length, eval_domains, out=out, n_eval=n_eval,
-                      base_bits=base_bits)
+                      base_bits=base_bits, split_seed=split_seed)
         if cache:
             append_cache(row, cache)
         rows.append({**row, "cached": False})
-    return results_frame(rows)
+    df = results_frame(rows)
+    if search is not None:
+        df["lr_chosen_by"] = "validation"
+        df.attrs["lr_search"] = search
+    return df
+
+
+def as_seeds(seeds, default: int = 0) -> tuple[int, ...]:
+    """seeds as a tuple of distinct ints: None gives (default,), an int (int,)."""
+    if seeds is None:
+        return (default,)
+    seeds = (seeds,) if isinstance(seeds, int) else tuple(seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) or len(set(seeds)) < len(seeds):
+        raise ValueError(f"seeds must be distinct integers, e.g. (0, 1, 2); got {seeds!r}.")
+    return seeds
+
+
+def rate_for(method: Method, lr, cfg=None) -> float:
+    """The learning rate `compare` trains `method` at, for its `lr` argument (not "val")."""
+    if lr is None:
+        return cfg.lr if cfg is not None else method.default_lr
+    if isinstance(lr, str) and lr == "default":
+        return method.default_lr
+    if isinstance(lr, dict):
+        for k in (method.describe(), method.name):
+            if k in lr:
+                return float(lr[k])
+        raise ValueError(f"lr has no rate for {method.describe()!r}: give one for its family {method.name!r} "
+                         f"(it has {sorted(lr)}).")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0:
+        return float(lr)
+    raise ValueError(f"lr={lr!r}: give None, a positive number, 'default', 'val' or a dict {{family: rate}}.")
 
 
 def _has_adapter(row: dict) -> bool:
@@ -193,8 +277,8 @@ def _has_adapter(row: dict) -> bool:
     return bool(d) and (Path(d) / "adapter.json").exists()
 
 
-TABLE_COLUMNS = ["label", "method", "accuracy", "f1_macro", "val_accuracy", "trainable", "trainable_pct", "sec_per_step",
-                 "peak_mem_mib", "adapter_bytes", "train_seconds", "epochs", "lr", "n_train"]
+TABLE_COLUMNS = ["label", "method", "seed", "accuracy", "f1_macro", "val_accuracy", "trainable", "trainable_pct",
+                 "sec_per_step", "peak_mem_mib", "adapter_bytes", "train_seconds", "epochs", "lr", "n_train"]
 
 
 def _last_val_accuracy(history) -> float:
@@ -212,15 +296,23 @@ def results_frame(rows) -> pd.DataFrame:
     if "history" in df:  # rows cached before val_accuracy was recorded carry it in their history
         derived = df["history"].map(lambda h: _last_val_accuracy(h if isinstance(h, dict) else None))
         df["val_accuracy"] = df["val_accuracy"].fillna(derived) if "val_accuracy" in df else derived
+    if "spec" in df:  # rows cached before seeds were an axis: their seed, split seed and configuration
+        specs = df["spec"].map(lambda s: s if isinstance(s, dict) else None)
+        seed = specs.map(lambda s: (s.get("train") or {}).get("seed", 0) if s else None)
+        split = [s.get("split_seed", k) if s else None for s, k in zip(specs, seed)]
+        config = specs.map(lambda s: config_id(s) if s else None)
+        for col, derived in (("seed", seed), ("split_seed", pd.Series(split, index=df.index)), ("config", config)):
+            df[col] = df[col].fillna(derived) if col in df else derived
     first = [c for c in TABLE_COLUMNS if c in df]
     return df[first + [c for c in df.columns if c not in first]]
 
 
 def _worker() -> int:
     spec = json.loads(sys.stdin.read())
+    cfg = TrainConfig(**spec["cfg"])
     row = run(Method.from_dict(spec["method"]), spec["base"], spec["domain"], spec["n_train"],
-              TrainConfig(**spec["cfg"]), spec["max_length"], spec["eval_domains"], out=spec.get("out"),
-              n_eval=spec.get("n_eval"), base_bits=spec.get("base_bits"))
+              cfg, spec["max_length"], spec["eval_domains"], out=spec.get("out"),
+              n_eval=spec.get("n_eval"), base_bits=spec.get("base_bits"), split_seed=spec.get("split_seed", cfg.seed))
     print(json.dumps(row, default=str))
     return 0
 
@@ -239,7 +331,7 @@ if __name__ == "__main__" and "--worker" in sys.argv:
 
 def trained_model(method: Method, base: str = "minilm", domain: str = "movies", n_train: int | None = None,
                   cfg=None, n_eval: int | None = None, cache=DEFAULT_CACHE, fresh_process: bool = True,
-                  threads: int | None = None, base_bits: int | None = None):
+                  threads: int | None = None, base_bits: int | None = None, split_seed: int = 0):
     """(model, tokenizer, result row) for a trained `method`: from the cache when its adapter is
     there (as `compare` left it), else trained now. The model is a fresh base with the adapter loaded."""
     cfg = cfg or TrainConfig(lr=method.default_lr)
@@ -247,7 +339,7 @@ def trained_model(method: Method, base: str = "minilm", domain: str = "movies", 
         raise ValueError("trained_model keeps adapters beside the result cache: pass a cache path, not None.")
     row = compare([method], base=base, domain=domain, n_train=n_train, cfg=cfg, cache=cache, progress=False,
                   n_eval=n_eval, fresh_process=fresh_process, threads=threads, need_adapters=True,
-                  base_bits=base_bits).iloc[0].to_dict()
+                  base_bits=base_bits, split_seed=split_seed).iloc[0].to_dict()
     model, tok = _base(base, cfg.seed, base_bits)
     load_adapter(model, row["adapter_dir"])
     return model.eval(), tok, row

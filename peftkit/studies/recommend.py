@@ -1,10 +1,13 @@
 """Choosing a method from measured evidence: `recommend(results, constraints)`.
 
-It reads a `compare()` DataFrame, keeps the runs that meet the constraints (max trainable
-fraction, max seconds per step, max peak memory, max adapter bytes, min accuracy), finds their
-Pareto front (no other feasible run is as good on every criterion and better on one), and chooses:
-the most accurate feasible run is the reference, any run within one standard error of its test
-accuracy counts as equally good, and the cheapest of those wins. Every reason cites the measured
+It reads a `compare()` DataFrame (one row per run; several seeds of a configuration become one
+row with intervals, through `summarize`), keeps the configurations that meet the constraints (max
+trainable fraction, max seconds per step, max peak memory, max adapter bytes, min accuracy), finds
+their Pareto front, and chooses: the most accurate feasible one is the reference, any whose
+accuracy cannot be told from it at this precision (the interval of the paired difference holds
+zero) counts as equally good, and the cheapest of those wins. The front respects noise: a
+configuration is dominated only when another is better beyond the intervals on every criterion
+(exact ones, such as trainable parameters, need only be no worse). Every reason cites the measured
 numbers. When nothing is feasible, it says which limit to relax, and by how much.
 """
 
@@ -13,9 +16,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from ..core.methods import Method
+from . import stats
+from .summary import accuracy_difference, summarize
 
 # constraint -> (results column, "max" or "min", how to print a value)
 LIMITS = {
@@ -134,20 +140,43 @@ def _violations(row, limits: dict) -> list[str]:
 
 
 def pareto(df: pd.DataFrame, criteria: dict[str, str]) -> pd.DataFrame:
-    """Rows that no other row matches or beats on every criterion and beats on one.
+    """Rows that no other row beats: criteria maps a column to "max" or "min".
 
-    criteria maps a column to "max" or "min".
+    Without interval columns, the classic front: dominated = matched or beaten on every criterion
+    and beaten on one. Where `<column>_lo` and `<column>_hi` give a criterion's interval, a row is
+    dominated only by one better beyond the intervals there (its interval entirely on the better
+    side), and no worse on every exact criterion: noise alone never takes a row off the front.
     """
-    signed = pd.DataFrame({c: df[c] if s == "max" else -df[c] for c, s in criteria.items()}).to_numpy(float)
+    def signed(col, sense):
+        v = df[col].to_numpy(float)
+        lo = df[f"{col}_lo"].to_numpy(float) if f"{col}_lo" in df else v
+        hi = df[f"{col}_hi"].to_numpy(float) if f"{col}_hi" in df else v
+        lo, hi = np.where(np.isnan(lo), v, lo), np.where(np.isnan(hi), v, hi)
+        return (v, lo, hi) if sense == "max" else (-v, -hi, -lo)
+    axes = [signed(c, s) for c, s in criteria.items()]
+    noisy = any(f"{c}_lo" in df and f"{c}_hi" in df for c in criteria)
     keep = []
-    for i, a in enumerate(signed):
-        dominated = any((b >= a).all() and (b > a).any() for j, b in enumerate(signed) if j != i)
+    for i in range(len(df)):
+        dominated = False
+        for j in range(len(df)):
+            if j == i:
+                continue
+            if noisy:  # j's worst beats i's best on every axis with an interval; exact axes: no worse
+                better = [(lo[j] > hi[i]) if (lo[i] != hi[i] or lo[j] != hi[j]) else (v[j] >= v[i]) for v, lo, hi in axes]
+                strict = any(lo[j] > hi[i] for v, lo, hi in axes)
+                dominated = all(better) and strict
+            else:
+                a, b = np.array([v[i] for v, _, _ in axes]), np.array([v[j] for v, _, _ in axes])
+                dominated = bool((b >= a).all() and (b > a).any())
+            if dominated:
+                break
         keep.append(not dominated)
     return df[keep]
 
 
 def accuracy_se(row) -> float:
-    """One standard error of a test accuracy, sqrt(p(1 - p)/n), n read from the confusion matrix."""
+    """One standard error of a test accuracy, sqrt(p(1 - p)/n), n read from the confusion matrix
+    (or `n_test`)."""
     conf = row.get("confusion") if hasattr(row, "get") else None
     n = sum(map(sum, conf)) if isinstance(conf, (list, tuple)) else row.get("n_test", 0)
     p = row["accuracy"]
@@ -159,14 +188,27 @@ def _fmt(row, name: str) -> str:
     return fmt(row[col])
 
 
+def with_intervals(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """(one row per configuration with interval columns, the runs behind it or None): compare()'s
+    rows go through `summarize`; a frame that already has `accuracy_lo`/`accuracy_hi` is kept."""
+    if not isinstance(results, pd.DataFrame) or results.empty or {"accuracy_lo", "accuracy_hi"} <= set(results):
+        return results, None
+    if "label" not in results or "accuracy" not in results:
+        return results, None
+    return summarize(results, reference=None), results
+
+
 def recommend(results: pd.DataFrame, constraints: Constraints | dict | None = None,
-              tolerance: float | str = "se", prefer: str = "trainable_fraction", **limits) -> Evidence:
+              tolerance: float | str = "interval", prefer: str = "trainable_fraction", **limits) -> Evidence:
     """The method the measurements support under the constraints.
 
-    Among the feasible rows, the most accurate is the reference; any feasible row within
-    `tolerance` of its accuracy counts as equally good ("se": one standard error of the best row's
-    test accuracy, from its confusion matrix), and of those the one lowest in `prefer` (a cost
-    column: trainable_fraction, sec_per_step, peak_mem_mib or adapter_bytes) is chosen.
+    `results`: compare()'s rows (several seeds of a configuration are summarised into one row with
+    intervals) or `summarize()`'s table. Among the feasible configurations, the most accurate on
+    the (noise-aware) Pareto front is the reference; any whose accuracy cannot be told from it
+    counts as equally good, and of those the one lowest in `prefer` (a cost column:
+    trainable_fraction, sec_per_step, peak_mem_mib or adapter_bytes) is chosen. tolerance:
+    "interval" (the 95% interval of the paired difference holds zero), "se" (within one standard
+    error of the best's test accuracy) or a number (in accuracy, e.g. 0.01).
     Limits may be given as a Constraints, a dict, or keywords: recommend(df, max_sec_per_step=0.6).
     """
     if isinstance(constraints, dict):
@@ -183,7 +225,8 @@ def recommend(results: pd.DataFrame, constraints: Constraints | dict | None = No
     if prefer not in costs:
         raise ValueError(f"prefer={prefer!r} is not a cost column; choose one of {list(costs)}.")
     active = constraints.active()
-    df = prepare(results, {LIMITS[k][0] for k in active} | {prefer})
+    summary, runs = with_intervals(results)
+    df = prepare(summary, {LIMITS[k][0] for k in active} | {prefer})
     df["violates"] = [_violations(row, active) for _, row in df.iterrows()]
     df["feasible"] = df["violates"].str.len() == 0
     feasible = df[df.feasible]
@@ -195,8 +238,14 @@ def recommend(results: pd.DataFrame, constraints: Constraints | dict | None = No
 
     front = pareto(feasible, criteria)
     best = front.loc[front.accuracy.idxmax()]
-    tol = accuracy_se(best) if tolerance == "se" else float(tolerance)
-    close = front[front.accuracy >= best.accuracy - tol - 1e-12]
+    diffs = {}
+    if tolerance == "interval":
+        diffs = {i: _difference(row, best, runs) for i, row in front.iterrows()}
+        close = front[[stats.direction(lo, hi) != stats.LOWER if lo == lo and hi == hi else d >= -1e-12
+                       for d, lo, hi in (diffs[i] for i in front.index)]]
+    else:
+        tol = accuracy_se(best) if tolerance == "se" else float(tolerance)
+        close = front[front.accuracy >= best.accuracy - tol - 1e-12]
     chosen = close.loc[close[prefer].idxmin()]
     reasons = [f"{len(feasible)} of {len(df)} runs meet the constraints"
                + (f" ({', '.join(f'{k} = {LIMITS[k][2](v)}' for k, v in active.items())})" if active else
@@ -204,6 +253,12 @@ def recommend(results: pd.DataFrame, constraints: Constraints | dict | None = No
     if chosen["label"] == best["label"]:
         reasons.append(f"{chosen['label']} has the highest accuracy that meets them: "
                        f"{100 * chosen.accuracy:.1f}%.")
+    elif tolerance == "interval":
+        d, lo, hi = diffs[chosen.name]
+        reasons.append(f"{best['label']} is the most accurate at {100 * best.accuracy:.1f}%, but "
+                       f"{chosen['label']} reaches {100 * chosen.accuracy:.1f}%: the difference, "
+                       f"{100 * d:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] (95%), is "
+                       f"{stats.CANNOT_TELL}, at {_cost(chosen, prefer)} against {_cost(best, prefer)}.")
     else:
         reasons.append(f"{best['label']} is the most accurate at {100 * best.accuracy:.1f}%, but "
                        f"{chosen['label']} reaches {100 * chosen.accuracy:.1f}%, within "
@@ -217,6 +272,24 @@ def recommend(results: pd.DataFrame, constraints: Constraints | dict | None = No
         why = "; ".join(f"{_fmt(row, k)} against the limit {LIMITS[k][2](active[k])}" for k in row["violates"])
         reasons.append(f"{row['label']} is more accurate ({100 * row.accuracy:.1f}%) but is excluded: {why}.")
     return Evidence(constraints, df, front, chosen, reasons)
+
+
+def _difference(row, best, runs) -> tuple[float, float, float]:
+    """(accuracy(row) - accuracy(best), lo, hi): paired through the runs when they are known,
+    else from the two intervals as if independent."""
+    if row.name == best.name:
+        return 0.0, 0.0, 0.0
+    if runs is not None and "config" in runs and isinstance(row.get("config"), str):
+        iv, _ = accuracy_difference(runs[runs.config == row["config"]], runs[runs.config == best["config"]])
+        if iv is not None and iv.lo == iv.lo:
+            return iv.estimate, iv.lo, iv.hi
+    d = row.accuracy - best.accuracy
+    half = [(r["accuracy_hi"] - r["accuracy_lo"]) / 2 if {"accuracy_lo", "accuracy_hi"} <= set(r.index) else math.nan
+            for r in (row, best)]
+    if any(math.isnan(h) for h in half):
+        return d, math.nan, math.nan
+    w = math.hypot(*half)
+    return d, d - w, d + w
 
 
 def _cost(row, col: str) -> str:

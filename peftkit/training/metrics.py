@@ -67,15 +67,29 @@ def predict(model, loader, device=None) -> tuple[np.ndarray, np.ndarray, float]:
     return np.concatenate(ys), np.concatenate(ps), loss_sum / n
 
 
-def evaluate(model, loader, device=None, num_labels: int | None = None) -> dict:
-    """accuracy, f1_macro, f1_weighted, loss, n, and the confusion matrix (rows: true label)."""
+def evaluate(model, loader, device=None, num_labels: int | None = None, per_item: bool = False) -> dict:
+    """accuracy, f1_macro, f1_weighted, loss, n, and the confusion matrix (rows: true label).
+
+    per_item=True adds "correct": one '1' or '0' per example, in the dataset's row order (the
+    loader may go through it in another order), for paired tests and bootstraps over test items.
+    """
     y, p, loss = predict(model, loader, device)
     k = num_labels or int(max(y.max(), p.max()) + 1)
     f1_macro, f1_weighted = f1_scores(y, p, k)
     cm = np.zeros((k, k), dtype=int)
     np.add.at(cm, (y, p), 1)
-    return {"accuracy": float((y == p).mean()), "f1_macro": f1_macro, "f1_weighted": f1_weighted,
-            "loss": loss, "n": int(len(y)), "confusion": cm.tolist()}
+    out = {"accuracy": float((y == p).mean()), "f1_macro": f1_macro, "f1_weighted": f1_weighted,
+           "loss": loss, "n": int(len(y)), "confusion": cm.tolist()}
+    if per_item:
+        sampler = getattr(loader, "batch_sampler", None)
+        order = ([i for b in sampler.global_batches() for i in b] if hasattr(sampler, "global_batches")
+                 else list(range(len(y))))
+        if sorted(order) != list(range(len(y))):
+            raise ValueError("per_item needs a loader that visits every example once.")
+        correct = np.empty(len(y), dtype=bool)
+        correct[np.asarray(order)] = y == p
+        out["correct"] = "".join("1" if c else "0" for c in correct)
+    return out
 
 
 def confusion_frame(result: dict, labels=("negative", "positive")) -> pd.DataFrame:
