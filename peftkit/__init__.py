@@ -9,7 +9,7 @@ import-linter, `make test`):
     training/   fit, checkpoints, evaluate            files/      adapter files, PEFT format
     bases/      load_base, the fast BERT forward      data/       corpus, loaders
     core/       method specs and registry, targets, surgery
-    layers/     LoRALinear, adapters, FastDropout, the naming contract
+    layers/     LoRA layers (Linear/Conv1D, conv, embedding, attention), adapters, FastDropout, names
     runtime.py  device, threads, versions, memory     _version.py
 
 `import peftkit as pk` gives the names of the README's tour.
@@ -25,15 +25,19 @@ from .files.peft_format import export_peft, import_peft
 from .layers.adapters import AdapterLinear, BottleneckAdapter
 from .layers.dropout import FastDropout, use_fast_dropout
 from .layers.lora import LoRALinear, MergeError
+from .layers.lora_attention import LoRAMultiheadAttention
+from .layers.lora_conv import LoRAConv
+from .layers.lora_embedding import LoRAEmbedding
 from .serving.deployer import Deployer
 from .serving.monitor import Monitor
 from .studies import article
 from .studies.experiments import compare
 
 __all__ = [
-    "Adapter", "AdapterFileError", "AdapterLinear", "BottleneckAdapter", "Deployer", "FastDropout", "FullFineTune",
-    "HeadOnly", "Hybrid", "LoRA", "LoRALinear", "METHODS", "MLP", "MergeError", "Method", "ModelWithAdapters",
-    "ModelWithLoRA", "Monitor", "TargetError", "__version__", "apply", "article", "compare", "export_peft",
-    "import_peft", "load_adapter", "load_base", "merge", "register", "report", "save_adapter",
-    "trainable_fraction", "unload", "unmerge", "use_fast_dropout",
+    "Adapter", "AdapterFileError", "AdapterLinear", "BottleneckAdapter", "Deployer", "FastDropout",
+    "FullFineTune", "HeadOnly", "Hybrid", "LoRA", "LoRAConv", "LoRAEmbedding", "LoRALinear",
+    "LoRAMultiheadAttention", "METHODS", "MLP", "MergeError", "Method", "ModelWithAdapters", "ModelWithLoRA",
+    "Monitor", "TargetError", "__version__", "apply", "article", "compare", "export_peft", "import_peft",
+    "load_adapter", "load_base", "merge", "register", "report", "save_adapter", "trainable_fraction", "unload",
+    "unmerge", "use_fast_dropout",
 ]

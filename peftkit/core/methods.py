@@ -23,8 +23,9 @@ from ..layers.adapters import (
     BottleneckAdapter,
     check_adapter_args,
 )
-from ..layers.lora import LoRALinear, check_lora_args
+from ..layers.lora import check_lora_args
 from ..layers.names import under
+from .kinds import ADAPTER_KINDS, LORA_KINDS, adapter_width, lora_layer, lora_problem
 from .targets import TargetError, replace_module, resolve, suffix_matches
 
 METHODS: dict[str, type["Method"]] = {}
@@ -138,10 +139,22 @@ def _as_tuple(obj, attr):
     object.__setattr__(obj, attr, tuple(v) if v is not None else None)
 
 
+DEFAULT_TARGETS = ("query", "value")
+
+
+def _aliases(model: nn.Module, module: nn.Module) -> list[str]:
+    """Every name under which `module` is registered (T5 may hold one embedding as `shared` and
+    as `encoder.embed_tokens`): a wrapper must replace all of them, or some calls miss it."""
+    return [n for n, m in model.named_modules(remove_duplicate=False) if m is module and n]
+
+
 @register("lora")
 @dataclass(frozen=True)
 class LoRA(Method):
-    """Low-rank update s * B A on each target Linear (query and value, as in the LoRA paper)."""
+    """Low-rank update s * B A on each target layer (query and value, as in the LoRA paper).
+
+    Targets may be Linear, GPT-2's Conv1D, convolutions, embeddings or nn.MultiheadAttention
+    (`core.kinds`)."""
 
     label: ClassVar[str] = "LoRA"
     color: ClassVar[str] = "#1f77b4"
@@ -149,7 +162,7 @@ class LoRA(Method):
         Knob("r", int, "LoRA rank", (2, 64, "log")),  # log: 2 -> 4 matters as much as 32 -> 64
         Knob("alpha", float, "LoRA alpha: the update is scaled by alpha/r", (2.0, 64.0, "log")),
         Knob("dropout", float, "dropout on the LoRA path", (0.0, 0.2), flag="lora-dropout"),
-        Knob("targets", tuple, "comma-separated names of the Linear layers to adapt"),
+        Knob("targets", tuple, "comma-separated names of the layers to adapt"),
         Knob("rslora", bool, "scale by alpha/sqrt(r) (rsLoRA)"),
     )
     default_lr: ClassVar[float] = 5e-3
@@ -161,7 +174,7 @@ class LoRA(Method):
     r: int = 8
     alpha: float = 16
     dropout: float = 0.0
-    targets: tuple[str, ...] = ("query", "value")
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     rslora: bool = False
 
     def __post_init__(self):
@@ -172,12 +185,22 @@ class LoRA(Method):
         return f"lora r={self.r}" + (" rs" if self.rslora else "")
 
     def plan(self, model, exclude=()):
-        return resolve(model, self.targets, nn.Linear, "LoRA", exclude=exclude)
+        names = resolve(model, self.targets, LORA_KINDS, "LoRA", exclude=exclude)
+        for n in names:
+            problem = lora_problem(model, n, model.get_submodule(n), self.dropout)
+            if problem:
+                raise TargetError(f"LoRA cannot adapt {n!r}: {problem}.")
+            inside = [m for m in names if under(m, n) and m != n]
+            if inside:
+                raise TargetError(f"LoRA targets {n!r} and {inside[0]!r}, which lies inside it; target one of them.")
+        return names
 
     def inject(self, model, names):
         for n in names:
             base = model.get_submodule(n)
-            replace_module(model, n, LoRALinear(base, self.r, self.alpha, self.dropout, self.rslora))
+            layer = lora_layer(base, self.r, self.alpha, self.dropout, self.rslora)
+            for alias in _aliases(model, base) or [n]:
+                replace_module(model, alias, layer)
 
 
 @register("adapter")
@@ -219,15 +242,19 @@ class Adapter(Method):
 
     def plan(self, model, exclude=()):
         if self.targets is not None:
-            return resolve(model, self.targets, nn.Linear, "Adapter", exclude=exclude)
+            names = resolve(model, self.targets, ADAPTER_KINDS, "Adapter", exclude=exclude)
+            for n in names:
+                adapter_width(model.get_submodule(n))  # raises for a kind it cannot follow
+            return names
+        patterns = PLACEMENTS[self.placement]
         names = [n for n, m in model.named_modules()
-                 if isinstance(m, nn.Linear) and not any(under(n, e) for e in exclude)]
-        chosen = [n for n in names if any(suffix_matches(n, p) for p in PLACEMENTS[self.placement])]
+                 if isinstance(m, ADAPTER_KINDS) and not any(under(n, e) for e in exclude)]
+        chosen = [n for n in names if any(suffix_matches(n, p) for p in patterns)]
         if not chosen:
             raise TargetError(
                 f"adapter placement {self.placement!r} found no layer in this "
                 f"{type(model).__name__}: it looks for names ending in "
-                f"{' or '.join(PLACEMENTS[self.placement])}. Give targets=(...) with the names of "
+                f"{' or '.join(patterns)}. Give targets=(...) with the names of "
                 f"the sublayer outputs to adapt.")
         return chosen
 
@@ -238,10 +265,12 @@ class Adapter(Method):
     def inject(self, model, names):
         for n in names:
             base = model.get_submodule(n)
-            ad = BottleneckAdapter(base.out_features, self.size, self.reduction, self.activation,
+            ad = BottleneckAdapter(adapter_width(base), self.size, self.reduction, self.activation,
                                    self.dropout, self.layernorm, self.variant)
             w = base.weight
-            replace_module(model, n, AdapterLinear(base, ad.to(dtype=w.dtype, device=w.device)))
+            wrapper = AdapterLinear(base, ad.to(dtype=w.dtype, device=w.device))
+            for alias in _aliases(model, base) or [n]:
+                replace_module(model, alias, wrapper)
 
 
 @register("hybrid")

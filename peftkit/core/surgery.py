@@ -15,13 +15,13 @@ import pandas as pd
 from torch import nn
 
 from ..layers.adapters import AdapterLinear
-from ..layers.lora import LoRALinear, MergeError
+from ..layers.lora import LoRALayer, MergeError
 from ..layers.names import is_adapter_param, under
 from .methods import Method
 from .targets import TargetError, replace_module
 
 HEAD_NAMES = ("classifier", "score", "head")  # what sequence-classification models call it
-WRAPPERS = (LoRALinear, AdapterLinear)
+WRAPPERS = (LoRALayer, AdapterLinear)
 
 
 @dataclass(frozen=True)
@@ -87,14 +87,17 @@ def _strip(model: nn.Module, merge_lora: bool) -> None:
     for name, m in reversed(wrapped):  # innermost first does not matter: we re-read by name
         mod = model.get_submodule(name) if name else model
         while isinstance(mod, WRAPPERS):
-            if isinstance(mod, LoRALinear):
+            if isinstance(mod, LoRALayer):
                 mod.merge() if merge_lora else mod.unmerge()
             mod = mod.base
-        replace_module(model, name, mod)
+        wrapper = model.get_submodule(name) if name else model
+        for alias in [n for n, m in model.named_modules(remove_duplicate=False) if m is wrapper and n] or [name]:
+            replace_module(model, alias, mod)
 
 
-def lora_layers(model: nn.Module) -> list[LoRALinear]:
-    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+def lora_layers(model: nn.Module) -> list[LoRALayer]:
+    """Every LoRA layer of the model, of any kind (Linear, Conv1D, convolution, embedding, attention)."""
+    return [m for m in model.modules() if isinstance(m, LoRALayer)]
 
 
 def adapter_layers(model: nn.Module) -> list[AdapterLinear]:
@@ -161,8 +164,8 @@ def wrapper_names(model: nn.Module) -> list[str]:
 
 def _row_kind(module: nn.Module, name: str, head: str | None) -> str:
     if isinstance(module, AdapterLinear):
-        return "lora+adapter" if isinstance(module.base, LoRALinear) else "adapter"
-    if isinstance(module, LoRALinear):
+        return "lora+adapter" if isinstance(module.base, LoRALayer) else "adapter"
+    if isinstance(module, LoRALayer):
         return "lora"
     if under(name, head):
         return "head"
