@@ -8,7 +8,7 @@ import-linter, `make test`):
     serving/    Deployer, its store, Monitor          compress/   int8, k-bit, pruning
     training/   fit, checkpoints, evaluate            files/      adapter files, PEFT format
     bases/      load_base, the fast BERT forward      data/       corpus, loaders
-    core/       method specs and registry, targets, surgery
+    core/       method specs and registry, architecture defaults, targets, surgery
     layers/     LoRA layers (Linear/Conv1D, conv, embedding, attention), adapters, FastDropout, names
     runtime.py  device, threads, versions, memory     _version.py
 

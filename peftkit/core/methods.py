@@ -25,6 +25,7 @@ from ..layers.adapters import (
 )
 from ..layers.lora import check_lora_args
 from ..layers.names import under
+from .architectures import architecture, unknown_architecture
 from .kinds import ADAPTER_KINDS, LORA_KINDS, adapter_width, lora_layer, lora_problem
 from .targets import TargetError, replace_module, resolve, suffix_matches
 
@@ -139,7 +140,7 @@ def _as_tuple(obj, attr):
     object.__setattr__(obj, attr, tuple(v) if v is not None else None)
 
 
-DEFAULT_TARGETS = ("query", "value")
+DEFAULT_TARGETS = ("query", "value")  # LoRA()'s targets: the architecture's defaults (BERT's are these)
 
 
 def _aliases(model: nn.Module, module: nn.Module) -> list[str]:
@@ -153,8 +154,9 @@ def _aliases(model: nn.Module, module: nn.Module) -> list[str]:
 class LoRA(Method):
     """Low-rank update s * B A on each target layer (query and value, as in the LoRA paper).
 
-    Targets may be Linear, GPT-2's Conv1D, convolutions, embeddings or nn.MultiheadAttention
-    (`core.kinds`)."""
+    The default targets stand for the architecture's defaults (`core.architectures`): query and
+    value on BERT, `c_attn` on GPT-2, q and v on T5, q_proj and v_proj on Llama. Targets may be
+    Linear, GPT-2's Conv1D, convolutions, embeddings or nn.MultiheadAttention (`core.kinds`)."""
 
     label: ClassVar[str] = "LoRA"
     color: ClassVar[str] = "#1f77b4"
@@ -184,8 +186,19 @@ class LoRA(Method):
     def describe(self):
         return f"lora r={self.r}" + (" rs" if self.rslora else "")
 
+    def targets_for(self, model: nn.Module) -> tuple[str, ...]:
+        """The targets on `model`: the architecture's defaults when this spec has the default ones."""
+        arch = architecture(model) if self.targets == DEFAULT_TARGETS else None
+        return arch.lora if arch else self.targets
+
     def plan(self, model, exclude=()):
-        names = resolve(model, self.targets, LORA_KINDS, "LoRA", exclude=exclude)
+        targets = self.targets_for(model)
+        try:
+            names = resolve(model, targets, LORA_KINDS, "LoRA", exclude=exclude)
+        except TargetError as e:
+            if self.targets == DEFAULT_TARGETS and architecture(model) is None:
+                raise TargetError(f"{e} {unknown_architecture(model, 'LoRA')}") from None
+            raise
         for n in names:
             problem = lora_problem(model, n, model.get_submodule(n), self.dropout)
             if problem:
@@ -246,16 +259,18 @@ class Adapter(Method):
             for n in names:
                 adapter_width(model.get_submodule(n))  # raises for a kind it cannot follow
             return names
-        patterns = PLACEMENTS[self.placement]
+        arch = architecture(model)
+        patterns = arch.placements[self.placement] if arch else PLACEMENTS[self.placement]
         names = [n for n, m in model.named_modules()
                  if isinstance(m, ADAPTER_KINDS) and not any(under(n, e) for e in exclude)]
         chosen = [n for n in names if any(suffix_matches(n, p) for p in patterns)]
         if not chosen:
+            known = "" if arch else " " + unknown_architecture(model, "the adapter placement")
             raise TargetError(
                 f"adapter placement {self.placement!r} found no layer in this "
                 f"{type(model).__name__}: it looks for names ending in "
                 f"{' or '.join(patterns)}. Give targets=(...) with the names of "
-                f"the sublayer outputs to adapt.")
+                f"the sublayer outputs to adapt.{known}")
         return chosen
 
     def describe(self):
