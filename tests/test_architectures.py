@@ -1,10 +1,13 @@
-"""Architecture defaults as data.
+"""Architecture defaults as data, heads, and tied weights.
 
 Every entry of the architecture table is built tiny from its transformers config class and gets
 LoRA with its default targets and adapters in both placements, each the identity at init; an
-unknown architecture is refused with the table's closest entries."""
+unknown architecture is refused with the table's closest entries. Heads are found for
+classifiers and language models; a tied weight is counted once, warned about, and not merged
+unless asked."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -14,8 +17,8 @@ from torch import nn
 import peftkit as pk
 from peftkit.bases.tiny import tiny_inputs, tiny_model
 from peftkit.core.architectures import ARCHITECTURES, architecture_name
-from peftkit.core.surgery import adapter_layers, lora_layers
-from conftest import fresh
+from peftkit.core.surgery import adapter_layers, find_head, lora_layers
+from conftest import fresh, perturb
 from test_io import assert_untouched, snapshot
 
 _S = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=64,
@@ -156,6 +159,81 @@ def test_gpt2_error_lists_conv1d_and_embeddings():
         pk.apply(tiny_model("gpt2"), pk.LoRA(targets=("c_atn",)))
     msg = str(e.value)
     assert "Did you mean 'c_attn'" in msg and "Conv1D layers: c_attn" in msg and "Embedding layers: wte" in msg
+
+
+# -- heads ----------------------------------------------------------------------------------------
+
+def test_heads_of_classifiers_and_language_models(tmp_path):
+    model = pk.apply(tiny_model("distilbert"), pk.LoRA(r=2))
+    assert model.peftkit.heads == ("pre_classifier", "classifier") and model.peftkit.head == "classifier"
+    assert find_head(tiny_model("distilbert")) == "classifier"
+    trains = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trains == {"pre_classifier", "classifier"}
+    pk.save_adapter(model, tmp_path)
+    from safetensors.torch import load_file
+    assert {k.split(".")[0] for k in load_file(str(tmp_path / "adapter.safetensors")) if "lora_" not in k} == \
+        {"pre_classifier", "classifier"}
+    gpt2 = pk.apply(tiny_model("gpt2"), pk.LoRA(r=2))
+    assert gpt2.peftkit.heads == ()  # a pretrained lm_head does not train with LoRA
+    assert not gpt2.lm_head.weight.requires_grad
+
+
+def test_head_only_needs_a_head():
+    model = T.GPT2Model(T.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64))
+    snap = snapshot(model)
+    with pytest.raises(pk.TargetError, match="trains the head only, and this GPT2Model has none"):
+        pk.apply(model, pk.HeadOnly())
+    assert_untouched(model, snap)
+    with pytest.raises(pk.TargetError, match="would train nothing"):
+        pk.apply(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), pk.HeadOnly(), head="1")
+    with pytest.warns(UserWarning, match="shares its weight with transformer.wte.weight"):
+        lm = pk.apply(tiny_model("gpt2"), pk.HeadOnly())
+    assert lm.peftkit.heads == ("lm_head",) and lm.transformer.wte.weight.requires_grad
+
+
+# -- tied weights ---------------------------------------------------------------------------------
+
+def unique_total(model):
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@pytest.mark.parametrize("fam", ["gpt2", "t5", "bart"])
+def test_report_counts_a_tied_weight_once(fam):
+    model = pk.apply(tiny_model(fam), pk.LoRA(r=2))
+    df = pk.report(model)
+    assert df[df.module == "TOTAL"].total.item() == unique_total(model)
+    assert (df.kind.str.endswith("(tied)") & (df.total == 0)).any()  # lm_head: its weight counted before
+
+
+@pytest.mark.parametrize("target", ["lm_head", "wte"])
+def test_lora_on_a_tied_weight_warns_and_merge_refuses(target):
+    model = tiny_model("gpt2")
+    with pytest.warns(UserWarning, match="tied weight"):
+        pk.apply(model, pk.LoRA(r=2, targets=(target,)))
+    perturb(model)
+    x = tiny_inputs("gpt2")
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    wte = model.transformer.wte.weight.detach().clone()
+    with pytest.raises(pk.MergeError, match="tied weights.*allow_tied=True"):
+        pk.merge(model)
+    with pytest.raises(pk.MergeError, match="tied"):
+        pk.unload(copy.deepcopy(model))
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    with torch.no_grad():
+        before = model(**x).logits
+        pk.merge(model, allow_tied=True)  # asked explicitly: both holders change
+        assert not torch.equal(model.transformer.wte.weight, wte)
+        assert not torch.allclose(model(**x).logits, before, atol=1e-4)  # which is why it is refused
+        pk.unmerge(model)
+        torch.testing.assert_close(model(**x).logits, before, atol=1e-5, rtol=1e-5)
+
+
+def test_default_targets_are_not_tied_and_merge_quietly():
+    for fam in ("gpt2", "t5", "bart"):
+        model = perturb(pk.apply(tiny_model(fam), pk.LoRA(r=2)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pk.merge(model)
 
 
 def test_adapter_on_t5_reads_the_wrapped_weight():

@@ -74,6 +74,7 @@ class Method:
     label: ClassVar[str] = ""        # how tables and figures name the method
     color: ClassVar[str] = "#7f7f7f"  # its colour in every figure of the project
     trains_base: ClassVar[bool] = False  # True: every base parameter trains (full fine-tune)
+    needs_head: ClassVar[bool] = False   # True: the head is all that trains, so a model without one is an error
     knobs: ClassVar[tuple[Knob, ...]] = ()
     default_lr: ClassVar[float] = 1e-3
     lr_reason: ClassVar[str] = ""
@@ -105,6 +106,10 @@ class Method:
 
     def inject(self, model: nn.Module, names: list[str]) -> None:
         """Wrap the planned modules in place."""
+
+    def merges_into(self, model: nn.Module, exclude: tuple[str, ...] = ()) -> list[str]:
+        """The modules of an unwrapped `model` whose weights a merge of this method would change."""
+        return []
 
     def to_dict(self) -> dict:
         out = {"method": self.name}
@@ -207,6 +212,9 @@ class LoRA(Method):
             if inside:
                 raise TargetError(f"LoRA targets {n!r} and {inside[0]!r}, which lies inside it; target one of them.")
         return names
+
+    def merges_into(self, model, exclude=()):
+        return self.plan(model, exclude)
 
     def inject(self, model, names):
         for n in names:
@@ -323,6 +331,9 @@ class Hybrid(Method):
         # Both halves are resolved against the untouched model, so either can fail cleanly.
         return [("lora", self.lora.plan(model, exclude)), ("adapter", self.adapter.plan(model, exclude))]
 
+    def merges_into(self, model, exclude=()):
+        return self.lora.plan(model, exclude)
+
     def inject(self, model, names):
         (_, lora_names), (_, adapter_names) = names
         self.lora.inject(model, lora_names)
@@ -351,6 +362,7 @@ class HeadOnly(Method):
 
     label: ClassVar[str] = "Head only"
     color: ClassVar[str] = "#9467bd"
+    needs_head: ClassVar[bool] = True
     default_lr: ClassVar[float] = 1e-3
     lr_reason: ClassVar[str] = "a linear probe on frozen features; 1e-3 is the rate notebook 04 uses for it"
     lr_space: ClassVar[tuple] = (1e-4, 3e-2, "log")
