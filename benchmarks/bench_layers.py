@@ -426,8 +426,10 @@ def kinds_report(rows: list[dict], env: dict) -> str:
 
 def run_kinds(kinds: list[str], quick: bool, tokens: int, repeats: int, warmup: int, modes: set[str],
               out: Path, env: dict) -> str:
+    import peft
+
     fields = ["kind", "shape", "mode", "impl", "baseline", "median_ms", "ratio_vs_baseline", "repeats",
-              "threads", "torch", "cpu", "other_load"]
+              "threads", "torch", "peft", "cpu", "other_load"]
     rows = []
     for kind in kinds:
         shapes, quick_shapes = KINDS[kind]
@@ -443,7 +445,7 @@ def run_kinds(kinds: list[str], quick: bool, tokens: int, repeats: int, warmup: 
                 for r in rows:
                     w.writerow({**r, "median_ms": f"{r['median_ms']:.4f}", "ratio_vs_baseline": f"{r['ratio_vs_baseline']:.4f}",
                                 "other_load": f"{r['other_load']:.3f}", "repeats": repeats, "threads": env["threads"],
-                                "torch": env["torch"], "cpu": env["cpu"]})
+                                "torch": env["torch"], "peft": peft.__version__, "cpu": env["cpu"]})
             out.with_suffix(".md").write_text(kinds_report(rows, env))
             print(f"  done {kind} {shape}", file=sys.stderr, flush=True)
     return kinds_report(rows, env)

@@ -66,8 +66,13 @@ class LoRAEmbedding(LoRALayer):
         # Rows of A^T, (..., r): a gather, as the base's own lookup; then (..., r) @ (r, dim).
         h = F.embedding(ids, self.lora_embedding_A.t(), padding_idx=self.base.padding_idx,
                         scale_grad_by_freq=self.base.scale_grad_by_freq)
-        update = F.linear(h, self.lora_embedding_B)
-        scale = self._embed_scale()
-        if scale is not None:
-            update = update * scale
-        return y + update.mul(self.scale).to(y.dtype)
+        s, embed_scale = self.scale, self._embed_scale()
+        if isinstance(embed_scale, torch.Tensor):
+            return y + (F.linear(h, self.lora_embedding_B) * (s * embed_scale)).to(y.dtype)
+        if embed_scale is not None:
+            s = s * embed_scale
+        # y + s h B^T in one addmm: one pass over the (tokens, dim) output, where a matmul, a
+        # scaling and a sum would take three.
+        dim = y.shape[-1]
+        B = self.lora_embedding_B.to(y.dtype)
+        return torch.addmm(y.reshape(-1, dim), h.reshape(-1, h.shape[-1]).to(y.dtype), B.t(), alpha=s).view(y.shape)
