@@ -19,9 +19,17 @@ Modes (all at r=8, alpha=16, `--tokens` tokens, default 2,048):
 * ``inference``: forward under ``torch.no_grad()`` in eval mode. Baseline: the plain linear.
   peftkit unmerged and merged, PEFT unmerged, loralib unmerged (``merge_weights=False``).
 
+* ``--kinds``: the other layer kinds LoRA adapts, each against PEFT's LoRA layer for it, in the
+  same interleaved run: GPT-2's ``Conv1D`` (``conv1d_gpt2``), ``nn.Conv2d`` (``conv2d``),
+  ``nn.Embedding`` (``embedding``) and ``nn.MultiheadAttention`` (``mha``). ``train`` is forward
+  plus backward (the input requires grad, except an embedding's token ids), ``inference`` the
+  unmerged forward under ``no_grad``; the baseline is the frozen base layer. Writes
+  ``layer_kinds.csv`` and ``layer_kinds.md`` beside ``--out``.
+
 Usage::
 
     python benchmarks/bench_layers.py                      # all shapes, 50 repeats
+    python benchmarks/bench_layers.py --kinds all          # the other layer kinds instead
     python benchmarks/bench_layers.py --shapes 384x384,1024x1024 --repeats 100
     python benchmarks/bench_layers.py --quick              # a few seconds, small shapes
 
@@ -279,6 +287,170 @@ def bench_shape(n_in: int, n_out: int, tokens: int, repeats: int, warmup: int,
     return rows
 
 
+# ----------------------------------------------------------------------------- other layer kinds
+
+# name -> (shapes, quick shapes); a shape is a tuple the kind's builder reads.
+KINDS = {
+    # GPT-2 small's c_attn and c_proj: (in, out), over --tokens tokens
+    "conv1d_gpt2": ([(768, 2304), (768, 768)], [(64, 192)]),
+    # (in channels, out channels, kernel, image side, batch)
+    "conv2d": ([(64, 64, 3, 32, 8), (256, 256, 3, 14, 8), (3, 64, 7, 64, 4)], [(8, 8, 3, 8, 2)]),
+    # (vocabulary, width), over --tokens token ids
+    "embedding": ([(30522, 384), (50257, 768)], [(1000, 64)]),
+    # (width, heads, sequence, batch)
+    "mha": ([(384, 6, 128, 16), (768, 12, 128, 8)], [(32, 2, 16, 2)]),
+}
+KIND_IMPLS = ["frozen", "peftkit", "peft"]
+
+
+def _kind_layers(kind: str, shape: tuple, tokens: int):
+    """(base layer, a function that calls a layer on the input, the input, its upstream gradient)."""
+    from transformers.pytorch_utils import Conv1D
+
+    g = torch.Generator().manual_seed(0)
+    if kind == "conv1d_gpt2":
+        n_in, n_out = shape
+        base = Conv1D(n_out, n_in)
+        nn.init.normal_(base.weight, std=0.02)
+        x = torch.randn(tokens, n_in, generator=g)
+        return base, lambda layer, x: layer(x), x, torch.randn(tokens, n_out, generator=g)
+    if kind == "conv2d":
+        c_in, c_out, k, side, batch = shape
+        base = nn.Conv2d(c_in, c_out, k, padding=k // 2)
+        x = torch.randn(batch, c_in, side, side, generator=g)
+        return base, lambda layer, x: layer(x), x, torch.randn(batch, c_out, side, side, generator=g)
+    if kind == "embedding":
+        num, dim = shape
+        base = nn.Embedding(num, dim)
+        ids = torch.randint(0, num, (tokens,), generator=g)
+        return base, lambda layer, x: layer(x), ids, torch.randn(tokens, dim, generator=g)
+    if kind == "mha":
+        e, heads, seq, batch = shape
+        base = nn.MultiheadAttention(e, heads, batch_first=True)
+        x = torch.randn(batch, seq, e, generator=g)
+        return base, lambda layer, x: layer(x, x, x, need_weights=False)[0], x, torch.randn(batch, seq, e, generator=g)
+    raise ValueError(f"unknown layer kind {kind!r}; choose from {sorted(KINDS)}")
+
+
+def make_peftkit_kind(base: nn.Module):
+    from peftkit.core.kinds import lora_layer
+
+    layer = lora_layer(copy.deepcopy(base), R, ALPHA, 0.0, False)
+    _randomise_lora(*[p for n, p in layer.named_parameters() if "lora_" in n and ("B" in n.rsplit("_", 1)[-1])])
+    return layer
+
+
+def make_peft_kind(base: nn.Module):
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT announces that it sets fan_in_fan_out for Conv1D
+        cfg = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["lin"], fan_in_fan_out=type(base).__name__ == "Conv1D")
+        layer = get_peft_model(_One(copy.deepcopy(base)), cfg).base_model.model.lin
+    for n, p in layer.named_parameters():
+        if "lora_B" in n or "lora_embedding_B" in n:
+            _randomise_lora(p)
+    return layer
+
+
+def bench_kind(kind: str, shape: tuple, tokens: int, repeats: int, warmup: int, modes: set[str]) -> list[dict]:
+    """Rows for one layer kind at one shape: frozen base, peftkit and PEFT, per mode."""
+    torch.manual_seed(0)
+    base, call, x, gy = _kind_layers(kind, shape, tokens)
+    layers = {"frozen": copy.deepcopy(base).requires_grad_(False), "peftkit": make_peftkit_kind(base),
+              "peft": make_peft_kind(base)}
+    label = "x".join(str(v) for v in shape)
+    rows = []
+
+    def add(mode, medians):
+        for impl, sec in medians.items():
+            rows.append(dict(kind=kind, shape=label, mode=mode, impl=impl, baseline="frozen",
+                             median_ms=sec * 1e3, ratio_vs_baseline=sec / medians["frozen"]))
+
+    if TRAIN in modes:
+        if x.is_floating_point():
+            x.requires_grad_(True)
+
+        def step_of(layer):
+            params = [p for p in layer.parameters() if p.requires_grad]
+
+            def step():
+                t0 = time.perf_counter()
+                y = call(layer, x)
+                if y.requires_grad:  # the frozen embedding has nothing to differentiate
+                    y.backward(gy)
+                t1 = time.perf_counter()
+                x.grad = None
+                for p in params:
+                    p.grad = None
+                return t1 - t0
+            return step
+
+        for layer in layers.values():
+            layer.train()
+        add(TRAIN, run_interleaved({k: step_of(m) for k, m in layers.items()}, repeats, warmup))
+        x = x.detach()
+    if INFER in modes:
+        def infer_of(layer):
+            def step():
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    call(layer, x)
+                    return time.perf_counter() - t0
+            return step
+
+        for layer in layers.values():
+            layer.eval()
+        add(INFER, run_interleaved({k: infer_of(m) for k, m in layers.items()}, repeats, warmup))
+    return rows
+
+
+def kinds_report(rows: list[dict], env: dict) -> str:
+    out = [f"torch {env['torch']}, {env['threads']} threads, {env['cpu']}, {env['tokens']} tokens where a "
+           f"shape has no batch of its own, r={R}, alpha={ALPHA}, median of {env['repeats']} repeats; ratio "
+           "to the frozen base layer", "",
+           "| kind | shape | mode | frozen (ms) | peftkit | PEFT | peftkit / PEFT |", "|---|---|---|---|---|---|---|"]
+    by = {(r["kind"], r["shape"], r["mode"], r["impl"]): r for r in rows}
+    for kind, shape, mode in dict.fromkeys((r["kind"], r["shape"], r["mode"]) for r in rows):
+        f, ours, theirs = (by[(kind, shape, mode, i)] for i in KIND_IMPLS)
+        out.append(f"| {kind} | {shape} | {mode} | {f['median_ms']:.4g} | {ours['ratio_vs_baseline']:.3f} | "
+                   f"{theirs['ratio_vs_baseline']:.3f} | {ours['median_ms'] / theirs['median_ms']:.3f} |")
+    loaded = {f"{r['kind']} {r['shape']}": r["other_load"] for r in rows if r.get("other_load", 0) > BUSY_WARN}
+    if loaded:
+        out += ["", "WARNING: other processes used " + ", ".join(f"{v:.0%} at {k}" for k, v in loaded.items())
+                + " of the CPUs while this ran: rerun on a quiet machine before trusting those ratios."]
+    return "\n".join(out) + "\n"
+
+
+def run_kinds(kinds: list[str], quick: bool, tokens: int, repeats: int, warmup: int, modes: set[str],
+              out: Path, env: dict) -> str:
+    import peft
+
+    fields = ["kind", "shape", "mode", "impl", "baseline", "median_ms", "ratio_vs_baseline", "repeats",
+              "threads", "torch", "peft", "cpu", "other_load"]
+    rows = []
+    for kind in kinds:
+        shapes, quick_shapes = KINDS[kind]
+        for shape in quick_shapes if quick else shapes:
+            t0 = _cpu_ticks()
+            new = bench_kind(kind, shape, tokens, repeats, warmup, modes)
+            load = other_load(t0, _cpu_ticks())
+            rows += [{**r, "other_load": load} for r in new]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(out, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                for r in rows:
+                    w.writerow({**r, "median_ms": f"{r['median_ms']:.4f}", "ratio_vs_baseline": f"{r['ratio_vs_baseline']:.4f}",
+                                "other_load": f"{r['other_load']:.3f}", "repeats": repeats, "threads": env["threads"],
+                                "torch": env["torch"], "peft": peft.__version__, "cpu": env["cpu"]})
+            out.with_suffix(".md").write_text(kinds_report(rows, env))
+            print(f"  done {kind} {shape}", file=sys.stderr, flush=True)
+    return kinds_report(rows, env)
+
+
 # ----------------------------------------------------------------------------- output
 
 
@@ -350,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default=f"{TRAIN},{TRAIN_DROPOUT},{INFER}",
                    help="comma-separated subset of: train, train_dropout0.1, inference")
     p.add_argument("--quick", action="store_true", help="smoke run: small shapes, few repeats (seconds)")
+    p.add_argument("--kinds", default=None,
+                   help=f"time these other layer kinds against PEFT instead of Linear: 'all' or a comma-separated "
+                        f"subset of {','.join(KINDS)} (modes train and inference)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"CSV path (default {DEFAULT_OUT.relative_to(ROOT)})")
     return p
 
@@ -362,6 +537,9 @@ def main(argv=None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
     tokens = args.tokens if args.tokens is not None else (128 if quick else 2048)
     modes = {m.strip() for m in args.modes.split(",") if m.strip()}
+    kinds = list(KINDS) if args.kinds == "all" else [k.strip() for k in (args.kinds or "").split(",") if k.strip()]
+    if set(kinds) - set(KINDS):
+        build_parser().error(f"unknown layer kinds {sorted(set(kinds) - set(KINDS))}; choose from {list(KINDS)} or all")
     unknown = modes - {TRAIN, TRAIN_DROPOUT, INFER}
     if unknown or repeats < 1 or tokens < 1 or args.threads < 1:
         build_parser().error(f"bad arguments: modes {sorted(unknown) or 'ok'}, repeats={repeats}, "
@@ -374,6 +552,11 @@ def main(argv=None) -> int:
     try:
         env = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=cpu_model(),
                    tokens=tokens, repeats=repeats)
+        if kinds:
+            out = args.out.with_name("layer_kinds.csv") if args.out == DEFAULT_OUT else args.out
+            print(run_kinds(kinds, quick, tokens, repeats, warmup, modes - {TRAIN_DROPOUT}, out, env))
+            print(f"wrote {out}")
+            return 0
         rows = []
         for n_in, n_out in shapes:
             t0 = _cpu_ticks()

@@ -52,6 +52,14 @@ FILES = {
              "baseline's median from the same run. Training baseline: a frozen `nn.Linear` of the same "
              "shape; inference (`no_grad`, eval mode) baseline: the plain `nn.Linear`.",
         command="python benchmarks/bench_layers.py --repeats 60"),
+    "layer_kinds.csv": dict(
+        group="current", title="The other layer kinds: GPT-2's Conv1D, Conv2d, Embedding, MultiheadAttention against PEFT",
+        what="For each kind and shape, the frozen base layer, peftkit's LoRA layer and HF PEFT's, at r=8, alpha=16, "
+             "timed interleaved in one process: forward plus backward (the input requires grad, except an "
+             "embedding's token ids) and unmerged inference under `no_grad`. Each cell is a median over the "
+             "repeats divided by the frozen layer's median from the same run; the last column divides "
+             "peftkit's median by PEFT's.",
+        command="python benchmarks/bench_layers.py --kinds all --threads 1 --repeats 15 --warmup 2"),
     "train_attn0.csv": dict(
         group="current", title="Training step on MiniLM: the padding-free encoder on and off",
         what="Seconds per training step (forward, backward, AdamW) and peak resident memory, batch 32 of "
@@ -428,6 +436,22 @@ def layers_section(name: str, meta: dict) -> list[str]:
     return out
 
 
+def layer_kinds_section(name: str, meta: dict) -> list[str]:
+    df = pd.read_csv(RESULTS / name)
+    rows = []
+    for (kind, shape, mode), d in df.groupby(["kind", "shape", "mode"], sort=False):
+        s = d.set_index("impl")
+        rows.append([kind, shape, mode, num(float(s.loc["frozen", "median_ms"]), 3),
+                     num(float(s.loc["peftkit", "ratio_vs_baseline"]), 2), num(float(s.loc["peft", "ratio_vs_baseline"]), 2),
+                     num(float(s.loc["peftkit", "median_ms"]) / float(s.loc["peft", "median_ms"]), 2)])
+    return header(name, meta) + command_block(meta["command"]) + [
+        table(["kind", "shape", "mode", "frozen (ms)", "peftkit", "PEFT", "peftkit / PEFT"], rows, right={3, 4, 5, 6}), "",
+        "Shapes: Conv1D (in)x(out) over the tokens; Conv2d in x out x kernel x side x batch; Embedding "
+        "vocabulary x width over the tokens; MultiheadAttention width x heads x sequence x batch.", "",
+        "Measured with:", "", measured_with(df, meta), f"- peft: {values(df, 'peft')}",
+        f"- repeats: {values(df, 'repeats')}; other processes' CPU share: {values(df, 'other_load')}", ""]
+
+
 def dropout_section(name: str, meta: dict) -> list[str]:
     df = pd.read_csv(RESULTS / name)
     d = df[["shape", "implementation", "ms", "vs_torch"]].rename(columns={"vs_torch": "vs torch"})
@@ -542,13 +566,14 @@ better than times do.
 
 
 def render() -> str:
-    known = set(FILES) | {"compress.md", "layers.md", "serve.md", "serve_1thread.md"}
+    known = set(FILES) | {"compress.md", "layers.md", "layer_kinds.md", "serve.md", "serve_1thread.md"}
     unknown = sorted(p.name for p in RESULTS.iterdir() if p.suffix in (".csv", ".json") and p.name not in known)
     if unknown:
         raise SystemExit(f"report.py does not know {unknown}: add each to FILES with what it measures and "
                          "the command that wrote it.")
     out = [INTRO, "## Current code", ""]
-    builders = {"layers.csv": layers_section, "dropout.csv": dropout_section, "serve.csv": serve_section,
+    builders = {"layers.csv": layers_section, "layer_kinds.csv": layer_kinds_section, "dropout.csv": dropout_section,
+                "serve.csv": serve_section,
                 "serve_1thread.csv": serve_section, "compress.json": compress_section,
                 "gpu_check_h200.json": gpu_section, "serve_gpu_h200.json": gpu_section}
     for name, meta in FILES.items():

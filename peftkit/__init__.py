@@ -8,8 +8,8 @@ import-linter, `make test`):
     serving/    Deployer, its store, Monitor          compress/   int8, k-bit, pruning
     training/   fit, checkpoints, evaluate            files/      adapter files, PEFT format
     bases/      load_base, the fast BERT forward      data/       corpus, loaders
-    core/       method specs and registry, targets, surgery
-    layers/     LoRALinear, adapters, FastDropout, the naming contract
+    core/       method specs and registry, architecture defaults, targets, surgery
+    layers/     LoRA layers (Linear/Conv1D, conv, embedding, attention), adapters, FastDropout, names
     runtime.py  device, threads, versions, memory     _version.py
     storage.py  atomic folders, append-only JSONL logs, checksums, the default runs/ folder
 
@@ -26,6 +26,9 @@ from .files.peft_format import export_peft, import_peft
 from .layers.adapters import AdapterLinear, BottleneckAdapter
 from .layers.dropout import FastDropout, use_fast_dropout
 from .layers.lora import LoRALinear, MergeError
+from .layers.lora_attention import LoRAMultiheadAttention
+from .layers.lora_conv import LoRAConv
+from .layers.lora_embedding import LoRAEmbedding
 from .serving.deployer import Deployer
 from .serving.monitor import Monitor
 from .studies import article
@@ -33,9 +36,10 @@ from .studies.experiments import compare
 from .studies.summary import summarize
 
 __all__ = [
-    "Adapter", "AdapterFileError", "AdapterLinear", "BottleneckAdapter", "Deployer", "FastDropout", "FullFineTune",
-    "HeadOnly", "Hybrid", "LoRA", "LoRALinear", "METHODS", "MLP", "MergeError", "Method", "ModelWithAdapters",
-    "ModelWithLoRA", "Monitor", "TargetError", "__version__", "apply", "article", "compare", "export_peft",
-    "import_peft", "load_adapter", "load_base", "merge", "register", "report", "save_adapter", "summarize",
-    "trainable_fraction", "unload", "unmerge", "use_fast_dropout",
+    "Adapter", "AdapterFileError", "AdapterLinear", "BottleneckAdapter", "Deployer", "FastDropout",
+    "FullFineTune", "HeadOnly", "Hybrid", "LoRA", "LoRAConv", "LoRAEmbedding", "LoRALinear",
+    "LoRAMultiheadAttention", "METHODS", "MLP", "MergeError", "Method", "ModelWithAdapters", "ModelWithLoRA",
+    "Monitor", "TargetError", "__version__", "apply", "article", "compare", "export_peft", "import_peft",
+    "load_adapter", "load_base", "merge", "register", "report", "save_adapter", "summarize", "trainable_fraction",
+    "unload", "unmerge", "use_fast_dropout",
 ]

@@ -48,6 +48,18 @@ def test_bench_dropout_quick(tmp_path):
     assert "FastDropout vs torch" in p.stdout
 
 
+def test_bench_layer_kinds_quick(tmp_path):
+    out = tmp_path / "kinds.csv"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_layers.py"), "--kinds", "all", "--quick",
+                        "--threads", "1", "--repeats", "2", "--warmup", "0", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    df = pd.read_csv(out)
+    assert set(df.kind) == {"conv1d_gpt2", "conv2d", "embedding", "mha"} and set(df.impl) == {"frozen", "peftkit", "peft"}
+    assert set(df["mode"]) == {"train", "inference"} and (df.median_ms > 0).all()
+    assert "peftkit / PEFT" in p.stdout
+
+
 def test_paired_ratios_pair_each_round_with_its_own_reference():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_train import paired_ratios

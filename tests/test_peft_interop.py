@@ -85,3 +85,76 @@ def test_import_refuses_unsupported_peft_features(tmp_path):
     with pytest.raises(pk.AdapterFileError, match="use_dora"):
         pk.import_peft(target, tmp_path)
     assert not hasattr(target, "peftkit")
+
+
+# -- beyond BERT: task types, GPT-2's layout, MultiheadAttention ---------------------------------
+
+def test_task_type_follows_the_model():
+    import transformers as T
+    from peftkit.bases.tiny import tiny_model
+    from peftkit.files.peft_format import peft_task_type
+    bert = T.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=64)
+    expected = {"gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM", "bart": "SEQ_2_SEQ_LM",
+                "distilbert": "SEQ_CLS", "roberta": "SEQ_CLS", "vit": None, "mlp": None, "cnn": None, "mha": None}
+    for fam, task in expected.items():
+        assert peft_task_type(tiny_model(fam)) == task, fam
+    assert peft_task_type(T.BertForTokenClassification(bert)) == "TOKEN_CLS"
+    assert peft_task_type(T.BertForQuestionAnswering(bert)) == "QUESTION_ANS"
+    assert peft_task_type(T.BertModel(bert)) == "FEATURE_EXTRACTION"
+    assert peft_task_type(fresh("tiny")) == "SEQ_CLS"
+
+
+def test_gpt2_file_without_fan_in_fan_out_imports_like_peft(tmp_path):
+    """PEFT corrects fan_in_fan_out=False on a Conv1D (with a warning); so does import_peft."""
+    from peftkit.bases.tiny import tiny_inputs, tiny_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(tiny_model("gpt2"), peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["c_attn"]))
+    perturb(pm)
+    pm.eval().save_pretrained(str(tmp_path))
+    import json
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["fan_in_fan_out"] = False
+    cfg["task_type"] = "SEQ_CLS"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning) as record:
+        ours = pk.import_peft(tiny_model("gpt2"), tmp_path).eval()
+    messages = " ".join(str(w.message) for w in record)
+    assert "fan_in_fan_out=False" in messages and "task_type 'SEQ_CLS'" in messages
+    x = tiny_inputs("gpt2")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**x).logits, pm(**x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_multihead_attention_against_reference_and_peft(tmp_path):
+    """Ours is nn.MultiheadAttention with W + s B A in both projections. PEFT 0.21 adds the
+    out_proj update twice (huggingface/peft#3774, open): its output is the reference with 2 s B_o A_o.
+    The files still carry the same tensors, under the same names."""
+    import copy as _copy
+    from peftkit.bases.tiny import tiny_inputs, tiny_model
+    base = tiny_model("mha")
+    model = pk.apply(_copy.deepcopy(base), pk.LoRA(r=2, targets=("self_attn",))).eval()
+    layer = perturb(model.encoder.self_attn, std=0.3)
+    ids = tiny_inputs("mha")["input_ids"]
+    reference = _copy.deepcopy(base)
+    doubled = _copy.deepcopy(base)
+    with torch.no_grad():
+        for ref, k in ((reference, 1), (doubled, 2)):
+            ref.encoder.self_attn.in_proj_weight.add_(layer.delta_weight())
+            ref.encoder.self_attn.out_proj.weight.add_(k * layer.out_delta_weight())
+        ours = model(input_ids=ids)
+        torch.testing.assert_close(ours, reference(input_ids=ids), atol=1e-5, rtol=1e-5)
+    pk.export_peft(model, tmp_path)
+    theirs = _peft_model(_copy.deepcopy(base), tmp_path)
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            peft_out = theirs(input_ids=ids)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    fixed = torch.allclose(peft_out, ours, atol=1e-5)
+    assert fixed or torch.allclose(peft_out, doubled(input_ids=ids), atol=1e-5)
+    back = pk.import_peft(_copy.deepcopy(base), tmp_path)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            assert torch.equal(back.get_parameter(n), p)

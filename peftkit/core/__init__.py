@@ -1,5 +1,7 @@
-"""Core: method specs and the one registry (`methods.METHODS`), finding target layers by name
-(`targets`), and surgery on a model (`surgery`: apply, report, merge, unmerge, unload).
+"""Core: method specs and the one registry (`methods.METHODS`), the architecture defaults as data
+(`architectures`: where LoRA and adapters go on BERT, GPT-2, Llama, T5, ViT, ...), which layer
+kinds each method wraps (`kinds`), finding target layers by name (`targets`), and surgery on a
+model (`surgery`: apply, report, merge, unmerge, unload; heads and tied weights).
 
 May import: layers.
 """

@@ -25,8 +25,10 @@ from ..layers.adapters import (
     BottleneckAdapter,
     check_adapter_args,
 )
-from ..layers.lora import LoRALinear, check_lora_args
+from ..layers.lora import check_lora_args
 from ..layers.names import under
+from .architectures import architecture, unknown_architecture
+from .kinds import ADAPTER_KINDS, LORA_KINDS, adapter_width, lora_layer, lora_problem
 from .targets import TargetError, replace_module, resolve, suffix_matches
 
 METHODS: dict[str, type["Method"]] = {}
@@ -74,6 +76,7 @@ class Method:
     label: ClassVar[str] = ""        # how tables and figures name the method
     color: ClassVar[str] = "#7f7f7f"  # its colour in every figure of the project
     trains_base: ClassVar[bool] = False  # True: every base parameter trains (full fine-tune)
+    needs_head: ClassVar[bool] = False   # True: the head is all that trains, so a model without one is an error
     knobs: ClassVar[tuple[Knob, ...]] = ()
     default_lr: ClassVar[float] = 1e-3
     lr_reason: ClassVar[str] = ""
@@ -112,6 +115,10 @@ class Method:
     def inject(self, model: nn.Module, names: list[str]) -> None:
         """Wrap the planned modules in place."""
 
+    def merges_into(self, model: nn.Module, exclude: tuple[str, ...] = ()) -> list[str]:
+        """The modules of an unwrapped `model` whose weights a merge of this method would change."""
+        return []
+
     def to_dict(self) -> dict:
         out = {"method": self.name}
         for f in dataclasses.fields(self):
@@ -146,10 +153,23 @@ def _as_tuple(obj, attr):
     object.__setattr__(obj, attr, tuple(v) if v is not None else None)
 
 
+DEFAULT_TARGETS = ("query", "value")  # LoRA()'s targets: the architecture's defaults (BERT's are these)
+
+
+def _aliases(model: nn.Module, module: nn.Module) -> list[str]:
+    """Every name under which `module` is registered (T5 may hold one embedding as `shared` and
+    as `encoder.embed_tokens`): a wrapper must replace all of them, or some calls miss it."""
+    return [n for n, m in model.named_modules(remove_duplicate=False) if m is module and n]
+
+
 @register("lora")
 @dataclass(frozen=True)
 class LoRA(Method):
-    """Low-rank update s * B A on each target Linear (query and value, as in the LoRA paper)."""
+    """Low-rank update s * B A on each target layer (query and value, as in the LoRA paper).
+
+    The default targets stand for the architecture's defaults (`core.architectures`): query and
+    value on BERT, `c_attn` on GPT-2, q and v on T5, q_proj and v_proj on Llama. Targets may be
+    Linear, GPT-2's Conv1D, convolutions, embeddings or nn.MultiheadAttention (`core.kinds`)."""
 
     label: ClassVar[str] = "LoRA"
     color: ClassVar[str] = "#1f77b4"
@@ -157,7 +177,7 @@ class LoRA(Method):
         Knob("r", int, "LoRA rank", (2, 64, "log")),  # log: 2 -> 4 matters as much as 32 -> 64
         Knob("alpha", float, "LoRA alpha: the update is scaled by alpha/r", (2.0, 64.0, "log")),
         Knob("dropout", float, "dropout on the LoRA path", (0.0, 0.2), flag="lora-dropout"),
-        Knob("targets", tuple, "comma-separated names of the Linear layers to adapt"),
+        Knob("targets", tuple, "comma-separated names of the layers to adapt"),
         Knob("rslora", bool, "scale by alpha/sqrt(r) (rsLoRA)"),
     )
     default_lr: ClassVar[float] = 5e-3
@@ -170,7 +190,7 @@ class LoRA(Method):
     r: int = 8
     alpha: float = 16
     dropout: float = 0.0
-    targets: tuple[str, ...] = ("query", "value")
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     rslora: bool = False
 
     def __post_init__(self):
@@ -180,13 +200,37 @@ class LoRA(Method):
     def describe(self):
         return f"lora r={self.r}" + (" rs" if self.rslora else "")
 
+    def targets_for(self, model: nn.Module) -> tuple[str, ...]:
+        """The targets on `model`: the architecture's defaults when this spec has the default ones."""
+        arch = architecture(model) if self.targets == DEFAULT_TARGETS else None
+        return arch.lora if arch else self.targets
+
     def plan(self, model, exclude=()):
-        return resolve(model, self.targets, nn.Linear, "LoRA", exclude=exclude)
+        targets = self.targets_for(model)
+        try:
+            names = resolve(model, targets, LORA_KINDS, "LoRA", exclude=exclude)
+        except TargetError as e:
+            if self.targets == DEFAULT_TARGETS and architecture(model) is None:
+                raise TargetError(f"{e} {unknown_architecture(model, 'LoRA')}") from None
+            raise
+        for n in names:
+            problem = lora_problem(model, n, model.get_submodule(n), self.dropout)
+            if problem:
+                raise TargetError(f"LoRA cannot adapt {n!r}: {problem}.")
+            inside = [m for m in names if under(m, n) and m != n]
+            if inside:
+                raise TargetError(f"LoRA targets {n!r} and {inside[0]!r}, which lies inside it; target one of them.")
+        return names
+
+    def merges_into(self, model, exclude=()):
+        return self.plan(model, exclude)
 
     def inject(self, model, names):
         for n in names:
             base = model.get_submodule(n)
-            replace_module(model, n, LoRALinear(base, self.r, self.alpha, self.dropout, self.rslora))
+            layer = lora_layer(base, self.r, self.alpha, self.dropout, self.rslora)
+            for alias in _aliases(model, base) or [n]:
+                replace_module(model, alias, layer)
 
 
 @register("adapter")
@@ -229,16 +273,22 @@ class Adapter(Method):
 
     def plan(self, model, exclude=()):
         if self.targets is not None:
-            return resolve(model, self.targets, nn.Linear, "Adapter", exclude=exclude)
+            names = resolve(model, self.targets, ADAPTER_KINDS, "Adapter", exclude=exclude)
+            for n in names:
+                adapter_width(model.get_submodule(n))  # raises for a kind it cannot follow
+            return names
+        arch = architecture(model)
+        patterns = arch.placements[self.placement] if arch else PLACEMENTS[self.placement]
         names = [n for n, m in model.named_modules()
-                 if isinstance(m, nn.Linear) and not any(under(n, e) for e in exclude)]
-        chosen = [n for n in names if any(suffix_matches(n, p) for p in PLACEMENTS[self.placement])]
+                 if isinstance(m, ADAPTER_KINDS) and not any(under(n, e) for e in exclude)]
+        chosen = [n for n in names if any(suffix_matches(n, p) for p in patterns)]
         if not chosen:
+            known = "" if arch else " " + unknown_architecture(model, "the adapter placement")
             raise TargetError(
                 f"adapter placement {self.placement!r} found no layer in this "
                 f"{type(model).__name__}: it looks for names ending in "
-                f"{' or '.join(PLACEMENTS[self.placement])}. Give targets=(...) with the names of "
-                f"the sublayer outputs to adapt.")
+                f"{' or '.join(patterns)}. Give targets=(...) with the names of "
+                f"the sublayer outputs to adapt.{known}")
         return chosen
 
     def describe(self):
@@ -248,10 +298,12 @@ class Adapter(Method):
     def inject(self, model, names):
         for n in names:
             base = model.get_submodule(n)
-            ad = BottleneckAdapter(base.out_features, self.size, self.reduction, self.activation,
+            ad = BottleneckAdapter(adapter_width(base), self.size, self.reduction, self.activation,
                                    self.dropout, self.layernorm, self.variant)
             w = base.weight
-            replace_module(model, n, AdapterLinear(base, ad.to(dtype=w.dtype, device=w.device)))
+            wrapper = AdapterLinear(base, ad.to(dtype=w.dtype, device=w.device))
+            for alias in _aliases(model, base) or [n]:
+                replace_module(model, alias, wrapper)
 
 
 @register("hybrid")
@@ -290,6 +342,9 @@ class Hybrid(Method):
         # Both halves are resolved against the untouched model, so either can fail cleanly.
         return [("lora", self.lora.plan(model, exclude)), ("adapter", self.adapter.plan(model, exclude))]
 
+    def merges_into(self, model, exclude=()):
+        return self.lora.plan(model, exclude)
+
     def inject(self, model, names):
         (_, lora_names), (_, adapter_names) = names
         self.lora.inject(model, lora_names)
@@ -319,6 +374,7 @@ class HeadOnly(Method):
 
     label: ClassVar[str] = "Head only"
     color: ClassVar[str] = "#9467bd"
+    needs_head: ClassVar[bool] = True
     default_lr: ClassVar[float] = 1e-3
     lr_reason: ClassVar[str] = "a linear probe on frozen features; 1e-3 is the rate notebook 04 uses for it"
     lr_space: ClassVar[tuple] = (1e-4, 3e-2, "log")

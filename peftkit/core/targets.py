@@ -143,7 +143,7 @@ def resolve(model: nn.Module, targets, kind=nn.Linear, what: str = "LoRA",
             raise TargetError(f"{what} target names must be non-empty strings, got {t!r}.")
         hits = [n for n in names if name_matches(n, t)]
         if not hits:
-            raise TargetError(_unknown_message(model, t, what))
+            raise TargetError(_unknown_message(model, t, what, kind))
         wrong = [n for n in hits if not isinstance(modules[n], kind)]
         if wrong:
             n = wrong[0]
@@ -151,19 +151,30 @@ def resolve(model: nn.Module, targets, kind=nn.Linear, what: str = "LoRA",
             hint = (f" Linear layers inside it: {', '.join(inside[:6])}." if inside else "")
             raise TargetError(
                 f"{what} target {t!r} selects {n!r}, a {type(modules[n]).__name__}; {what} wraps "
-                f"{kind.__name__} layers only.{hint} Name the Linear layers instead.")
+                f"{_kind_name(kind)} layers only.{hint} Name the Linear layers instead.")
         chosen += [n for n in hits if n not in chosen]
     return chosen
 
 
-def _unknown_message(model: nn.Module, target: str, what: str) -> str:
+def _kind_name(kind) -> str:
+    return ", ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+
+
+def _unknown_message(model: nn.Module, target: str, what: str, kind=nn.Linear) -> str:
     linears = linear_names(model)
-    candidates = list(dict.fromkeys([n.rsplit(".", 1)[-1] for n in linears] + linears))
+    # The other layer kinds the method wraps (GPT-2's Conv1D, embeddings, convolutions), by kind.
+    others: dict[str, list[str]] = {}
+    for n, m in model.named_modules():
+        if n and isinstance(m, kind) and not isinstance(m, nn.Linear):
+            others.setdefault(type(m).__name__, []).append(n)
+    names = linears + [n for ns in others.values() for n in ns]
+    candidates = list(dict.fromkeys([n.rsplit(".", 1)[-1] for n in names] + names))
     close = difflib.get_close_matches(target, candidates, n=3, cutoff=0.6)
     did = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    more = "".join(f"; {k} layers: {_short_list(ns).replace(' Linear layers', ' layers')}" for k, ns in others.items())
     return (f"unknown {what} target {target!r}: no module name equals it, ends with "
             f"'.{target}' or matches it as a regex.{did} Linear layers in this model: "
-            f"{_short_list(linears)}.")
+            f"{_short_list(linears)}{more}.")
 
 
 def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

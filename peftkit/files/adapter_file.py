@@ -45,8 +45,8 @@ from torch import nn
 
 from .._version import __version__
 from ..core.methods import Method
-from ..core.surgery import applied, apply, canonical_name, remove, wrapper_names
-from ..layers.names import is_adapter_param, under
+from ..core.surgery import applied, apply, canonical_name, lora_layers, remove, wrapper_names
+from ..layers.names import is_adapter_param, under_any
 from ..storage import atomic_folder, is_sha256, sha256_bytes, sha256_file
 
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter.json"
@@ -157,15 +157,21 @@ def check_values(tensors: dict, source: str) -> None:
                                    "NaN. Save the adapter again from the trained model.")
 
 
-def base_items(model: nn.Module, skip_head: str | None):
-    """(unwrapped name, parameter) for every base parameter: no adapter tensors, no head."""
+def _unwrapped_names(model: nn.Module):
+    """(parameter, its unwrapped names): each parameter once; a tied one has several names."""
     wraps = wrapper_names(model)
-    for name, p in model.named_parameters():
-        if is_adapter_param(name):
-            continue
-        c = canonical_name(name, wraps)
-        if not under(c, skip_head):
-            yield c, p
+    groups: dict[int, tuple] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), (p, []))[1].append(canonical_name(name, wraps))
+    return groups.values()
+
+
+def base_items(model: nn.Module, skip_head):
+    """(unwrapped name, parameter) for every base parameter: no adapter tensors, none the head
+    holds under any of its names (a name, a tuple of names, or None)."""
+    for p, names in _unwrapped_names(model):
+        if not is_adapter_param(names[0]) and not any(under_any(n, skip_head) for n in names):
+            yield names[0], p
 
 
 def fingerprint(model: nn.Module, head: str | None, method: Method) -> dict:
@@ -180,6 +186,7 @@ def fingerprint(model: nn.Module, head: str | None, method: Method) -> dict:
         stable = {canonical_name(f"{mn}.{pn}" if mn else pn, wraps)
                   for mn, m in model.named_modules() if not isinstance(m, nn.Linear)
                   for pn, _ in m.named_parameters(recurse=False) if not is_adapter_param(f"{mn}.{pn}")}
+        stable -= _merge_targets(model, head, method)
         h = hashlib.sha256()
         for n, p in items:
             if n in stable:  # the first 256 values of each: enough to tell two bases apart
@@ -189,14 +196,42 @@ def fingerprint(model: nn.Module, head: str | None, method: Method) -> dict:
             "n_params": sum(p.numel() for _, p in items), "stable_values_sha256": digest}
 
 
+def _heads_arg(done):
+    """The head as `apply` takes it: one name (as every file before several heads), or a tuple."""
+    return done.heads if len(done.heads) > 1 else done.head
+
+
+def _merge_targets(model: nn.Module, head, method: Method) -> set[str]:
+    """Base weights a LoRA merge may have changed (beyond Linear ones): a wrapped model's LoRA
+    layers, or where the method would put them on a fresh one. Left out of the value digest, so
+    an adapter saved merged loads into its fresh base."""
+    wraps = wrapper_names(model)
+    if wraps:
+        loras = {id(m) for m in lora_layers(model)}
+        names = {n for n, m in model.named_modules() if id(m) in loras}
+        return {canonical_name(f"{n}.{pn}", wraps) for n in names
+                for pn, _ in model.get_submodule(n).base.named_parameters()}
+    heads = (head,) if isinstance(head, str) else tuple(head or ())
+    try:
+        targets = method.merges_into(model, exclude=heads)
+    except ValueError:  # a method that does not fit this model: the shapes check says so
+        return set()
+    return {f"{n}.{pn}" for n in targets for pn, _ in model.get_submodule(n).named_parameters()}
+
+
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors an adapter file holds: every trainable tensor, under unwrapped names."""
     done = applied(model)
     if done is None:
         raise ValueError("this model has no peftkit method applied: apply(model, method) first.")
-    wraps = wrapper_names(model)
-    return {canonical_name(n, wraps): p for n, p in model.named_parameters()
-            if is_adapter_param(n) or under(n, done.head) or done.method.trains_base}
+    state = {}
+    for p, names in _unwrapped_names(model):
+        in_head = [n for n in names if under_any(n, done.heads)]
+        if is_adapter_param(names[0]) or done.method.trains_base:
+            state[names[0]] = p
+        elif in_head:  # under the head's name, also when the weight is tied (GPT-2's lm_head is wte's)
+            state[in_head[0]] = p
+    return state
 
 
 def write_adapter_files(folder: Path, tensors: dict, meta: dict) -> None:
@@ -214,7 +249,8 @@ def save_adapter(model: nn.Module, directory) -> Path:
     done = applied(model)
     state = adapter_state(model)
     meta = {"format": "peftkit-adapter", "peftkit_version": __version__, "method": done.method.to_dict(),
-            "head": done.head, "base": fingerprint(model, done.head, done.method)}
+            "head": done.head, "base": fingerprint(model, _heads_arg(done), done.method),
+            **({"heads": list(done.heads)} if len(done.heads) > 1 else {})}
     with atomic_folder(directory, marker=CONFIG, what="save_adapter") as tmp:
         write_adapter_files(tmp, state, meta)
     return Path(directory)
@@ -248,9 +284,14 @@ def read_adapter(directory) -> AdapterFile:
         raise AdapterFileError(f"{d / CONFIG} holds an invalid method spec ({type(e).__name__}: {e}); "
                                "save the adapter again.") from None
     check_method(method, str(d / CONFIG))
-    head = meta.get("head")
+    head, heads = meta.get("head"), meta.get("heads")
     if head is not None and not (isinstance(head, str) and head):
         raise AdapterFileError(f"{d / CONFIG}: 'head' must be a module name or null, got {head!r}; save the adapter again.")
+    if heads is not None:
+        if not (isinstance(heads, list) and heads and all(isinstance(n, str) and n for n in heads)):
+            raise AdapterFileError(f"{d / CONFIG}: 'heads' must be a list of module names, got {heads!r:.80}; "
+                                   "save the adapter again.")
+        head = tuple(heads) if len(heads) > 1 else heads[0]
     if not isinstance(meta.get("base", {}), dict):
         raise AdapterFileError(f"{d / CONFIG}: 'base' must be the fingerprint object save_adapter writes; save the adapter again.")
     sha = meta.get("tensors_sha256")

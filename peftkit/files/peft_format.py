@@ -1,10 +1,22 @@
 """Hugging Face PEFT interoperability: LoRA adapters in PEFT's on-disk layout.
 
-A PEFT LoRA folder holds `adapter_config.json` (peft_type "LORA", r, lora_alpha, lora_dropout,
-target_modules, use_rslora, modules_to_save, ...) and `adapter_model.safetensors` with keys
-`base_model.model.<module path>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r), plus the
-head as `base_model.model.<head path>.weight` and `.bias`. PEFT's A and B are peftkit's A and B
-and both scale by lora_alpha / r (or / sqrt(r) with use_rslora), so conversion is a renaming.
+A PEFT LoRA folder holds `adapter_config.json` (peft_type "LORA", task_type, r, lora_alpha,
+lora_dropout, target_modules, use_rslora, modules_to_save, fan_in_fan_out, ...) and
+`adapter_model.safetensors` with keys `base_model.model.<module path>.lora_A.weight` (r, in) and
+`.lora_B.weight` (out, r), plus the saved modules (the head) as `base_model.model.<path>.weight`
+and `.bias`. PEFT's A and B are peftkit's A and B and both scale by lora_alpha / r (or / sqrt(r)
+with use_rslora), so conversion is a renaming:
+
+    Linear, GPT-2's Conv1D   <path>.lora_A            <path>.lora_A.weight            (r, in)
+    Conv1d/2d/3d            <path>.lora_A            <path>.lora_A.weight            (r, in, k...)
+    Embedding               <path>.lora_embedding_A  <path>.lora_embedding_A         (r, num)
+    MultiheadAttention      <path>.lora_A            <path>.lora_A.weight            (r, E), in_proj
+                            <path>.lora_out_A        <path>.base_layer.out_proj.lora_A.weight
+
+and likewise for B. `task_type` follows the model (`peft_task_type`): CAUSAL_LM, SEQ_2_SEQ_LM,
+SEQ_CLS, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION for a transformers text model without a
+head, and none for anything else (a plain module, an image classifier), which PEFT then calls
+with the model's own arguments. `fan_in_fan_out` is true when a target is a Conv1D.
 
 `export_peft` also writes peftkit_base.json: the base fingerprint of adapter.json and the SHA-256
 of adapter_model.safetensors (PEFT ignores the file). `import_peft` checks everything before the model changes, as `load_adapter` does
@@ -19,12 +31,14 @@ It reports what it loaded in one line (verbose=False to keep quiet).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from torch import nn
+from transformers.models.auto import modeling_auto
 
 from ..core.methods import LoRA
-from ..core.surgery import applied, lora_layers
+from ..core.surgery import applied, canonical_name, lora_layers, wrapper_names
 from ..storage import is_sha256, sha256_file
 from ..layers.lora import LoRALinear
 from .adapter_file import (
@@ -47,13 +61,52 @@ BASE_FILE = "peftkit_base.json"  # peftkit's fingerprint of the base, beside PEF
 _ALIASES = {"peftkit:minilm": "sentence-transformers/all-MiniLM-L6-v2"}  # load_base's names, as the Hub spells them
 PREFIX = "base_model.model."
 # PEFT features with no peftkit equivalent: importing them would silently change the outputs.
-_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "layers_to_transform": None,
-                "layer_replication": None, "lora_bias": False, "use_qalora": False}
+_UNSUPPORTED = {"use_dora": False, "bias": "none", "layers_to_transform": None,
+                "layer_replication": None, "lora_bias": False, "use_qalora": False,
+                "target_parameters": None, "trainable_token_indices": None, "exclude_modules": None}
+# The MultiheadAttention out_proj pair: peftkit keeps it on the wrapper, PEFT on a LoRA Linear
+# inside the module it wraps (its `base_layer`).
+_OUT_PAIR = {".lora_out_A": ".base_layer.out_proj.lora_A.weight", ".lora_out_B": ".base_layer.out_proj.lora_B.weight"}
+# task_type by transformers' auto-class tables: the class names each task's Auto class builds.
+_TASKS = (("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+          ("SEQ_2_SEQ_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+          ("SEQ_CLS", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+          ("TOKEN_CLS", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
+          ("QUESTION_ANS", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
+          ("FEATURE_EXTRACTION", "MODEL_MAPPING_NAMES"))
+
+
+def _class_names(table: str) -> set[str]:
+    names = set()
+    for v in getattr(modeling_auto, table, {}).values():
+        names.update((v,) if isinstance(v, str) else v)
+    return names
+
+
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT's task_type for `model`: the task whose transformers Auto class builds its class,
+    for a model that takes token ids; None for anything else (PEFT's plain PeftModel)."""
+    if getattr(model, "main_input_name", None) != "input_ids":
+        return None
+    cls = type(model).__name__
+    return next((task for task, table in _TASKS if cls in _class_names(table)), None)
 
 
 def _peft_key(name: str) -> str:
-    # ours: <path>.lora_A -> PEFT: base_model.model.<path>.lora_A.weight; the head keeps its name.
+    # ours: <path>.lora_A -> PEFT: base_model.model.<path>.lora_A.weight; embeddings' factors have
+    # no ".weight" in either; the head keeps its name.
+    for ours, theirs in _OUT_PAIR.items():
+        if name.endswith(ours):
+            return PREFIX + name[: -len(ours)] + theirs
     return PREFIX + (name + ".weight" if name.endswith((".lora_A", ".lora_B")) else name)
+
+
+def _our_name(key: str) -> str:
+    name = key[len(PREFIX):].replace(".modules_to_save.default.", ".").replace(".default.", ".")
+    for ours, theirs in _OUT_PAIR.items():
+        if name.endswith(theirs):
+            return name[: -len(theirs)] + ours
+    return name[: -len(".weight")] if name.endswith((".lora_A.weight", ".lora_B.weight")) else name
 
 
 def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None = None) -> Path:
@@ -68,13 +121,16 @@ def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None
                          "before export_peft, or PEFT would add the update a second time.")
     m = done.method
     state = adapter_state(model)
-    targets = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith((".lora_A", ".lora_B"))})
+    wraps = wrapper_names(model)
+    loras = {id(x) for x in lora_layers(model)}
+    targets = sorted({canonical_name(n, wraps) for n, x in model.named_modules() if id(x) in loras})
     config = {
-        "peft_type": "LORA", "task_type": "SEQ_CLS", "r": m.r, "lora_alpha": m.alpha,
+        "peft_type": "LORA", "task_type": peft_task_type(model), "r": m.r, "lora_alpha": m.alpha,
         "lora_dropout": m.dropout, "use_rslora": m.rslora,
         # full module names: PEFT matches list entries exactly or as a dotted suffix
-        "target_modules": targets, "modules_to_save": [done.head] if done.head else None,
-        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        "target_modules": targets, "modules_to_save": list(done.heads) or None,
+        "bias": "none", "init_lora_weights": True, "inference_mode": True,
+        "fan_in_fan_out": any(isinstance(x, LoRALinear) and x.fan_in_fan_out for x in lora_layers(model)),
         "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
         "base_model_name_or_path": base_model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None),
     }
@@ -98,6 +154,15 @@ def _base_name(name) -> str | None:
     return name.lower()
 
 
+def _saved_heads(model: nn.Module, saved: list, tensors: dict) -> tuple[str, ...]:
+    """The modules PEFT saved for `modules_to_save`: by PEFT's rule, every module whose name ends
+    with an entry ("classifier" also catches DistilBERT's pre_classifier), here those whose
+    tensors the file holds, outermost only."""
+    found = [n for n, _ in model.named_modules() if n and any(n.endswith(e) for e in saved)
+             and any(t.startswith(n + ".") for t in tensors)]
+    return tuple(n for n in found if not any(n.startswith(o + ".") for o in found if o != n))
+
+
 def import_peft(model: nn.Module, directory, verbose: bool = True, check_name: bool = True) -> nn.Module:
     """Apply a PEFT LoRA adapter folder to a fresh base `model`. Everything is checked first; on
     any error the model is unchanged. check_name=False skips only the comparison of the base's
@@ -107,7 +172,7 @@ def import_peft(model: nn.Module, directory, verbose: bool = True, check_name: b
     if cfg.get("peft_type") != "LORA":
         raise AdapterFileError(f"{d / PEFT_CONFIG} has peft_type {cfg.get('peft_type')!r}; peftkit imports LORA only.")
     for key, plain in _UNSUPPORTED.items():
-        if cfg.get(key, plain) not in (plain, None, False, {}, []):
+        if cfg.get(key, plain) not in (plain, None, False, {}, [], ""):
             raise AdapterFileError(f"{d / PEFT_CONFIG} uses {key}={cfg[key]!r}, which peftkit does not "
                                    f"implement (only {key}={plain!r}); importing it would change the outputs.")
     for key in ("rank_pattern", "alpha_pattern"):
@@ -158,30 +223,40 @@ def import_peft(model: nn.Module, directory, verbose: bool = True, check_name: b
     for k, v in raw.items():
         if not k.startswith(PREFIX):
             raise AdapterFileError(f"{d / PEFT_WEIGHTS}: unexpected key {k!r} (PEFT keys start with {PREFIX!r}).")
-        name = k[len(PREFIX):].replace(".modules_to_save.default.", ".").replace(".default.", ".")
-        if name.endswith((".lora_A.weight", ".lora_B.weight")):
-            name = name[: -len(".weight")]
-        tensors[name] = v
-    modules = dict(model.named_modules())
-    present = [h for h in saved if h in modules]  # PEFT lists "classifier" and "score" for any classifier
-    held = [h for h in present if any(t.startswith(h + ".") for t in tensors)]
-    missing = [h for h in present if h not in held]
+        tensors[_our_name(k)] = v
+    _check_task(cfg.get("task_type"), model, d)
+    # A module named in modules_to_save (exactly, or as a dotted suffix) that the file holds no
+    # tensors for would keep its random initial weights: refuse rather than load a different model.
+    missing = [n for n, _ in model.named_modules()
+               if n and (n in saved or any(n.endswith("." + e) for e in saved))
+               and not any(t.startswith(n + ".") for t in tensors)]
     if missing:
         raise AdapterFileError(f"{d / PEFT_CONFIG} names {missing} in modules_to_save, but {d / PEFT_WEIGHTS} holds no "
                                "tensors for it: the module would keep its random initial weights and the outputs would "
                                "differ from the exporter's. Export the adapter again with the module's weights.")
-    if len(held) > 1:
-        raise AdapterFileError(f"{d / PEFT_CONFIG} saves several modules {held}; peftkit trains one task head. "
-                               "Import an adapter that saves only the head.")
-    head = held[0] if held else None
+    heads = _saved_heads(model, saved, tensors)
+    head = heads[0] if len(heads) == 1 else (heads or None)
     if base is not None:
         check_base(model, AdapterFile(d, method, head, {}, {"base": base["base"]}))
-    apply_and_fill(model, method, head, tensors, str(d / PEFT_WEIGHTS))
+    model = apply_and_fill(model, method, head, tensors, str(d / PEFT_WEIGHTS))
+    conv1d = [x.fan_in_fan_out for x in lora_layers(model) if isinstance(x, LoRALinear)]
+    if conv1d and bool(cfg.get("fan_in_fan_out")) not in set(conv1d):
+        warnings.warn(f"{d / PEFT_CONFIG} sets fan_in_fan_out={cfg.get('fan_in_fan_out')}, which does not fit "
+                      "its targets' layout; as PEFT does, each layer uses its own (Conv1D: (in, out)).", stacklevel=2)
     if verbose:
-        layers = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+        layers = [n for n, m in model.named_modules() if m in set(lora_layers(model))]
         leaves = ", ".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in layers))
+        saved_heads = ", ".join(repr(h) for h in heads)
         print(f"import_peft: LoRA r={method.r} alpha={method.alpha:g}{' (rsLoRA)' if method.rslora else ''} on "
               f"{len(layers)} layers ({leaves}); head: "
-              + (f"{head!r} from modules_to_save" if head else "none saved, the model's own stays frozen")
+              + (f"{saved_heads} from modules_to_save" if heads else "none saved, the model's own stays frozen")
               + f"; {len(tensors)} tensors from {d / PEFT_WEIGHTS}")
     return model
+
+
+def _check_task(task, model: nn.Module, d: Path) -> None:
+    mine = peft_task_type(model)
+    if task and task != mine:
+        warnings.warn(f"{d / PEFT_CONFIG} was saved for task_type {task!r}, and this "
+                      f"{type(model).__name__} is {mine or 'no transformers task'!r}; the adapter's tensors "
+                      "fit it, but check it is the model the adapter was trained on.", stacklevel=3)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from torch import nn
 
 from .names import ADAPTER_PREFIX
+from .wrap import WrapsBase
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 VARIANTS = ("simple", "deep")
@@ -83,16 +84,30 @@ class BottleneckAdapter(nn.Module):
         return x + self.up(h)  # (..., d)
 
 
-class AdapterLinear(nn.Module):
-    """Runs `base`, then a bottleneck adapter on its output. `base` is kept, never copied."""
+def output_width(module: nn.Module) -> int | None:
+    """The width of the last axis of a layer's output, for a layer whose output has its features
+    last: `out_features` of a Linear (or of a wrapper around one), `nf` of transformers' Conv1D.
+    None for anything else (a convolution has its channels on axis 1)."""
+    if type(module).__name__ == "Conv1D":
+        return getattr(module, "nf", None)
+    width = getattr(module, "out_features", None)
+    return width if isinstance(width, int) else None
+
+
+class AdapterLinear(WrapsBase, nn.Module):
+    """Runs `base`, then a bottleneck adapter on its output. `base` is kept, never copied.
+
+    Model code that reads the wrapped layer (T5 checks `wo.weight.dtype`) reads it through the
+    wrapper: `weight`, `bias`, `in_features`, `out_features`, and any other attribute of `base`."""
 
     def __init__(self, base: nn.Module, adapter: BottleneckAdapter):
         super().__init__()
         self.base = base
         setattr(self, ADAPTER_PREFIX + "branch", adapter)
 
-    in_features = property(lambda self: self.base.in_features)
-    out_features = property(lambda self: self.base.out_features)
+    weight = property(lambda self: self.base.weight)
+    bias = property(lambda self: self.base.bias)
+    out_features = property(lambda self: output_width(self.base))
 
     def forward(self, x):
         return self.adapter_branch(self.base(x))

@@ -1,4 +1,4 @@
-"""LoRA: low-rank adaptation of a frozen linear layer.
+"""LoRA: low-rank adaptation of a frozen linear layer (nn.Linear, or transformers' Conv1D).
 
 Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2021), section 4.1:
 
@@ -30,6 +30,14 @@ fewer tokens, e.g. generating one token at a time, the layer uses the two-path f
 
 With dropout > 0 each token sees a different mask, so the update no longer folds into the
 weight and the plain two-path formula is used.
+
+GPT-2's `Conv1D` is a linear layer that stores its weight transposed, (in, out) ("fan_in_fan_out"
+in PEFT). `LoRALinear` wraps it too: A and B keep their (r, in) and (out, r) shapes, the formulas
+run on a transposed view of the weight, and a merge adds (s B A)^T.
+
+`LoRALayer` holds what every LoRA wrapper shares (this one, and those for convolutions,
+embeddings and nn.MultiheadAttention in the sibling modules): r, alpha, the scale, and merges
+that are idempotent, refuse NaN or inf, and restore W0 on unmerge.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .names import LORA_PREFIX
+from .wrap import WrapsBase
 
 
 class MergeError(RuntimeError):
@@ -112,52 +121,113 @@ def check_lora_args(r: int, alpha: float, dropout: float) -> None:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}.")
 
 
-class LoRALinear(nn.Module):
-    """Wraps a frozen ``nn.Linear`` and adds a trainable low-rank update ``s * B A``.
+class LoRALayer(WrapsBase, nn.Module):
+    """What every LoRA wrapper shares: the frozen `base`, r, alpha, the scale, and exact, idempotent,
+    NaN-checked merges. A subclass creates its factors (names starting with `lora_`) and says which
+    base weights a merge changes, and by how much, in `deltas()`."""
 
-    Args:
-        base: the layer to adapt. It is kept as ``self.base`` and frozen, never copied.
-        r: rank of the update.
-        alpha: scale numerator; the update is multiplied by alpha/r (alpha/sqrt(r) with rslora).
-        dropout: dropout on the input of the low-rank path only.
-    """
-
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 rslora: bool = False):
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}.")
+    def _setup(self, base: nn.Module, r: int, alpha: float, dropout: float, rslora: bool) -> None:
         check_lora_args(r, alpha, dropout)
         self.base = base
         self.r, self.alpha, self.rslora = r, float(alpha), bool(rslora)
         self.scale = self.alpha / (math.sqrt(r) if rslora else r)
         self.dropout_p = float(dropout)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.merged = False
+
+    def weights(self) -> list[torch.Tensor]:
+        """The base weights the layer adapts (the ones a merge changes)."""
+        return [self.base.weight]
+
+    def deltas(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(base weight, the update merging adds to it, in that weight's layout and dtype), one pair
+        per weight the layer adapts."""
+        return [(self.base.weight, self.delta_weight())]
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight(s). Calling it twice changes nothing."""
+        if self.merged:
+            return
+        merged = [(w, w + d) for w, d in self.deltas()]
+        if not all(torch.isfinite(m).all() for _, m in merged):
+            raise MergeError(
+                "merging this LoRA would put NaN or inf into the base weight; the weight is "
+                "unchanged. Check the adapter's A and B for NaN (a diverged run?) before merging.")
+        for w, m in merged:
+            w.copy_(m)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update again, restoring W0 up to float rounding. Idempotent."""
+        if not self.merged:
+            return
+        for w, d in self.deltas():
+            w.sub_(d)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        rs = ", rslora" if self.rslora else ""
+        return f"r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}, dropout={self.dropout_p}{rs}, merged={self.merged}"
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' `Conv1D` (GPT-2's projections): a linear layer whose weight is stored
+    (in, out), "fan_in_fan_out". Recognised by shape, so layers need not import transformers."""
+    w = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(w, torch.Tensor)
+            and w.dim() == 2 and w.shape[1] == module.nf)
+
+
+class LoRALinear(LoRALayer):
+    """Wraps a frozen ``nn.Linear`` (or transformers' ``Conv1D``) and adds a trainable low-rank
+    update ``s * B A``.
+
+    Args:
+        base: the layer to adapt. It is kept as ``self.base`` and frozen, never copied.
+        r: rank of the update.
+        alpha: scale numerator; the update is multiplied by alpha/r (alpha/sqrt(r) with rslora).
+        dropout: dropout on the input of the low-rank path only.
+        fan_in_fan_out: the base stores its weight as (in, out), as GPT-2's ``Conv1D`` does (PEFT's
+            name for it). None: detect ``Conv1D``. A and B keep PEFT's shapes, (r, in) and (out, r),
+            either way, so files interoperate; only the merge adds the transposed update.
+    """
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 rslora: bool = False, fan_in_fan_out: bool | None = None):
+        super().__init__()
+        conv1d = is_conv1d(base)
+        if not isinstance(base, nn.Linear) and not conv1d:
+            raise TypeError(f"LoRALinear wraps nn.Linear or transformers' Conv1D, got {type(base).__name__}.")
+        self.fan_in_fan_out = conv1d if fan_in_fan_out is None else bool(fan_in_fan_out)
+        self._setup(base, r, alpha, dropout, rslora)
         w = base.weight
-        base.weight.requires_grad_(False)
-        if base.bias is not None:
-            base.bias.requires_grad_(False)
         kw = dict(dtype=w.dtype, device=w.device)
-        setattr(self, LORA_PREFIX + "A", nn.Parameter(torch.empty(r, base.in_features, **kw)))
-        setattr(self, LORA_PREFIX + "B", nn.Parameter(torch.zeros(base.out_features, r, **kw)))
+        setattr(self, LORA_PREFIX + "A", nn.Parameter(torch.empty(r, self.in_features, **kw)))
+        setattr(self, LORA_PREFIX + "B", nn.Parameter(torch.zeros(self.out_features, r, **kw)))
         # Same init as nn.Linear's weight (and as the paper's reference code): B = 0 makes the
         # update zero at the start while A already spreads the input over r directions.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.merged = False
 
-    in_features = property(lambda self: self.base.in_features)
-    out_features = property(lambda self: self.base.out_features)
+    in_features = property(lambda self: self.base.weight.shape[0 if self.fan_in_fan_out else 1])
+    out_features = property(lambda self: self.base.weight.shape[1 if self.fan_in_fan_out else 0])
     weight = property(lambda self: self.base.weight)
     bias = property(lambda self: self.base.bias)
 
     def delta_weight(self) -> torch.Tensor:
-        """The update s * B A, shape (out, in), in the base weight's dtype."""
-        return (self.lora_B @ self.lora_A).mul(self.scale).to(self.base.weight.dtype)
+        """The update s * B A in the base weight's layout ((out, in); (in, out) for Conv1D) and dtype."""
+        d = (self.lora_B @ self.lora_A).mul(self.scale).to(self.base.weight.dtype)
+        return d.t() if self.fan_in_fan_out else d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.base.weight, self.base.bias
         if self.merged:
-            return F.linear(x, w, b)
+            return self.base(x)
+        w, b = self.base.weight, self.base.bias
+        if self.fan_in_fan_out:
+            w = w.t()  # a view: (out, in), the layout the formulas below use
         A, B, s = self.lora_A, self.lora_B, self.scale
         if self.dropout_p > 0 and self.training:
             # Plain path: a fresh mask per token means the update cannot fold into W.
@@ -176,27 +246,5 @@ class LoRALinear(nn.Module):
             return _LoRAFunction.apply(x, w, b, A, B, s)
         return F.linear(x, torch.addmm(w, B, A, alpha=s), b)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into the base weight. Calling it twice changes nothing."""
-        if self.merged:
-            return
-        merged = self.base.weight + self.delta_weight()
-        if not torch.isfinite(merged).all():
-            raise MergeError(
-                "merging this LoRA would put NaN or inf into the base weight; the weight is "
-                "unchanged. Check the adapter's A and B for NaN (a diverged run?) before merging.")
-        self.base.weight.copy_(merged)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract the update again, restoring W0 up to float rounding. Idempotent."""
-        if not self.merged:
-            return
-        self.base.weight.sub_(self.delta_weight())
-        self.merged = False
-
     def extra_repr(self) -> str:
-        rs = ", rslora" if self.rslora else ""
-        return f"r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}, dropout={self.dropout_p}{rs}, merged={self.merged}"
+        return super().extra_repr() + (", fan_in_fan_out" if self.fan_in_fan_out else "")

@@ -18,3 +18,10 @@ def under(name: str, prefix: str | None) -> bool:
     """True when the dotted module or parameter `name` is `prefix` itself or lies inside it
     ("bert.encoder" is under "bert", "bertx" is not); never for a None prefix."""
     return prefix is not None and (name == prefix or name.startswith(prefix + "."))
+
+
+def under_any(name: str, prefixes) -> bool:
+    """`under` for several prefixes: a tuple of names, one name, or None (never)."""
+    if prefixes is None or isinstance(prefixes, str):
+        return under(name, prefixes)
+    return any(under(name, p) for p in prefixes)
