@@ -362,3 +362,15 @@ def test_serve_without_a_deployment_says_what_to_do(tmp_path, capsys):
     assert cli.main(["serve", "--deployment", str(tmp_path / "none"), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "no deployment" in err and "--base" in err and "Traceback" not in err
+
+
+def test_bench_serve_mixed_quick(tmp_path):
+    """benchmarks/bench_serve.py --mixed end to end on the tiny model (service in a thread); no timing asserted."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_serve
+    ratios, latency = bench_serve.mixed_suite("tiny", threads=1, quick=True, out_dir=tmp_path, server="thread")
+    assert len(ratios) == 5 and (ratios["ratio"] > 0).all() and ratios["cpu"].iloc[0]
+    checks = ratios.set_index("comparison")["check_max_abs_diff"].dropna()
+    assert (checks < 1e-4).all(), checks  # the compared sides computed the same answers
+    assert list(latency["clients"]) == [1, 4, 16] and (latency["p99_ms"] >= latency["p50_ms"]).all()
+    assert (tmp_path / "serve_mixed.csv").exists() and (tmp_path / "serve_latency.csv").exists()

@@ -673,9 +673,13 @@ def serve(directory, host: str = "127.0.0.1", port: int = 8000, config: ServiceC
     dep = open_deployment(directory, device, base)
     app = create_app(dep, directory, config)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # IPPROTO_TCP: asyncio then sets TCP_NODELAY (no 40 ms delayed-ACK stalls)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port (0: any free one).") from None
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
 
@@ -696,6 +700,43 @@ def serve(directory, host: str = "127.0.0.1", port: int = 8000, config: ServiceC
     server.run(sockets=[sock])
     print(json.dumps({"event": "stopped", "pid": os.getpid()}), flush=True)
     return 0
+
+
+class BackgroundServer:
+    """The service on `deployer` in a thread of this process, for tests and quick benchmarks (the
+    command line runs it as a process of its own). `url` once it listens; `stop()` drains and ends it."""
+
+    def __init__(self, deployer: Deployer, directory, config: ServiceConfig | None = None,
+                 host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.app = create_app(deployer, directory, config)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # see serve()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        self.url = f"http://{host}:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on",
+                                                    timeout_graceful_shutdown=(config or ServiceConfig()).drain_seconds))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True,
+                                       name="peftkit-http")
+        self.thread.start()
+        for _ in range(1000):  # signals are the main thread's: here started is the readiness flag
+            if self.server.started or not self.thread.is_alive():
+                break
+            time.sleep(0.01)
+        if not self.server.started:
+            raise RuntimeError("the background service did not start; see the log above.")
+
+    def stop(self) -> None:
+        self.app.svc.draining = True
+        self.server.should_exit = True
+        self.thread.join(60)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
 
 
 def parse_metrics(text: str) -> "pd.DataFrame":
