@@ -289,7 +289,6 @@ def mixed_suite(base: str = "minilm", threads: int = 2, quick: bool = False, out
     row("peftkit mixed batch vs PEFT adapter_names mixed batch", "peftkit predict, 4 adapters x 8 rows",
         f"PEFT {peft.__version__} adapter_names on transformers", ms(t["ours"]), ms(t["peft"]), "ms", "<=0.8", diff,
         "the same 4 adapters (export_peft) and 32 texts; texts to probabilities")
-    del pm, plain
 
     # 3. padding-free inference against plain transformers + PEFT, random batches of 32
     shuffled = [pool[i] for i in rng.permutation(len(pool))]

@@ -374,3 +374,18 @@ def test_bench_serve_mixed_quick(tmp_path):
     assert (checks < 1e-4).all(), checks  # the compared sides computed the same answers
     assert list(latency["clients"]) == [1, 4, 16] and (latency["p99_ms"] >= latency["p50_ms"]).all()
     assert (tmp_path / "serve_mixed.csv").exists() and (tmp_path / "serve_latency.csv").exists()
+
+
+def test_a_merged_deployment_answers_mixed_requests_one_adapter_at_a_time(setup, tmp_path):
+    """Merged mode cannot mix in one forward; the service runs one forward per adapter instead."""
+    from peftkit.serving.http import BackgroundServer
+    merged = Deployer("tiny", device="cpu", merged=True)
+    for name in ("lora_a", "lora_b"):
+        merged.register(name, setup["dir"] / "src" / name)
+    merged.save(tmp_path / "merged")
+    names = ["lora_b", "lora_a", "lora_a", "lora_b"]
+    want = [(int(df["label"].iloc[0]), float(df["probability"].iloc[0]), n) for df, n in
+            ((setup["local"].predict([t], adapter=n), n) for t, n in zip(TEXTS[:4], names))]
+    with BackgroundServer(merged, tmp_path / "merged") as bg, httpx.Client(base_url=bg.url, timeout=60) as c:
+        assert_same(c.post("/predict", json={"texts": TEXTS[:4], "adapters": names}).json(), want)
+        assert c.get("/adapters").json()["merged"] is True

@@ -55,7 +55,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, Request
+import pandas as pd
+from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -315,7 +316,6 @@ class Batcher:
         try:
             return dep.predict(texts, adapters=names, batch_size=len(texts))
         except MixedBatchError:  # merged: one forward per adapter, rows put back in order
-            import pandas as pd
             parts = {}
             for n in dict.fromkeys(names):
                 idx = [i for i, m in enumerate(names) if m == n]
@@ -739,9 +739,8 @@ class BackgroundServer:
         self.stop()
 
 
-def parse_metrics(text: str) -> "pd.DataFrame":
+def parse_metrics(text: str) -> pd.DataFrame:
     """Prometheus text (GET /metrics) as a DataFrame: metric, labels..., value. For notebooks and tests."""
-    import pandas as pd
     from prometheus_client.parser import text_string_to_metric_families
     rows = [{"metric": s.name, **s.labels, "value": s.value}
             for fam in text_string_to_metric_families(text) for s in fam.samples]
