@@ -106,6 +106,26 @@ FILES = {
         group="current", title="Serving: hot swaps and memory, 1 thread",
         what="The same at one thread.",
         command="python benchmarks/bench_serve.py --threads 1 --out benchmarks/results/serve_1thread.csv"),
+    "serve_mixed.csv": dict(
+        group="current", title="Serving: mixed-adapter batches, padding-free inference, the HTTP service",
+        what="Four MiniLM LoRA adapters (q, v, r=8), each comparison timed in rounds in one fresh process, "
+             "both sides back to back in each round, in a shuffled order: a mixed batch of 32 movie snippets, 8 rows per "
+             "adapter, against one adapter for all 32 rows (`Deployer.predict`, texts to probabilities); that "
+             "mixed batch against PEFT's `adapter_names` mixed batch of the same adapters on plain transformers; "
+             "the forward of peftkit's unmerged LoRA (padding-free encoder, CLS-only last layer) and of peftkit "
+             "on the padded model against transformers + PEFT's LoRA on six random batches of 32 snippets; "
+             "and `python -m peftkit serve` with 16 concurrent clients sending one text each against "
+             "in-process `predict` of the same texts in mixed batches of 16 (texts per second, the "
+             "clients on the same machine as the server). One torch thread: the two cores were shared with "
+             "other work (the load average below), and at two threads the waits of oversubscribed OpenMP "
+             "threads swamped the differences being measured.",
+        command="python benchmarks/bench_serve.py --mixed --threads 1"),
+    "serve_latency.csv": dict(
+        group="current", title="Serving over HTTP: latency at 1, 4 and 16 clients",
+        what="One-text `/predict` requests to `python -m peftkit serve` (the four adapters above, a random one "
+             "per request, dynamic batching with a 5 ms wait), each client sending its next request when the "
+             "last one is answered; written by the same run as `serve_mixed.csv`.",
+        command="python benchmarks/bench_serve.py --mixed --threads 1"),
     "compress.json": dict(
         group="current", title="Compression of a MiniLM LoRA (movies)",
         what="The LoRA (q, v, r=8) trained one epoch on all 8,454 movie training snippets, merged, then "
@@ -488,6 +508,44 @@ def serve_section(name: str, meta: dict) -> list[str]:
     return out
 
 
+def serve_env(df: pd.DataFrame) -> list[str]:
+    """What a serve_mixed / serve_latency run recorded about its machine and libraries."""
+    return ["Measured with:", "", f"- CPU: {values(df, 'cpu')}", f"- threads: {values(df, 'threads')}",
+            f"- torch: {values(df, 'torch')}; transformers: {values(df, 'transformers')}; peft: {values(df, 'peft')}",
+            f"- base: {values(df, 'base')}; repeats per side: {values(df, 'repeats')}; date: {values(df, 'date')}",
+            "- highest 1-minute load average during the run: "
+            + (f"{df['load_avg_max'].max():.2f}" if "load_avg_max" in df else "not recorded"), ""]
+
+
+def serve_mixed_section(name: str, meta: dict) -> list[str]:
+    df = pd.read_csv(RESULTS / name)
+    rows = []
+    for r in df.itertuples():
+        target = "" if pd.isna(r.target) else str(r.target).replace("<=", "≤ ").replace(">=", "≥ ")
+        met = "" if not target else ("yes" if str(r.meets_target) == "True" else "no")
+        rows.append([r.comparison, r.ours, r.baseline, f"{num(r.ours_value, 1)} {r.unit}",
+                     f"{num(r.baseline_value, 1)} {r.unit}", num(r.ratio, 3), num(r.ratio_of_medians, 3),
+                     num(int(r.rounds), 0), target, met,
+                     "" if pd.isna(r.check_max_abs_diff) else f"{r.check_max_abs_diff:.1e}"])
+    out = header(name, meta) + command_block(meta["command"])
+    out += [("peftkit and baseline: medians over the rounds; ratio: the median of the per-round ratios (each round "
+            "times both sides back to back); check: the largest difference between the two sides' answers."), ""]
+    out += [table(["comparison", "peftkit side", "baseline", "peftkit", "baseline", "ratio", "ratio of medians",
+                   "rounds", "target", "met", "check"], rows, right={3, 4, 5, 6, 7}), ""]
+    out += [f"- {r.comparison}: {r.detail}" for r in df.itertuples() if isinstance(r.detail, str) and r.detail]
+    return out + [""] + serve_env(df)
+
+
+def serve_latency_section(name: str, meta: dict) -> list[str]:
+    df = pd.read_csv(RESULTS / name)
+    d = df[["clients", "requests", "p50_ms", "p99_ms", "mean_ms", "texts_per_s"]].rename(columns={
+        "p50_ms": "p50 (ms)", "p99_ms": "p99 (ms)", "mean_ms": "mean (ms)", "texts_per_s": "texts/s"})
+    return header(name, meta) + command_block(meta["command"]) + [
+        frame_table(d, {"p50 (ms)": 1, "p99 (ms)": 1, "mean (ms)": 1, "texts/s": 1}), "",
+        "p99 over this few requests is close to their maximum; rerun with more clients' requests for a firmer tail.",
+        ""] + serve_env(df)
+
+
 COMPRESS_DIGITS = {"file bytes": 0, "params": 0, "bits": 0, "ms per batch": 1, "vs first": 3, "vs fp32": 3,
                    "speedup vs fp32": 2, "speedup vs dense": 2, "amount": 1, "sparsity": 2}
 
@@ -574,7 +632,8 @@ def render() -> str:
     out = [INTRO, "## Current code", ""]
     builders = {"layers.csv": layers_section, "layer_kinds.csv": layer_kinds_section, "dropout.csv": dropout_section,
                 "serve.csv": serve_section,
-                "serve_1thread.csv": serve_section, "compress.json": compress_section,
+                "serve_1thread.csv": serve_section, "serve_mixed.csv": serve_mixed_section,
+                "serve_latency.csv": serve_latency_section, "compress.json": compress_section,
                 "gpu_check_h200.json": gpu_section, "serve_gpu_h200.json": gpu_section}
     for name, meta in FILES.items():
         if meta["group"] != "current":

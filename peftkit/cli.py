@@ -255,6 +255,7 @@ def _compare(a) -> int:
 
 
 def _run(a) -> int:
+
     only = [o for o in a.only.split(",") if o.strip()] if a.only else None
     if a.out is not None:
         check_out(a.out)
@@ -264,6 +265,18 @@ def _run(a) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _serve(a) -> int:
+    from .serving.http import ServiceConfig, read_token, serve  # here: fastapi and uvicorn only when serving
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    config = ServiceConfig(max_texts=a.max_texts, max_chars=a.max_chars, batch_wait_ms=a.batch_wait_ms,
+                           max_batch=a.max_batch, admin_token=read_token(a.token_file),
+                           monitor_window=a.monitor_window, drain_seconds=a.drain_seconds)
+    return serve(a.deployment, host=a.host, port=a.port, config=config, device=a.device, base=a.base,
+                 access_log=a.access_log)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,6 +316,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_args(cp)
     _add_train_args(cp)
     cp.set_defaults(func=_compare)
+    sv = sub.add_parser("serve", help="serve a saved deployment over HTTP (FastAPI + uvicorn)",
+                        description="Serve the Deployer saved in --deployment over HTTP: POST /predict, GET/POST/DELETE "
+                                    "/adapters, POST /feedback, GET /health, /metrics, /docs. SIGTERM drains.")
+    sv.add_argument("--deployment", required=True, help="the folder Deployer.save wrote (admin changes are saved back)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
+    sv.add_argument("--token-file", default=None,
+                    help="file holding the admin bearer token (default: the PEFTKIT_ADMIN_TOKEN variable; "
+                         "neither: the adapter endpoints are read-only)")
+    sv.add_argument("--max-texts", type=int, default=64, help="texts per request, more: 413 (default 64)")
+    sv.add_argument("--max-chars", type=int, default=2000, help="characters per text, more: 413 (default 2000)")
+    sv.add_argument("--batch-wait-ms", type=float, default=5.0,
+                    help="dynamic batching: how long a request waits for others to share its forward (default 5)")
+    sv.add_argument("--max-batch", type=int, default=64, help="texts per forward at most (default 64)")
+    sv.add_argument("--monitor-window", type=int, default=200, help="each adapter's Monitor window (default 200)")
+    sv.add_argument("--drain-seconds", type=int, default=30, help="SIGTERM: longest wait for in-flight requests (default 30)")
+    sv.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    sv.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    sv.add_argument("--base", default=None, help="minilm or tiny: start an empty deployment when --deployment holds none")
+    sv.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    sv.set_defaults(func=_serve)
     return p
 
 

@@ -1,5 +1,7 @@
 """The CLS-only last layer and the padding-free encoder compute the same function as the plain
-padded model in training, with the same random draws, and stay out of the way everywhere else."""
+padded model: in training, with the same random draws, and in eval for the classifier's logits
+(the contract since issue 19: eval logits take the fast forward too; a direct encoder call in eval
+still gets the padded, whole-layer output). They stay out of the way everywhere else."""
 
 import copy
 import pickle
@@ -13,6 +15,7 @@ import peftkit as pk
 from peftkit.bases import fast_bert
 from peftkit.bases.fast_bert import use_cls_only_last_layer, use_unpadded_encoder
 from peftkit.layers.dropout import use_fast_dropout
+from conftest import METHOD_KEYS, make_method, perturb
 
 TEXTS = ["a fine film , really", "awful", "it was ok i guess but far too long for me"]
 
@@ -71,12 +74,16 @@ def test_fast_dropout_masks_are_drawn_at_full_shape_too(switch):
     assert torch.equal(rng1, rng2)
 
 
-def test_training_runs_the_cls_row_only_and_eval_runs_the_whole_layer():
+def test_training_and_eval_logits_run_the_cls_row_only_a_direct_encoder_call_the_whole_layer():
     plain, fast, enc = _pair(None)
     fast.train()
     assert fast.bert(**enc).last_hidden_state.shape[1] == 1  # the pooler's row only
     fast.eval(), plain.eval()
+    b, t = enc["attention_mask"].shape
+    assert _rows_seen(fast, enc, train=False) == [(b, t), (b, 1)]  # eval logits: the CLS row only
     with torch.no_grad():
+        torch.testing.assert_close(fast(**enc).logits, plain(**enc).logits, atol=1e-6, rtol=1e-5)
+        # Called directly (embeddings, not logits), the encoder runs the whole layer, bit for bit.
         h1, h2 = plain.bert(**enc).last_hidden_state, fast.bert(**enc).last_hidden_state
     assert h2.shape == h1.shape and torch.equal(h1, h2)
     # Asking for hidden states or attentions in training falls back to the whole layer.
@@ -119,13 +126,15 @@ def test_peft_wrapped_model_gets_the_same_function(switch):
     assert torch.equal(rng1, rng2)
 
 
-def _rows_seen(model, enc):
-    """The leading shape of every feed-forward input in one training forward."""
+def _rows_seen(model, enc, train=True):
+    """The leading shape of every feed-forward input in one forward of the classifier (training,
+    or with train=False an eval forward)."""
     seen = []
     hooks = [layer.intermediate.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[:-1])))
              for layer in model.bert.encoder.layer]
-    model.train()
-    model(**enc)
+    model.train(train)
+    with torch.no_grad():
+        model(**enc)
     for h in hooks:
         h.remove()
     return seen
@@ -159,7 +168,8 @@ def test_padding_free_encoder_falls_back_where_it_must():
     fast.eval()
     with torch.no_grad():
         h1, h2 = plain.eval().bert(**enc).last_hidden_state, fast.bert(**enc).last_hidden_state
-    assert torch.equal(h1, h2)  # eval: the padded encoder, bit for bit
+    assert torch.equal(h1, h2)  # eval, the encoder called directly: the padded encoder, bit for bit
+    assert _rows_seen(fast, enc, train=False)[0] == (int(enc["attention_mask"].sum()),)  # eval logits: packed
     # No padding, left padding, hidden states asked for, a hook on a layer: the padded encoder.
     same = {k: v[2:] for k, v in enc.items()}
     assert _rows_seen(fast, same) == [(1, t), (1, t)]
@@ -185,6 +195,72 @@ def test_padding_free_switch_is_idempotent_reversible_and_pickles():
     clone = pickle.loads(pickle.dumps(model))
     assert type(clone.bert.encoder).__name__ == "BertEncoderUnpadded"
     assert use_unpadded_encoder(pk.MLP()) is False
+
+
+# --- eval and inference: the classifier's logits take the fast forward -------------------------
+
+def _random_batches(seed, n=3, batch=6, vocab=(1000, 5000)):
+    """Random token batches, right-padded to their longest row, every row at least [CLS] + 1."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        lengths = torch.randint(2, 20, (batch,), generator=g)
+        ids = torch.randint(*vocab, (batch, int(lengths.max())), generator=g)
+        mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+        yield {"input_ids": ids * mask, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("key", [k for k in METHOD_KEYS if k != "full"] + ["full", None])
+def test_eval_logits_equal_the_padded_models_for_every_method(key):
+    plain, _ = pk.load_base("tiny", seed=0, cls_only=False, unpad=False)
+    if key is not None:
+        pk.apply(plain, make_method(key, "tiny"))
+        perturb(plain, seed=3, std=0.2)
+    fast = copy.deepcopy(plain)
+    assert use_cls_only_last_layer(fast) and use_unpadded_encoder(fast)
+    plain.eval(), fast.eval()
+    for i, enc in enumerate(_random_batches(seed=len(str(key)))):
+        assert enc["attention_mask"].min() == 0
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(**enc).logits, plain(**enc).logits, atol=1e-5, rtol=0)
+    b = enc["input_ids"].shape[0]
+    assert _rows_seen(fast, enc, train=False) == [(int(enc["attention_mask"].sum()),), (b, 1)]  # it ran packed
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_eval_logits_of_peft_lora_equal_the_padded_models(impl):
+    peft = pytest.importorskip("peft")
+    plain, _ = pk.load_base("tiny", seed=0, cls_only=False, unpad=False)
+    plain.set_attn_implementation(impl)
+    cfg = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.1)
+    plain = peft.get_peft_model(plain, cfg)
+    perturb(plain, seed=2, std=0.2)
+    fast = copy.deepcopy(plain)
+    assert use_cls_only_last_layer(fast) and use_unpadded_encoder(fast)
+    plain.eval(), fast.eval()
+    inner = fast.base_model.model
+    for enc in _random_batches(seed=5):
+        with torch.no_grad():
+            torch.testing.assert_close(fast(**enc).logits, plain(**enc).logits, atol=1e-5, rtol=0)
+    assert _rows_seen(inner, enc, train=False)[0] == (int(enc["attention_mask"].sum()),)
+
+
+def test_eval_falls_back_when_outputs_are_asked_for_and_the_marker_survives_errors_and_copies():
+    plain, fast, enc = _pair(None, switches=("both",))
+    fast.eval()
+    b, t = enc["attention_mask"].shape
+    clone = pickle.loads(pickle.dumps(fast))  # the hooks are module-level functions: it pickles
+    assert _rows_seen(clone, enc, train=False)[-1] == (b, 1)
+    with torch.no_grad():
+        out = fast(**enc, output_hidden_states=True)
+    assert [h.shape[:2] for h in out.hidden_states] == [(b, t)] * 3  # hidden states asked for: padded, whole
+    with pytest.raises(Exception):
+        fast(input_ids=enc["input_ids"][:, :0])  # an empty batch fails inside the forward ...
+    assert fast_bert._LOGITS_CALLS.get() == 0  # ... and leaves no marker behind
+    assert _rows_seen(copy.deepcopy(fast), enc, train=False)[-1] == (b, 1)
+    use_cls_only_last_layer(fast, False)
+    use_unpadded_encoder(fast, False)
+    assert not fast._forward_pre_hooks and not fast._forward_hooks  # both off: the hooks are gone
+    assert _rows_seen(fast, enc, train=False) == [(b, t), (b, t)]
 
 
 # --- robustness: the transformers internals the fast forward relies on ------------------------

@@ -1,4 +1,4 @@
-"""The exact fast BERT training forward: a CLS-only last layer and a padding-free encoder.
+"""The exact fast BERT forward, in training and inference: a CLS-only last layer and a padding-free encoder.
 
 Both rest on one observation: a BERT sequence classifier's head reads the [CLS] position of the
 last layer and nothing else, and the attention mask hides the pad tokens as keys. So in training
@@ -16,11 +16,14 @@ shape and keeps the rows its input covers, so a seeded run trains the same model
 
 `use_cls_only_last_layer(model)` and `use_unpadded_encoder(model)` switch them on (load_base does
 so by default) or off (enabled=False); `switch_class` is the one class-swapping helper behind
-both. They are off in eval mode (evaluation, serving and exports see the ordinary model), when a
+both. They run in every training forward, and in eval mode (evaluation, serving) inside a forward
+of the sequence classifier itself (or of PEFT's wrapper around it), whose result is the logits:
+a forward hook on the classifier marks those calls. A direct call of the encoder in eval
+(`model.bert(...)`, embeddings) gets the ordinary padded, whole-layer output. They are off when a
 caller asks for hidden states or attentions, for decoders, caches, gradient checkpointing,
 chunked feed-forward, hooks on a layer, batches without padding and left-padded batches. In a
-training forward the encoder's `last_hidden_state` is 0 at pad positions, and holds the [CLS] row
-only when the CLS-only layer is on.
+fast forward the encoder's `last_hidden_state` is 0 at pad positions, and holds the [CLS] row
+only when the CLS-only layer is on; the logits equal the padded model's up to float rounding.
 
 They rely on transformers internals (its output-capture collector, its attention-function table,
 BERT's layer attributes). pyproject.toml pins transformers to the minor version the tests run on.
@@ -31,6 +34,7 @@ the plain forward: the same results, at the plain speed (`FAST_FORWARD_MISSING` 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 import warnings
 
@@ -54,6 +58,37 @@ _SUBCLASSES: dict = {}  # (plain class, flag) -> its training-forward subclass
 _LAYER_PARTS = ("attention.self.query", "attention.self.key", "attention.self.value",
                 "attention.self.dropout", "attention.output", "intermediate", "output")
 _warned: list[str] = []
+# How many sequence-classifier forwards this thread (or task) is inside: in eval, the fast forwards
+# run there only, where nothing but the logits leaves the model.
+_LOGITS_CALLS = contextvars.ContextVar("peftkit_logits_calls", default=0)
+
+
+def _enter_logits(module, args) -> None:
+    _LOGITS_CALLS.set(_LOGITS_CALLS.get() + 1)
+
+
+def _leave_logits(module, args, output) -> None:
+    _LOGITS_CALLS.set(max(0, _LOGITS_CALLS.get() - 1))
+
+
+def _fast(module: nn.Module) -> bool:
+    """Whether a fast forward may run for `module` now: in training, or in eval inside a
+    classifier forward (see the module docstring)."""
+    return module.training or _LOGITS_CALLS.get() > 0
+
+
+def _mark_logits_calls(bert: nn.Module) -> None:
+    """Hook the classifier `bert` so its forwards are marked, while either fast forward is on."""
+    want = getattr(bert.bert.encoder, "unpadded", False) or getattr(bert.bert.encoder.layer[-1], "cls_only", False)
+    have = [k for k, h in bert._forward_pre_hooks.items() if h is _enter_logits]
+    if want and not have:
+        bert.register_forward_pre_hook(_enter_logits)
+        bert.register_forward_hook(_leave_logits, always_call=True)  # also when the forward raises
+    elif have and not want:
+        for hooks in (bert._forward_pre_hooks, bert._forward_hooks):
+            for k in [k for k, h in hooks.items() if h in (_enter_logits, _leave_logits)]:
+                del hooks[k]
+                bert._forward_hooks_always_called.pop(k, None)
 
 
 def _fall_back(why: str) -> bool:
@@ -109,6 +144,9 @@ def _full_shape_masks(layer: nn.Module, tokens: int, rows: torch.Tensor | None =
     a one-token input (batch, 1, ...) gets row 0 of a (batch, tokens, ...) mask; with `rows` (the
     flat indices of the real tokens, the padding-free encoder) an unpadded (n, ...) input gets those rows
     of a (batch * tokens, ...) mask. Same numel, same memory order: the same draws."""
+    if not layer.training:  # eval: no dropout draws, nothing to patch
+        yield
+        return
     patched = []
     for name, mod in layer.named_modules():
         if isinstance(mod, nn.Dropout) and not name.endswith("attention.self.dropout"):
@@ -143,7 +181,7 @@ def _cls_attention(sa: nn.Module, q, k, v, mask, tokens: int):
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     p = sa.dropout.p
-    if p > 0:
+    if p > 0 and sa.training:
         full = (q.shape[0], q.shape[1], tokens, tokens)
         probs = probs * F.dropout(probs.new_ones(full), p, training=True)[:, :, :1]
     return torch.matmul(probs, v)  # (B, h, 1, d)
@@ -152,7 +190,7 @@ def _cls_attention(sa: nn.Module, q, k, v, mask, tokens: int):
 def _cls_only_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
              encoder_attention_mask=None, cache=None, **kwargs):
     tokens = hidden_states.shape[1]
-    if (not self.training or tokens < 2 or cache is not None or encoder_hidden_states is not None
+    if (not _fast(self) or tokens < 2 or cache is not None or encoder_hidden_states is not None
             or getattr(self, "is_decoder", False) or _collector_wants_outputs()):
         return super(type(self), self).forward(hidden_states, attention_mask, encoder_hidden_states,
                                                encoder_attention_mask=encoder_attention_mask, cache=cache, **kwargs)
@@ -199,12 +237,14 @@ def _bert_classifier(model: nn.Module, enabled: bool):
 
 def use_cls_only_last_layer(model: nn.Module, enabled: bool = True) -> bool:
     """Switch the last encoder layer of a BERT sequence classifier (plain, or wrapped by peftkit
-    or PEFT) to the CLS-only training forward, or back with enabled=False. Returns whether it is
+    or PEFT) to the CLS-only forward (training; eval logits), or back with enabled=False. Returns whether it is
     on now; False, changing nothing, for other models (and, with a warning, without the internals)."""
     bert = _bert_classifier(model, enabled)
     if bert is None:
         return False
-    return switch_class(bert.bert.encoder.layer[-1], "cls_only", "ClsOnly", _cls_only_forward, enabled)
+    on = switch_class(bert.bert.encoder.layer[-1], "cls_only", "ClsOnly", _cls_only_forward, enabled)
+    _mark_logits_calls(bert)
+    return on
 
 
 def _real_tokens(mask) -> torch.Tensor | None:
@@ -260,7 +300,7 @@ def _layer(layer, x, rows, cls_rows, batch: int, tokens: int, mask):
 def _unpadded_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
              encoder_attention_mask=None, cache=None, use_cache=None, **kwargs):
     real = None
-    if (self.training and cache is None and encoder_hidden_states is None
+    if (_fast(self) and cache is None and encoder_hidden_states is None
             and not getattr(self.config, "is_decoder", False)
             and not any(getattr(layer, "gradient_checkpointing", False) or layer.chunk_size_feed_forward
                         or _user_hooks(layer) for layer in self.layer)
@@ -284,9 +324,11 @@ def _unpadded_forward(self, hidden_states, attention_mask=None, encoder_hidden_s
 
 def use_unpadded_encoder(model: nn.Module, enabled: bool = True) -> bool:
     """Switch the encoder of a BERT sequence classifier (plain, or wrapped by peftkit or PEFT) to
-    the padding-free training forward, or back with enabled=False. Returns whether it is on now;
+    the padding-free forward (training; eval logits), or back with enabled=False. Returns whether it is on now;
     False, changing nothing, for other models (and, with a warning, without the internals)."""
     bert = _bert_classifier(model, enabled)
     if bert is None:
         return False
-    return switch_class(bert.bert.encoder, "unpadded", "Unpadded", _unpadded_forward, enabled)
+    on = switch_class(bert.bert.encoder, "unpadded", "Unpadded", _unpadded_forward, enabled)
+    _mark_logits_calls(bert)
+    return on

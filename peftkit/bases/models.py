@@ -74,12 +74,13 @@ def load_base(name: str = "minilm", num_labels: int = 2, seed: int = 0, cls_only
             tokenizer).
         seed: seeds the head's (and for "tiny"/"mlp" the whole model's) initialisation, so two
             calls give identical models.
-        cls_only: in training, run the last layer for the [CLS] position only, the one the head
-            reads (`peftkit.bases.fast_bert`): the same logits, gradients and random draws, about a
-            seventh less work per step. Evaluation always runs the whole layer.
-        unpad: in training, run the encoder on the real tokens only, skipping the padding of each
-            batch (`peftkit.bases.fast_bert`): the same logits, gradients and random draws; on randomly
-            batched movie snippets about half the tokens are padding. Evaluation is unchanged.
+        cls_only: run the last layer for the [CLS] position only, the one the head reads
+            (`peftkit.bases.fast_bert`): the same logits, gradients and random draws, about a
+            seventh less work per step. In eval, for the classifier's logits only.
+        unpad: run the encoder on the real tokens only, skipping the padding of each batch
+            (`peftkit.bases.fast_bert`): the same logits, gradients and random draws; on randomly
+            batched movie snippets about half the tokens are padding. In eval, for the
+            classifier's logits only (a direct encoder call is unchanged).
     """
     if name not in BASES:
         raise ValueError(f"unknown base {name!r}; choose one of {list(BASES)}.")

@@ -346,11 +346,17 @@ def skeleton(model: nn.Module) -> nn.Module:
 def planned_state(sk: nn.Module, method: Method, head, source: str) -> dict[str, torch.Tensor]:
     """The tensors (meta: names and shapes only) that applying `method` would create on the model
     whose `skeleton` is `sk`. Allocates nothing, whatever the rank; `sk` itself is not changed."""
+    return planned(sk, method, head, source)[1]
+
+
+def planned(sk: nn.Module, method: Method, head, source: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """(a copy of the skeleton `sk` with `method` applied, its adapter state): both on the meta
+    device, so nothing is allocated whatever the rank. Raises AdapterFileError when it does not fit."""
     sk = copy.deepcopy(sk)
     try:
         with torch.device("meta"):  # layers built without an explicit device (adapters) stay empty too
             apply(sk, method, head=head)
-        return adapter_state(sk)
+        return sk, adapter_state(sk)
     except Exception as e:  # TargetError, bad settings, an impossible size: all the file's fault
         raise AdapterFileError(f"{source}: its method ({method.describe()}) does not fit this "
                                f"{type(sk).__name__}: {e}") from None

@@ -14,7 +14,13 @@ LoRA is folded into W (no extra latency per forward) and subtracted again before
 such round trip rounds W by about one float32 ulp, which the tests bound.
 
 One lock covers "make this adapter live, run the forward" for each batch, so threads calling
-`predict` with different adapters each get their own adapter's answers. Files are safetensors
+`predict` with different adapters each get their own adapter's answers.
+
+Mixed batches: `predict(texts, adapters=[...])` takes one adapter name per text ("__base__" for
+the base model alone) and runs each batch as one forward through the shared base, every row with
+its own adapter's LoRA factors, bottleneck adapters and head (mixed.py says how). Every row's
+answer equals that adapter served alone, up to float rounding. A merged Deployer cannot mix: its
+base weights hold one LoRA folded in; it says so and what to do (MixedBatchError). Files are safetensors
 and JSON only (see io.py); nothing is unpickled. Switch timings, resident memory and a
 simulated request stream are in serve_eval.py; saving and loading a whole deployment in
 serve_store.py.
@@ -44,16 +50,21 @@ from ..files.adapter_file import (
     adapter_state,
     check_base,
     check_tensors,
-    planned_state,
+    planned,
     read_adapter,
     skeleton,
 )
 from ..layers.names import under
 from ..runtime import resolve_device
+from .mixed import BASE, MixedModel, shared_copy
 from .store import load_deployment, save_deployment
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a name is also a folder in save()
 COLUMNS = ["text", "label", "probability", "truncated", "tokens", "unk_rate", "adapter"]
+
+
+class MixedBatchError(ValueError):
+    """A batch asked for several adapters (or the bare base) where this Deployer cannot mix them."""
 
 
 class UnknownAdapterError(KeyError):
@@ -79,6 +90,11 @@ class Registered:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
+
+
+def _plan_key(method: Method, head) -> tuple:
+    """A hashable key for (method, head), whatever a file's spec held (lists, nested specs)."""
+    return json.dumps(method.to_dict(), sort_keys=True, default=str), head if not isinstance(head, list) else tuple(head)
 
 class Deployer:
     """One base model in memory, many adapters, one of them live at a time.
@@ -115,6 +131,9 @@ class Deployer:
         self.max_length = min(max_length, limit)
         self.merged = bool(merged)
         self._skeleton = skeleton(model)
+        self._plain = shared_copy(model)  # the base's module tree before any method, for mixed batches
+        self._mixed: MixedModel | None = None
+        self._applied: dict = {}  # (method, head) -> the meta skeleton with that method applied
         self._head = find_head(model)
         self._head0 = {k: v.detach().clone() for k, v in model.named_parameters()
                        if under(k, self._head)}  # for adapters saved without a head
@@ -211,9 +230,9 @@ class Deployer:
             check_base(self.model, adapter)  # raises AdapterFileError
 
     def _expected_shapes(self, method: Method, head, source) -> dict:
-        key = (json.dumps(method.to_dict(), sort_keys=True, default=str), head)  # hashable whatever the file held
+        key = _plan_key(method, head)
         if key not in self._expected:  # on the meta skeleton: no allocation, whatever the rank
-            self._expected[key] = planned_state(self._skeleton, method, head, source)
+            self._applied[key], self._expected[key] = planned(self._skeleton, method, head, source)
         return self._expected[key]
 
     # -- switching ----------------------------------------------------------------------------
@@ -272,8 +291,10 @@ class Deployer:
 
     # -- prediction ---------------------------------------------------------------------------
 
-    def predict(self, texts, adapter: str | None = None, batch_size: int = 64) -> pd.DataFrame:
-        """Classify `texts` with adapter `adapter` (None: the active one).
+    def predict(self, texts, adapter: str | None = None, batch_size: int = 64, adapters=None) -> pd.DataFrame:
+        """Classify `texts` with adapter `adapter` (None: the active one), or with `adapters`, one
+        name per text, in mixed batches (see the module docstring); "__base__" names the base model
+        with its own head and no adapter, in either.
 
         Returns one row per text: text, label, probability (of that label), truncated (the text
         had more than max_length tokens), tokens (its word pieces, before truncation), unk_rate
@@ -282,6 +303,17 @@ class Deployer:
         texts = check_texts(texts)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if adapters is not None:
+            if adapter is not None:
+                raise ValueError("pass adapter=<name> (one adapter for every text) or adapters=[...] (one per "
+                                 "text), not both.")
+            names = self._row_names(adapters, len(texts))
+            if len(set(names)) == 1 and names[0] != BASE:
+                adapter = names[0]  # one adapter after all: the ordinary path, the same answers bit for bit
+            else:
+                return self._predict_mixed(texts, names, batch_size)
+        if adapter == BASE:
+            return self._predict_mixed(texts, [BASE] * len(texts), batch_size)
         if adapter is None:
             if self._active is None:
                 raise UnknownAdapterError(f"no adapter is active; pass adapter=<name> (registered: {sorted(self._adapters) or 'none yet'}).")
@@ -291,10 +323,8 @@ class Deployer:
             return self._frame([], np.zeros((0, self.num_labels)), [], [], [], adapter)
         ids, tokens, truncated, unk = self.encode(texts)
         probs = np.zeros((len(texts), self.num_labels), dtype=np.float32)
-        order = np.argsort([len(x) for x in ids], kind="stable")  # similar lengths pad less
         pad = self.tokenizer.pad_token_id or 0
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+        for rows in self._batches(ids, batch_size):
             input_ids, mask = pad_batch([ids[i] for i in rows], pad)
             input_ids, mask = input_ids.to(self.device), mask.to(self.device)
             with self._lock:  # the adapter must stay live for the whole forward
@@ -303,6 +333,69 @@ class Deployer:
                     logits = self.model(input_ids=input_ids, attention_mask=mask).logits
                     probs[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return self._frame(texts, probs, truncated, tokens, unk, adapter)
+
+    @staticmethod
+    def _batches(ids, batch_size: int):
+        """Row indices of each batch: by length (similar lengths pad less), batch_size at a time."""
+        order = np.argsort([len(x) for x in ids], kind="stable")
+        for start in range(0, len(order), batch_size):
+            yield order[start:start + batch_size]
+
+    def _row_names(self, adapters, n: int) -> list[str]:
+        """`adapters` checked: a list of n registered names (or "__base__")."""
+        if isinstance(adapters, (str, bytes)):
+            raise TypeError(f"adapters takes one name per text, got the single string {adapters!r}; for one "
+                            "adapter on every text pass adapter=<name>.")
+        try:
+            names = list(adapters)
+        except TypeError:
+            raise TypeError(f"adapters takes a list of names, one per text, got {type(adapters).__name__}.") from None
+        if len(names) != n:
+            raise ValueError(f"adapters has {len(names)} names for {n} texts; give one adapter name per text.")
+        known = set(self._adapters)
+        for i, name in enumerate(names):
+            if not isinstance(name, str):
+                raise TypeError(f"adapters[{i}] is {type(name).__name__} ({name!r:.40}), not an adapter name.")
+            if name != BASE and name not in known:
+                raise UnknownAdapterError(f"adapters[{i}]: no adapter named {name!r}; registered: "
+                                          f"{sorted(known) or 'none yet'} (and {BASE!r} for the base alone).")
+        return names
+
+    def _refuse_merged(self, names) -> None:
+        if self.merged:
+            asked = sorted(set(names))
+            raise MixedBatchError(
+                f"this Deployer runs merged (merged=True): its base weights hold the active LoRA folded in, "
+                f"so one batch cannot serve {asked}. For mixed batches use an unmerged Deployer "
+                "(dep.set_merged(False), or Deployer(..., merged=False)); or call predict once per adapter.")
+
+    def _predict_mixed(self, texts: list[str], names: list[str], batch_size: int) -> pd.DataFrame:
+        self._refuse_merged(names)
+        if not texts:
+            return self._frame([], np.zeros((0, self.num_labels)), [], [], [], [])
+        ids, tokens, truncated, unk = self.encode(texts)
+        probs = np.zeros((len(texts), self.num_labels), dtype=np.float32)
+        pad = self.tokenizer.pad_token_id or 0
+        for rows in self._batches(ids, batch_size):
+            rows = rows[np.argsort([names[i] for i in rows], kind="stable")]  # each adapter's rows adjacent
+            input_ids, mask = pad_batch([ids[i] for i in rows], pad)
+            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+            with self._lock:
+                self._refuse_merged(names)  # set_merged may have run since the first check
+                for n in set(names[i] for i in rows) - {BASE}:
+                    self._get(n)  # unregistered meanwhile: refuse rather than serve stale tensors
+                mixed = self._mixed_model()
+                with torch.inference_mode():
+                    logits = mixed.logits(input_ids, mask, [names[i] for i in rows])
+                    probs[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        return self._frame(texts, probs, truncated, tokens, unk, names)
+
+    def _mixed_model(self) -> MixedModel:
+        """Under self._lock: the mixed-batch model, holding exactly the registered adapters."""
+        if self._mixed is None:
+            self._mixed = MixedModel(self._plain, self._head, self._head0, self.device)
+        self._mixed.sync(self._adapters, lambda e: self._applied[_plan_key(e.method, e.head)])
+        return self._mixed
 
     def encode(self, texts: list[str]):
         """Token ids (truncated to max_length), token counts before truncation, truncation flags
