@@ -1,4 +1,4 @@
-"""Compression: real int8 inference, simulated k-bit quantization, merge/quantize order, pruning.
+"""Compression: real int8 inference, simulated k-bit, merge/quantize order, pruning.
 
 Every function here leaves its input alone and returns a compressed copy (``inplace=True`` to
 skip the copy), so a fine-tuned model is never lost to an experiment.
@@ -7,10 +7,12 @@ May import: core, layers and files (the int8 file format).
 
 **Real int8 (`quantize_int8`).** LoRA layers are merged first (a merged LoRA is a plain Linear),
 then every Linear but the task head runs int8 GEMMs. The default layer is ours, `Int8Linear`:
-weights per output row, activations quantized **per token**, and ``torch._int_mm`` for the GEMM
-(exact int32 accumulation), so a text's answer does not depend on the other texts in its batch
-(tested). Where ``torch._int_mm`` is missing, or a call has 16 rows or fewer, it multiplies the
-dequantized weights in float instead (correct, slower). ``backend="ao"`` keeps PyTorch's dynamic
+weights per output row, activations quantized **per token**, and an int8 GEMM with exact int32
+accumulation, so every int8 layer gives a token the same output bit for bit alone or in any
+batch (tested). The GEMM is oneDNN's uint8 x int8 kernel with the weight scales fused in
+(``torch.ops.onednn.qlinear_pointwise``), else ``torch._int_mm``; where neither runs, the
+dequantized weights are multiplied in float (correct, no faster). `int8_kernel` says which, and
+`int8.py` what the first version lost to the elementwise work around its GEMM. ``backend="ao"`` keeps PyTorch's dynamic
 quantization (``quantize_dynamic``, fbgemm) for comparison: it scales the activations **once per
 batch**, so a prediction depends on its batch, and PyTorch marks the API deprecated (its warning
 is silenced; a clear error replaces it once the API is gone). `smooth` adds SmoothQuant-style
@@ -47,13 +49,17 @@ from .int8 import (  # noqa: F401
     is_int8_module,
     file_size,
     input_absmax,
+    KERNELS as INT8_KERNELS,
     int8_backend,
+    int8_kernel,
     load_int8,
     merge_int8_lora,
     model_size,
     quantize_int8,
     save_int8,
+    set_int8_kernel,
     smooth,
+    using_int8_kernel,
 )
 from .kbit import (  # noqa: F401
     ORDERS,
