@@ -5,6 +5,7 @@ int8 base. The package docstring (`peftkit.compress`) records what each path mea
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import warnings
@@ -77,8 +78,9 @@ KERNELS = ("onednn", "int_mm", "int_mm_v1", "float")
 _kernel: list[str | None] = [None]  # chosen on first use (or by set_int8_kernel / PEFTKIT_INT8_KERNEL)
 
 
+@functools.cache
 def _probe_onednn() -> bool:
-    """Whether oneDNN's int8 linear runs here and gives the exact integer products."""
+    """Whether oneDNN's int8 linear runs here and gives the exact integer products (asked once)."""
     if not _ONEDNN:
         return False
     try:
@@ -174,7 +176,11 @@ class Int8Linear(nn.Module):
 
     def _onednn_weight(self) -> torch.Tensor:
         w = self.weight_int8
-        key = (w.data_ptr(), w._version)  # copy_ (load_int8, merge_int8_lora) bumps the version
+        try:
+            version = w._version  # an in-place change (copy_, zero_) bumps it
+        except RuntimeError:  # made under inference_mode: untracked; load_int8 and merge_int8_lora reset _packed
+            version = -1
+        key = (w.data_ptr(), version)
         if getattr(self, "_packed", None) is None or self._packed[0] != key:
             self._packed = (key, torch.ops.onednn.qlinear_prepack(w, None),
                             torch.zeros(self.out_features, dtype=torch.long))
@@ -432,6 +438,7 @@ def load_int8(base: nn.Module, path) -> nn.Module:
             m.weight_scale.copy_(scale)
             if bias is not None:
                 m.bias.copy_(bias)
+            m._packed = None
         else:
             qw = torch._make_per_channel_quantized_tensor(codes, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
             m.set_weight_bias(qw, bias)
@@ -486,6 +493,7 @@ def merge_int8_lora(qmodel: nn.Module, lora_model: nn.Module) -> nn.Module:
             codes, scale = merge_into_quantized(m.weight_int8, m.weight_scale[:, None], delta, 8)
             m.weight_int8.copy_(codes)
             m.weight_scale.copy_(scale.squeeze(1))
+            m._packed = None
         else:
             w, bias = m._packed_params._weight_bias()
             merged = w.dequantize() + delta

@@ -12,7 +12,8 @@ The candidates, each a copy of `model` with any LoRA merged first (a merged LoRA
 * ``"bf16-weights"``: every weight cast to bf16 once; no per-call casts, so usually faster than
   autocast, and a little further from fp32.
 * ``"int8"``: `quantize_int8`: every Linear but the head in int8 with per-token activation
-  scales (`Int8Linear`), so a text's answer does not depend on its batch.
+  scales (`Int8Linear`), so a text's answer does not depend on its batch; the embedding tables
+  stay fp32 (int8 tables make a smaller file, not a faster forward).
 
 Both bf16 forms need bf16 in hardware (AVX512-BF16 or AMX on x86; `runtime.cpu_has_bf16`):
 elsewhere torch emulates bf16 and it runs slower than fp32, so "auto" skips them and says so.
@@ -165,7 +166,9 @@ def build(model: nn.Module, precision: str, swappable: bool = False, inplace: bo
     if precision == "int8":
         if swappable:
             raise ValueError(_NOT_SWAPPABLE)
-        return quantize_int8(_ready(model, False, inplace), inplace=True)
+        # Embedding tables stay fp32: a lookup is no GEMM, so int8 tables save file size, not time, and
+        # they add rounding (on the fine-tuned MiniLM, 2 of the 7 predictions of 256 texts that int8 flipped).
+        return quantize_int8(_ready(model, False, inplace), inplace=True, embeddings=False)
     out = _ready(model, swappable, inplace)
     if precision == "fp32":
         return out
@@ -225,7 +228,7 @@ def predictions(model: nn.Module, batches: list[dict]) -> torch.Tensor:
     return torch.cat([_logits(model, b).argmax(-1).reshape(-1) for b in batches])
 
 
-def _clock():
+def clock():
     """(clock, its name): this thread's CPU time when torch runs one thread (immune to other
     processes on a shared machine), else wall time."""
     return (time.thread_time, "thread CPU time") if torch.get_num_threads() == 1 else (time.perf_counter, "wall time")
@@ -235,7 +238,7 @@ def _clock():
 def time_models(models: dict[str, nn.Module], batches: list[dict], repeats: int = 5) -> dict[str, float]:
     """Median milliseconds per batch of each model over `batches`: one warm-up pass each, then
     `repeats` rounds in which every model runs every batch, the order rotating each round."""
-    clock, _ = _clock()
+    tick, _ = clock()
     names = list(models)
     for n in names:
         for b in batches:
@@ -243,10 +246,10 @@ def time_models(models: dict[str, nn.Module], batches: list[dict], repeats: int 
     times = {n: [] for n in names}
     for r in range(repeats):
         for n in names[r % len(names):] + names[:r % len(names)]:
-            t0 = clock()
+            t0 = tick()
             for b in batches:
                 models[n](**b)
-            times[n].append((clock() - t0) / len(batches))
+            times[n].append((tick() - t0) / len(batches))
     return {n: 1000 * statistics.median(v) for n, v in times.items()}
 
 
@@ -394,7 +397,7 @@ def optimize_for_inference(model: nn.Module, precision: str = "auto", calibratio
         else:
             ms, timing = time_models(models, timed_batches, repeats), "measured now"
             if path:
-                _write_cache(path, key, {"ms": ms, "clock": _clock()[1], "measured": _now(), "cpu": runtime.cpu_summary(),
+                _write_cache(path, key, {"ms": ms, "clock": clock()[1], "measured": _now(), "cpu": runtime.cpu_summary(),
                                          "torch": torch.__version__, "threads": torch.get_num_threads(),
                                          "model": model_signature(reference), "batch_size": batch_size,
                                          "max_length": max_length, "timing_batches": len(timed_batches)})
@@ -404,7 +407,7 @@ def optimize_for_inference(model: nn.Module, precision: str = "auto", calibratio
         n_texts = len(ref_pred)
         for n, m in models.items():
             agreement[n] = 1.0 if m is reference else float((predictions(m, batches) == ref_pred).float().mean())
-    chosen, table, reason = _decide(precision, models, ms, agreement, skipped, min_agreement, n_texts)
+    chosen, table, reason = _decide(precision, models, ms, agreement, skipped, min_agreement, n_texts, extra_candidates)
     out = models[chosen]
     if inplace and chosen not in (extra_candidates or {}):
         out = build(model, chosen, swappable, inplace=True)  # the caller's own model, changed
@@ -451,7 +454,7 @@ def _candidates(precision: str, device, swappable: bool, extra) -> tuple[list[st
     return names, skipped
 
 
-def _decide(precision, models, ms, agreement, skipped, min_agreement, n_texts):
+def _decide(precision, models, ms, agreement, skipped, min_agreement, n_texts, extra=None):
     """(the chosen name, the table, the reason in words)."""
     fp32_ms = ms.get("fp32", math.nan)
     order = sorted(models, key=lambda n: (ms.get(n, math.inf), n != precision))
@@ -461,7 +464,7 @@ def _decide(precision, models, ms, agreement, skipped, min_agreement, n_texts):
     for n in order:
         agree = agreement.get(n, math.nan)
         ok = math.isnan(agree) or agree >= min_agreement
-        if precision == "bf16" and not n.startswith("bf16"):
+        if precision != "auto" and n == "fp32" and precision != "fp32" and n not in (extra or ()):
             status = "reference"
         elif chosen is None and (ok or precision != "auto"):
             chosen, status = n, "chosen" if ok else f"chosen, as asked, though it agrees on {agree:.1%} < {min_agreement:.0%}"
@@ -511,7 +514,7 @@ def _reason(precision, chosen, rows, skipped, min_agreement, n_texts) -> str:
 def _choice(chosen, requested, reason, table, timing, path, min_agreement, n) -> PrecisionChoice:
     return PrecisionChoice(precision=chosen, requested=requested, reason=reason, table=table,
                            cpu=runtime.cpu_summary(), torch=torch.__version__, threads=torch.get_num_threads(),
-                           clock=_clock()[1], timing=timing, cache_file=str(path) if path else None,
+                           clock=clock()[1], timing=timing, cache_file=str(path) if path else None,
                            min_agreement=min_agreement, n_calibration=n)
 
 
