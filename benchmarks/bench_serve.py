@@ -11,6 +11,12 @@ Each round is a fresh Python process (so its resident memory is its own) that
     python benchmarks/bench_serve.py                 # MiniLM, 3 rounds x 500 switches, 2 threads
     python benchmarks/bench_serve.py --adapters runs/adapters/<key1>,...   # your trained adapters
     python benchmarks/bench_serve.py --quick         # a smoke run on the tiny model
+    python benchmarks/bench_serve.py --precisions    # predict latency per inference precision instead
+With --precisions, each fresh process times `predict` on the batch for a fp32 Deployer, a bf16
+Deployer (autocast, where the CPU has AVX512-BF16 or AMX) and a Deployer(precision="auto"), all
+with one LoRA live and unmerged, and, beside them, one merged adapter served as a plain model
+(tokenize, forward, softmax) in fp32, bf16 weights and int8, interleaved; it writes
+benchmarks/results/serve_precision_<cpu family>_<threads>thread.csv.
 Without --adapters, four adapters with MiniLM's real shapes and random values are written to a
 temporary folder first (by a separate process): timing and memory do not depend on the values.
 Writes benchmarks/results/serve.csv and serve.md and prints the table. Figures are medians.
@@ -376,6 +382,96 @@ def mixed_suite(base: str = "minilm", threads: int = 2, quick: bool = False, out
     return ratios, latency
 
 
+def precision_worker(base: str, lora: str, repeats: int, threads: int, batch: int) -> dict:
+    """Median ms of one predict on `batch` texts per precision (see the module docstring)."""
+    import numpy as np
+    import torch
+
+    import peftkit as pk
+    from peftkit import runtime
+    from peftkit.serving.deployer import Deployer
+    torch.set_num_threads(threads)
+    batch_texts, calibration = texts(batch), texts(256)
+    has_bf16 = runtime.cpu_has_bf16()
+    deps = {"fp32": Deployer(base, device="cpu")}
+    if has_bf16:
+        deps["bf16"] = Deployer(base, device="cpu", precision="bf16")
+    deps["auto"] = Deployer(base, device="cpu", precision="auto", calibration=calibration)
+    for d in deps.values():
+        d.register("a", lora)
+    model, tok = pk.load_base(base, seed=0)
+    pk.load_adapter(model, lora)
+    singles = {"fp32": pk.optimize_for_inference(model, "fp32", verbose=False)}
+    if has_bf16:
+        singles["bf16-weights"] = pk.optimize_for_inference(model, "bf16-weights", verbose=False)
+    singles["int8"] = pk.optimize_for_inference(model, "int8", verbose=False)
+
+    def served(m):
+        def run():
+            with torch.inference_mode():
+                x = tok(batch_texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+                return torch.softmax(m(**x).logits.float(), -1).numpy()
+        return run
+    runs = {f"Deployer {k}": (lambda d=d: d.predict(batch_texts, adapter="a", batch_size=batch)) for k, d in deps.items()}
+    runs.update({f"merged model {k}": served(m) for k, m in singles.items()})
+    for f in runs.values():
+        f()
+    lat = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, f in runs.items():
+            t0 = time.perf_counter()
+            f()
+            lat[k].append(time.perf_counter() - t0)
+    out = {f"{k} ms": 1000 * float(np.median(v)) for k, v in lat.items()}
+    out["auto_choice"] = deps["auto"].model.inference_precision.precision
+    out["auto_reason"] = deps["auto"].model.inference_precision.reason
+    return out
+
+
+def precision_main(a, loras: list[str], env: dict) -> int:
+    import re
+
+    import pandas as pd
+    import torch
+
+    from peftkit import runtime
+    rows, load = [], [os.getloadavg()[0]]
+    for r in range(a.rounds):
+        cmd = [sys.executable, __file__, "--precision-worker", loras[0], "--base", a.base, "--repeats",
+               str(a.repeats), "--threads", str(a.threads), "--batch-size", str(a.batch_size)]
+        with tempfile.TemporaryDirectory() as cache:  # auto times its candidates afresh in every round
+            p = subprocess.run(cmd, capture_output=True, text=True, env={**env, "PEFTKIT_CACHE_DIR": cache})
+        if p.returncode != 0:
+            print(p.stderr[-2000:], file=sys.stderr)
+            return 1
+        rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        load.append(os.getloadavg()[0])
+        print(f"round {r + 1}/{a.rounds}: auto chose {rows[-1]['auto_choice']}", flush=True)
+    raw = pd.DataFrame(rows)
+    med = raw.median(numeric_only=True)
+    ref, merged_ref = med["Deployer fp32 ms"], med["merged model fp32 ms"]
+    family, policy = runtime.cpu_family(), os.environ.get("OMP_WAIT_POLICY", "")
+    table = [{"what": k[:-3], "predict_ms": v,
+              "vs_fp32": (ref if k.startswith("Deployer") else merged_ref) / v} for k, v in med.items()]
+    df = pd.DataFrame(table).assign(
+        auto_choice=", ".join(dict.fromkeys(raw["auto_choice"])), cpu=runtime.cpu_name(), cpu_family=family,
+        cpu_flags=runtime.cpu_summary(), base=a.base, rounds=a.rounds, repeats=a.repeats, threads=a.threads,
+        batch_size=a.batch_size, torch=torch.__version__, load_avg_max=max(load), omp_wait_policy=policy or "default")
+    out = Path(a.out) if a.out_given else (ROOT / "benchmarks" / "results" /
+                                           f"serve_precision_{re.sub(r'[^a-z0-9]+', '-', family.lower()).strip('-')}_{a.threads}thread"
+                                           f"{'_' + policy.lower() if policy else ''}.csv")
+    if not a.quick or a.out_given:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out, index=False)
+    print(f"\n{runtime.cpu_summary()}; {a.base}, torch {torch.__version__}, {a.threads} threads, medians of "
+          f"{a.rounds} fresh processes x {a.repeats} predicts of {a.batch_size} texts; load average up to "
+          f"{max(load):.1f} on {os.cpu_count()} cores\n")
+    print(df[["what", "predict_ms", "vs_fp32"]].round(3).to_markdown(index=False))
+    print(f"\nauto chose: {raw['auto_reason'].iloc[-1]}")
+    print(f"wrote {out}" if (not a.quick or a.out_given) else "(quick: nothing written)")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", default="minilm")
@@ -389,7 +485,10 @@ def main(argv=None) -> int:
     ap.add_argument("--mixed", action="store_true", help="mixed batches, padding-free inference and HTTP "
                     "(writes serve_mixed.csv and serve_latency.csv beside --out)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.csv"))
+    ap.add_argument("--precisions", action="store_true",
+                    help="time predict per inference precision instead (default 3 rounds x 20 predicts)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--precision-worker", help=argparse.SUPPRESS)
     ap.add_argument("--make-adapters", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.mixed:
@@ -399,8 +498,16 @@ def main(argv=None) -> int:
         mixed_suite("tiny" if a.quick else a.base, a.threads, quick=a.quick, out_dir=out,
                     server="thread" if a.quick else "process")
         return 0
+
+
+    a.out_given = any(x == "--out" or x.startswith("--out=") for x in (argv if argv is not None else sys.argv[1:]))
+    if a.precisions and not any(x.startswith("--repeats") for x in (argv if argv is not None else sys.argv[1:])):
+        a.repeats = 20
     if a.quick:
-        a.base, a.rounds, a.repeats = "tiny", 1, 50
+        a.base, a.rounds, a.repeats = "tiny", 1, (3 if a.precisions else 50)
+    if a.precision_worker:
+        print(json.dumps(precision_worker(a.base, a.precision_worker, a.repeats, a.threads, a.batch_size)))
+        return 0
     if a.make_adapters:  # in its own process, so the measuring processes start clean
         print(json.dumps(make_adapters(Path(a.make_adapters), a.base)))
         return 0
@@ -410,7 +517,10 @@ def main(argv=None) -> int:
         return 0
     import pandas as pd
     import torch
+
+    from peftkit import runtime
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1"}
+    print(f"CPU: {runtime.cpu_summary()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if a.adapters:
             loras, pfeiffer = [d.strip() for d in a.adapters.split(",")], None
@@ -424,6 +534,8 @@ def main(argv=None) -> int:
                 return 1
             made = json.loads(p.stdout.strip().splitlines()[-1])
             loras, pfeiffer = made[:4], made[4]
+        if a.precisions:
+            return precision_main(a, loras, env)
         rows, load = [], [os.getloadavg()[0]]  # other processes' load: this machine is shared
         for r in range(a.rounds):
             spec = json.dumps({"loras": loras, "pfeiffer": pfeiffer})
@@ -453,11 +565,12 @@ def main(argv=None) -> int:
                       "adapters_pct_of_base_rss": 100 * med["adapters_rss_mib"] / base_rss,
                       "adapters_pct_of_base_params": 100 * held / med["base_param_bytes"],
                       "base": a.base, "rounds": a.rounds, "repeats": a.repeats, "threads": a.threads,
-                      "batch_size": a.batch_size, "torch": torch.__version__, "load_avg_max": max(load)})
+                      "batch_size": a.batch_size, "torch": torch.__version__, "load_avg_max": max(load),
+                      "cpu": runtime.cpu_name(), "cpu_flags": runtime.cpu_summary()})
     df = pd.DataFrame(table)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(a.out, index=False)
-    head = (f"{a.base}, torch {torch.__version__}, {a.threads} threads, {len(loras)} LoRA adapters "
+    head = (f"{runtime.cpu_summary()}; {a.base}, torch {torch.__version__}, {a.threads} threads, {len(loras)} LoRA adapters "
             f"({int(med['tensors_per_adapter'])} tensors each), medians of {a.rounds} fresh processes x "
             f"{a.repeats} switches; 1-minute load average up to {max(load):.1f} on {os.cpu_count()} cores")
     show = df[["mode", "switch_ms_median", "switch_ms_p90", "rebuild_switch_ms", "predict_ms_batch",

@@ -30,6 +30,7 @@ RESULTS = HERE / "results"
 OUT = HERE / "README.md"
 sys.path.insert(0, str(HERE))
 
+import bench_int8  # noqa: E402  (owns the int8 profile's summary table)
 import bench_train  # noqa: E402  (owns the method labels and the paired ratios)
 
 CURRENT_FORWARD = ("Training forward: `load_base`'s default, the CLS-only last layer and the padding-free "
@@ -132,7 +133,9 @@ FILES = {
              "compressed: int8 accuracy on every domain's full test split, the latency of one batch of 32 "
              "movie snippets (median of interleaved repeats), size on disk, simulated k-bit rounding, the "
              "three merge/quantize orders at 4 bits, a LoRA trained on a 4-bit base, and pruning.",
-        command="python benchmarks/bench_compress.py"),
+        command="python benchmarks/bench_compress.py",
+        device_note="issue 22 and the README of the time say AMD EPYC; the int8 kernel of the time was the first "
+                    "Int8Linear's, int_mm_v1 in the precision sections below"),
     "gpu_check_h200.json": dict(
         group="current", title="GPU check: the LoRA layer on CUDA",
         what="The LoRA fast path's numerics against the plain formula (fp32), gradcheck in float64, dtype "
@@ -566,9 +569,127 @@ def compress_section(name: str, meta: dict) -> list[str]:
             continue
         f = pd.DataFrame(rows).drop(columns=["index"], errors="ignore")
         out += [f"{key}:", "", frame_table(f, COMPRESS_DIGITS, default=2 if "(%)" in key else 4), ""]
-    out += ["Measured with (as the file records it): " + d.get("env", "not recorded") + ". CPU model: not recorded.",
-            ""]
+    env = d.get("env", "not recorded")
+    cpu = "" if "CPU " in env else f" CPU model: not recorded in the file ({meta['device_note']})."
+    out += ["Measured with (as the file records it): " + env + "." + cpu, ""]
     return out
+
+
+# ----------------------------------------------------------------------------- inference precision
+
+PRECISION_PREFIXES = ("precision_", "int8_profile_", "serve_precision_")  # precision_shapes_ starts like the first
+
+
+def precision_files() -> list[Path]:
+    return sorted(p for p in RESULTS.iterdir() if p.name.startswith(PRECISION_PREFIXES) and p.suffix in (".csv", ".json"))
+
+
+def _family(path: Path) -> tuple[str, str]:
+    """(CPU family, CPU with flags) as the file records them."""
+    if path.suffix == ".json":
+        env = json.loads(path.read_text())["env"]
+        return env["cpu_family"], env["cpu_flags"]
+    df = pd.read_csv(path)
+    return str(df["cpu_family"].iloc[0]), str(df["cpu_flags"].iloc[0])
+
+
+def precision_model_section(path: Path) -> list[str]:
+    d = json.loads(path.read_text())
+    env = d["env"]
+    speed = pd.DataFrame(d["speed"])
+    acc = pd.DataFrame(d["accuracy"])
+    auto = d["auto"]
+    return [f"**Whole model, {env['threads']} thread{'s' if env['threads'] != 1 else ''}** (`{path.name}`)", "",
+            ("MiniLM with the movies LoRA (q, v, r=8) merged: one batch of 32 movie test snippets per call, every "
+             f"precision timed interleaved in one run, medians of {env['repeats']} ({env['clock']}); accuracy on "
+             f"each domain's test split; \"auto\" is `optimize_for_inference(model, \"auto\")` on 256 movie "
+             f"training texts, timed afresh in the same run. {env['trained']}."), ""] + command_block(env["command"]) + [
+            frame_table(speed, {"ms per batch": 1, "speed-up vs fp32": 2, "worst drop on a domain (pt)": 2}), "",
+            "Accuracy per domain (%), and each precision's drop against fp32 (points):", "",
+            frame_table(acc, default=2), "", f"auto: {auto['reason']}", "",
+            f"Measured with: {env['cpu_flags']}; {env['threads']} threads; torch {env['torch']}; OMP_WAIT_POLICY "
+            f"{env.get('omp_wait_policy', 'not recorded')}; int8 kernel: {env['int8_kernel']}.", ""]
+
+
+def int8_profile_section(path: Path) -> list[str]:
+    df = pd.read_csv(path)
+    r = df.iloc[0]
+    return [f"**Where Int8Linear's time goes, {r['threads']} thread{'s' if r['threads'] != 1 else ''}** (`{path.name}`)",
+            "",
+            (f"Each stage of each kernel on MiniLM's Linear shapes at {r['tokens']} rows (one padded batch of 32 "
+             f"snippets), timed on its own, interleaved, medians of {r['repeats']} ({r['clock']}); \"layer\" is "
+             "the whole layer's forward, \"vs fp32\" its speed-up over `nn.Linear`. `int_mm_v1` is the first "
+             "Int8Linear, `onednn` today's default, `int_mm` today's fallback."), ""] + command_block(
+            "python benchmarks/bench_int8.py" + (f" --threads {r['threads']}" if r["threads"] != 2 else "")) + [
+            frame_table(bench_int8.summary(df), {"quantize": 2, "gemm": 2, "dequantize": 2, "layer": 2, "vs fp32": 2}),
+            "", (f"Measured with: {r['cpu_flags']}; {r['threads']} threads; torch {r['torch']}; OMP_WAIT_POLICY "
+                 f"{r.get('omp_wait_policy', 'not recorded')}; highest 1-minute load average {r['load_avg_max']:.1f} on "
+                 f"{r['cpus']} cores."), ""]
+
+
+def serve_precision_section(path: Path) -> list[str]:
+    df = pd.read_csv(path)
+    r = df.iloc[0]
+    d = df[["what", "predict_ms", "vs_fp32"]].rename(columns={"predict_ms": "predict, 32 texts (ms)",
+                                                            "vs_fp32": "speed-up vs its fp32"})
+    return [f"**Serving, {r['threads']} thread{'s' if r['threads'] != 1 else ''}** (`{path.name}`)", "",
+            ("`predict` on 32 movie snippets, one LoRA live: Deployers in fp32, bf16 (autocast) and "
+             "precision=\"auto\" (adapters stay hot-swappable, so int8 is not a candidate there), and one merged "
+             "adapter served as a plain model in fp32, bf16 weights and int8; medians over fresh processes x "
+             f"predicts ({r['rounds']} x {r['repeats']}), wall time. auto chose: {r['auto_choice']}."), ""] + command_block(
+            "python benchmarks/bench_serve.py --precisions" + (f" --threads {r['threads']}" if r["threads"] != 2 else "")) + [
+            frame_table(d, {"predict, 32 texts (ms)": 1, "speed-up vs its fp32": 2}), "",
+            (f"Measured with: {r['cpu_flags']}; {r['threads']} threads; torch {r['torch']}; base {r['base']}; "
+             f"OMP_WAIT_POLICY {r.get('omp_wait_policy', 'not recorded')}; highest 1-minute load average "
+             f"{r['load_avg_max']:.1f}."), ""]
+
+
+def precision_section() -> list[str]:
+    """One subsection per CPU family, each with the whole-model, int8-profile and serving tables."""
+    files = precision_files()
+    if not files:
+        return []
+    by_family: dict = {}
+    for f in files:
+        family, flags = _family(f)
+        by_family.setdefault(family, {"flags": flags, "files": []})["files"].append(f)
+    out = ["### Inference precision, by CPU family", "",
+           ("fp32, bf16 and int8 on each kind of CPU the project has measured on, with `optimize_for_inference`'s "
+            "\"auto\" choice. Which precision wins depends on the CPU: bf16 needs AVX512-BF16 or AMX, and AMX "
+            "multiplies bf16 and int8 many times faster than AVX-512. Ratios are within one run; times from a "
+            "shared machine are noisy, which is why the figures at one thread use this thread's CPU time."), ""]
+    builders = {"precision_shapes_": shapes_section, "precision_": precision_model_section,
+                "int8_profile_": int8_profile_section, "serve_precision_": serve_precision_section}
+    order = ["precision_", "precision_shapes_", "int8_profile_", "serve_precision_"]
+    for family, info in by_family.items():
+        out += [f"#### {family}", "", f"CPU: {info['flags']}.", ""]
+        for f in sorted(info["files"], key=lambda f: (order.index(_kind(f.name)), f.name)):
+            out += builders[_kind(f.name)](f)
+    return out
+
+
+def _kind(name: str) -> str:
+    return next(k for k in ("precision_shapes_", "serve_precision_", "int8_profile_", "precision_") if name.startswith(k))
+
+
+def shapes_section(path: Path) -> list[str]:
+    df = pd.read_csv(path)
+    r = df.iloc[0]
+    cols = {"precision": "precision", "ms_per_batch": "ms per batch", "speedup_vs_fp32": "speed-up vs fp32"}
+    if "note" in df:
+        cols["note"] = "note"
+    d = df[list(cols)].rename(columns=cols)
+    return [f"**MiniLM-shaped model with random weights, {r['threads']} thread{'s' if r['threads'] != 1 else ''}** "
+            f"(`{path.name}`)", "",
+            (f"The same precisions on a model of MiniLM's shape with random weights (no model package or corpus "
+             f"needed, so it runs on any machine), one batch with the padding of the 32 movie snippets "
+             f"({r['tokens']} real tokens in 32 x {r['padded_tokens'] // 32}), interleaved, medians of {r['repeats']} "
+             f"({r['clock']}). Speed only: the weights are random."), ""] + command_block(
+            "python benchmarks/bench_precision_shapes.py" + (f" --threads {r['threads']}" if r["threads"] != 2 else "")) + [
+            frame_table(d, {"ms per batch": 1, "speed-up vs fp32": 2}), "",
+            (f"Measured with: {r['cpu_flags']}; {r['threads']} threads; torch {r['torch']}; OMP_WAIT_POLICY "
+             f"{r['omp_wait_policy']}; int8 kernel: {r['int8_kernel']}; highest 1-minute load average "
+             f"{r['load_avg_max']:.1f} on {r['cpus']} cores."), ""]
 
 
 def gpu_section(name: str, meta: dict) -> list[str]:
@@ -632,7 +753,7 @@ better than times do.
 
 
 def render() -> str:
-    known = set(FILES) | {"compress.md", "layers.md", "layer_kinds.md", "serve.md", "serve_1thread.md"}
+    known = set(FILES) | {"compress.md", "layers.md", "layer_kinds.md", "serve.md", "serve_1thread.md"} | {p.name for p in precision_files()}
     unknown = sorted(p.name for p in RESULTS.iterdir() if p.suffix in (".csv", ".json") and p.name not in known)
     if unknown:
         raise SystemExit(f"report.py does not know {unknown}: add each to FILES with what it measures and "
@@ -650,6 +771,8 @@ def render() -> str:
         out += builders.get(name, train_section)(name, meta)
         if name == "train_attn0_lora_12rounds.csv":
             out += pooled_section()
+        if name == "compress.json":
+            out += precision_section()
     out += ["## Measured on older code, not rerun since", "",
             ("These runs predate the padding-free encoder, and all but the first the CLS-only last layer too "
             "(each section's \"Training forward\" line says which). Both shorten every method's step, so "

@@ -5,7 +5,8 @@ import-linter, `make test`):
 
     notebook/   figures, widgets, the notebook runner
     studies/    experiments, tuning, selection, the article, compression and serving studies
-    serving/    Deployer, its store, Monitor          compress/   int8, k-bit, pruning
+    serving/    Deployer, its store, Monitor
+    compress/   int8, k-bit, pruning, the inference precision (optimize_for_inference)
     training/   fit, checkpoints, evaluate            files/      adapter files, PEFT format
     bases/      load_base, the fast BERT forward      data/       corpus, loaders
     core/       method specs and registry, architecture defaults, targets, surgery
@@ -21,6 +22,7 @@ from .bases.models import MLP, ModelWithAdapters, ModelWithLoRA, load_base
 from .core.methods import METHODS, Adapter, FullFineTune, HeadOnly, Hybrid, LoRA, Method, register
 from .core.surgery import apply, merge, report, trainable_fraction, unload, unmerge
 from .core.targets import TargetError
+from .compress.precision import optimize_for_inference
 from .files.adapter_file import AdapterFileError, load_adapter, save_adapter
 from .files.peft_format import export_peft, import_peft
 from .layers.adapters import AdapterLinear, BottleneckAdapter
@@ -40,6 +42,6 @@ __all__ = [
     "FullFineTune", "HeadOnly", "Hybrid", "LoRA", "LoRAConv", "LoRAEmbedding", "LoRALinear",
     "LoRAMultiheadAttention", "METHODS", "MLP", "MergeError", "Method", "ModelWithAdapters", "ModelWithLoRA",
     "Monitor", "TargetError", "__version__", "apply", "article", "compare", "export_peft", "import_peft",
-    "load_adapter", "load_base", "merge", "register", "report", "save_adapter", "summarize", "trainable_fraction",
+    "load_adapter", "load_base", "merge", "optimize_for_inference", "register", "report", "save_adapter", "summarize", "trainable_fraction",
     "unload", "unmerge", "use_fast_dropout",
 ]

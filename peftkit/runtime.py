@@ -31,9 +31,51 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without it torch
-    emulates bf16 and autocast runs slower than fp32."""
+    emulates bf16 and autocast runs slower than fp32. (Tests monkeypatch this one function.)"""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(bool(probe()) for probe in probes if probe is not None)
+
+
+# The instruction sets that decide which inference precision is fastest, as /proc/cpuinfo names them.
+CPU_FLAGS = {"AVX2": ("avx2",), "AVX-512": ("avx512f",), "VNNI": ("avx512_vnni", "avx_vnni"),
+             "BF16": ("avx512_bf16", "amx_bf16"), "AMX": ("amx_int8", "amx_bf16", "amx_tile")}
+
+
+def cpu_flags() -> dict[str, bool]:
+    """Which of AVX2, AVX-512, VNNI (int8 dot products), BF16 (AVX512-BF16 or AMX-BF16) and AMX
+    this CPU has: read from /proc/cpuinfo on Linux, else from torch's own probes."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return {name: any(f in have for f in names) for name, names in CPU_FLAGS.items()}
+    except OSError:
+        pass
+    probe = {name: getattr(torch.cpu, f"_is_{name}_supported", lambda: False) for name in
+             ("avx2", "avx512", "vnni", "avx512_bf16", "amx_tile")}
+    return {"AVX2": bool(probe["avx2"]()), "AVX-512": bool(probe["avx512"]()), "VNNI": bool(probe["vnni"]()),
+            "BF16": bool(probe["avx512_bf16"]() or probe["amx_tile"]()), "AMX": bool(probe["amx_tile"]())}
+
+
+def cpu_family() -> str:
+    """The CPU's family for a benchmark table: its maker and line, and its fastest relevant
+    instructions, e.g. "Intel Xeon, AMX" or "AMD EPYC, AVX-512 with BF16"."""
+    name, flags = cpu_name(), cpu_flags()
+    maker = next((m for m in ("Intel Xeon", "Intel Core", "AMD EPYC", "AMD Ryzen", "Apple") if all(
+        w.lower() in name.lower() for w in m.split())), name.split("@")[0].strip() or "unknown CPU")
+    if flags["AMX"]:
+        isa = "AMX"
+    elif flags["AVX-512"]:
+        isa = "AVX-512 with BF16" if flags["BF16"] else "AVX-512"
+    else:
+        isa = "AVX2" if flags["AVX2"] else "no AVX2"
+    return f"{maker}, {isa}"
+
+
+def cpu_summary() -> str:
+    """One line for every benchmark output: the CPU model and which relevant flags it has."""
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu_flags().items())
+    return f"{cpu_name()} ({flags})"
 
 
 def cpu_name() -> str:

@@ -36,6 +36,34 @@ def test_bench_compress_quick(tmp_path):
     tables = json.loads(out.with_suffix(".json").read_text())
     assert {r["variant"] for r in tables["size on disk"]} >= {"fp32 merged", "int8 per-token (ours)"}
     assert "faster than fp32" in p.stdout
+    assert "CPU: " in p.stdout and "AVX-512" in p.stdout and "AMX" in p.stdout  # the CPU and its flags, named
+    for title in ("precision speed (batch 32)", "precision accuracy per domain (%)"):
+        assert f"## {title}" in text, title
+    prec = json.loads(next(tmp_path.glob("precision_*_1thread_quick.json")).read_text())
+    assert {"fp32", "int8", "auto"} <= {r["precision"] for r in prec["speed"]}
+    assert prec["env"]["cpu_flags"] and prec["env"]["cpu_family"] and prec["auto"]["reason"]
+
+
+def test_bench_int8_quick(tmp_path):
+    out = tmp_path / "int8.csv"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_int8.py"), "--quick", "--threads", "1",
+                        "--out", str(out)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    df = pd.read_csv(out)
+    assert {"fp32", "bf16", "int_mm_v1", "int_mm"} <= set(df.kernel) and (df.ms >= 0).all()
+    assert {"quantize", "gemm", "dequantize", "layer"} <= set(df.stage)
+    assert df.cpu_flags.iloc[0] in p.stdout and "one MiniLM layer's Linears" in p.stdout
+
+
+def test_bench_serve_precisions_quick(tmp_path):
+    out = tmp_path / "serve_precision.csv"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"), "--precisions", "--quick",
+                        "--threads", "1", "--out", str(out)], capture_output=True, text=True,
+                       env={**__import__("os").environ, "PEFTKIT_CACHE_DIR": str(tmp_path / "cache")})
+    assert p.returncode == 0, p.stderr[-2000:]
+    df = pd.read_csv(out)
+    assert {"Deployer fp32", "Deployer auto", "merged model fp32", "merged model int8"} <= set(df.what)
+    assert (df.predict_ms > 0).all() and df.cpu_flags.iloc[0] in p.stdout and "auto chose" in p.stdout
 
 
 def test_bench_dropout_quick(tmp_path):

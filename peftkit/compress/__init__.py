@@ -1,16 +1,19 @@
-"""Compression: real int8 inference, simulated k-bit quantization, merge/quantize order, pruning.
+"""Compression: real int8 inference, the inference precision, simulated k-bit, merge/quantize order, pruning.
 
 Every function here leaves its input alone and returns a compressed copy (``inplace=True`` to
 skip the copy), so a fine-tuned model is never lost to an experiment.
 
-May import: core, layers and files (the int8 file format).
+May import: core, layers, files (the int8 file format), runtime (the CPU's facts) and data (a default
+calibration sample). serving imports compress (a Deployer's precision); compress never imports serving.
 
 **Real int8 (`quantize_int8`).** LoRA layers are merged first (a merged LoRA is a plain Linear),
 then every Linear but the task head runs int8 GEMMs. The default layer is ours, `Int8Linear`:
-weights per output row, activations quantized **per token**, and ``torch._int_mm`` for the GEMM
-(exact int32 accumulation), so a text's answer does not depend on the other texts in its batch
-(tested). Where ``torch._int_mm`` is missing, or a call has 16 rows or fewer, it multiplies the
-dequantized weights in float instead (correct, slower). ``backend="ao"`` keeps PyTorch's dynamic
+weights per output row, activations quantized **per token**, and an int8 GEMM with exact int32
+accumulation, so every int8 layer gives a token the same output bit for bit alone or in any
+batch (tested). The GEMM is oneDNN's uint8 x int8 kernel with the weight scales fused in
+(``torch.ops.onednn.qlinear_pointwise``), else ``torch._int_mm``; where neither runs, the
+dequantized weights are multiplied in float (correct, no faster). `int8_kernel` says which, and
+`int8.py` what the first version lost to the elementwise work around its GEMM. ``backend="ao"`` keeps PyTorch's dynamic
 quantization (``quantize_dynamic``, fbgemm) for comparison: it scales the activations **once per
 batch**, so a prediction depends on its batch, and PyTorch marks the API deprecated (its warning
 is silenced; a clear error replaces it once the API is gone). `smooth` adds SmoothQuant-style
@@ -19,6 +22,10 @@ smoothing. What each path measured, speed and accuracy per domain, is in benchma
 
 The embedding tables are stored per row in int8 as well (`Int8Embedding`, ``embeddings=True``,
 the default): the word embeddings are about half of MiniLM's weights.
+
+**The inference precision (`optimize_for_inference`, precision.py).** fp32, bf16 (autocast or bf16
+weights, where the CPU has AVX512-BF16 or AMX) or int8: "auto" times them here, checks each
+against fp32 on calibration texts, keeps the fastest that agrees, and caches the timing per CPU.
 
 **Simulated k-bit (`fake_quantize`, `simulate_kbit`).** Symmetric round-to-nearest for 2 to 8
 bits, one scale per tensor (the article's) or per output channel. It runs in float: it shows the
@@ -34,7 +41,8 @@ neurons. Only the last makes a dense CPU matmul faster: a zero is multiplied lik
 """
 
 # One concept per module: int8.py (real int8), int8_embedding.py (int8 tables), kbit.py (simulated rounding and merge orders),
-# prune.py (pruning); common.py holds what they share. Everything is re-exported here.
+# prune.py (pruning), precision.py (fp32, bf16 or int8 for inference, chosen for this CPU); common.py holds what they
+# share. Everything is re-exported here.
 
 from .common import DTYPE_BYTES, merged_plain, skip_prefix, linear_layers  # noqa: F401
 from .int8_embedding import Int8Embedding, embedding_layers  # noqa: F401
@@ -47,13 +55,26 @@ from .int8 import (  # noqa: F401
     is_int8_module,
     file_size,
     input_absmax,
+    KERNELS as INT8_KERNELS,
     int8_backend,
+    int8_kernel,
     load_int8,
     merge_int8_lora,
     model_size,
     quantize_int8,
     save_int8,
+    set_int8_kernel,
     smooth,
+    using_int8_kernel,
+)
+from .precision import (  # noqa: F401
+    CANDIDATES,
+    PRECISIONS,
+    PrecisionChoice,
+    bf16_support,
+    cache_path,
+    optimize_for_inference,
+    use_bf16,
 )
 from .kbit import (  # noqa: F401
     ORDERS,

@@ -9,10 +9,14 @@ Tables come back as DataFrames; `plots` has figures for each.
 
 from __future__ import annotations
 
+import os
+
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+import torch
 from plotly.subplots import make_subplots
+from torch import nn
 from tqdm.auto import tqdm
 
 from .. import compress as C
@@ -63,6 +67,86 @@ def int8_study(model, tokenizer, domains=None, n_eval: int | None = None, repeat
                          {"variant": "int8 per-token (ours)", "file bytes": int8_file}])
     size["vs fp32"] = (size["file bytes"] / fp32_file).round(3)
     return {"accuracy": accuracy, "speed": speed, "size": size}
+
+
+class PinnedKernel(nn.Module):
+    """`model` run with every Int8Linear on one kernel (to set two int8 kernels side by side)."""
+
+    def __init__(self, model: nn.Module, kernel: str):
+        super().__init__()
+        self.model, self.kernel = model, kernel
+
+    def forward(self, *args, **kwargs):
+        with C.using_int8_kernel(self.kernel):
+            return self.model(*args, **kwargs)
+
+
+PRECISION_LABELS = {"fp32": "fp32 (LoRA merged)", "bf16-autocast": "bf16 autocast", "bf16-weights": "bf16 weights",
+                    "int8 v1": "int8, first Int8Linear", "int8": "int8 (Int8Linear now)"}
+
+
+def precision_study(model, tokenizer, domains=None, n_eval: int | None = None, repeats: int = 20,
+                    batch_size: int = 32, domain: str = "movies", n_calibration: int = 256,
+                    progress: bool = True, cache=False) -> dict:
+    """fp32, bf16 (both forms, where the CPU has bf16), int8 (the first Int8Linear's kernel and
+    today's) and "auto" (`optimize_for_inference` on `n_calibration` training texts of `domain`),
+    measured in one run: ms per batch of `batch_size` real test texts (interleaved repeats,
+    medians; thread CPU time at one thread, else wall time) and accuracy on every domain.
+
+    Returns {"speed", "accuracy" (per domain, in %, with each precision's drop against fp32),
+    "choice" (auto's PrecisionChoice), "env" (the CPU, its flags and family, threads, torch, clock)}.
+    """
+    from .. import runtime
+    from ..compress import precision as P
+    ok, why = P.bf16_support("cpu")
+    variants = {"fp32": P.build(model, "fp32")}
+    if ok:
+        variants["bf16-autocast"] = P.build(model, "bf16-autocast")
+        variants["bf16-weights"] = P.build(model, "bf16-weights")
+    int8 = P.build(model, "int8")
+    if C.int8_kernel() != "int_mm_v1" and C._HAS_INT_MM:
+        variants["int8 v1"] = PinnedKernel(int8, "int_mm_v1").eval()
+    variants["int8"] = int8
+    calibration = sample_rows(split(load_corpus(domain), seed=0)["train"], n_calibration, 0).text.tolist()
+    auto = C.optimize_for_inference(model, "auto", calibration=calibration, tokenizer=tokenizer, cache=cache,
+                                    batch_size=batch_size, verbose=False)
+    choice = auto.inference_precision
+    ms = P.time_models(variants, [latency_batch(tokenizer, batch_size=batch_size)], repeats=repeats)
+    rows = []
+    for name, m in tqdm(variants.items(), desc="precision accuracy", disable=not progress):
+        rows.append(evaluate_domains(m, tokenizer, domains, n_eval=n_eval).assign(precision=name))
+    accuracy = pd.concat(rows, ignore_index=True)
+    wide = accuracy.pivot(index="domain", columns="precision", values="accuracy")[list(variants)] * 100
+    speed = pd.DataFrame([{"precision": n, "what": PRECISION_LABELS[n], "ms per batch": ms[n],
+                           "speed-up vs fp32": ms["fp32"] / ms[n],
+                           "worst drop on a domain (pt)": float((wide["fp32"] - wide[n]).max())} for n in variants])
+    speed = pd.concat([speed, pd.DataFrame([{
+        "precision": "auto", "what": f"auto's choice: {choice.precision}", "ms per batch": ms[choice.precision],
+        "speed-up vs fp32": ms["fp32"] / ms[choice.precision],
+        "worst drop on a domain (pt)": float((wide["fp32"] - wide[choice.precision]).max())}])], ignore_index=True)
+    if not ok:
+        speed = pd.concat([speed, pd.DataFrame([{"precision": "bf16", "what": f"skipped: {why}"}])], ignore_index=True)
+    for n in [c for c in wide.columns if c != "fp32"]:
+        wide[f"{n} drop (pt)"] = wide["fp32"] - wide[n]
+    env = {"cpu": runtime.cpu_name(), "cpu_family": runtime.cpu_family(), "cpu_flags": runtime.cpu_summary(),
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "clock": P.clock()[1],
+           "int8_kernel": C.int8_backend(), "batch_size": batch_size, "repeats": repeats,
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
+    return {"speed": speed, "accuracy": wide.round(2), "choice": choice, "env": env}
+
+
+def precision_figure(study: dict):
+    """Speed-up against fp32 and the worst accuracy drop on a domain, per precision."""
+    _, go, make_subplots, template = _figures()
+    sp = study["speed"].dropna(subset=["ms per batch"])
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(f"speed-up vs fp32 ({study['env']['cpu']})",
+                                                         "worst accuracy drop on a domain (pt)"))
+    fig.add_trace(go.Bar(x=sp["what"], y=sp["speed-up vs fp32"], showlegend=False, marker_color="#555",
+                         text=sp["speed-up vs fp32"].round(2)), 1, 1)
+    fig.add_trace(go.Bar(x=sp["what"], y=sp["worst drop on a domain (pt)"], showlegend=False, marker_color="#999",
+                         text=sp["worst drop on a domain (pt)"].round(2)), 1, 2)
+    fig.update_layout(template=template, height=420)
+    return fig
 
 
 def accuracy_drop(accuracy: pd.DataFrame, reference: str = "fp32 merged") -> pd.DataFrame:
