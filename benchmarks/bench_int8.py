@@ -41,6 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 SHAPES = [(384, 384, 4), (384, 1536, 1), (1536, 384, 1)]  # (in, out, how many per MiniLM layer)
 
@@ -49,15 +50,11 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def real_tokens(batch_size: int = 32) -> int:
-    """Rows one padded batch of `batch_size` movie test snippets gives an encoder Linear."""
-    try:
-        import peftkit as pk
-        from peftkit.studies.compression_study import latency_batch
-        _, tok = pk.load_base("tiny")
-        return int(latency_batch(tok, batch_size=batch_size)["input_ids"].numel())
-    except Exception:  # no corpus: the batch notebook 05 and bench_compress time (32 x 48)
-        return 32 * 48
+def real_tokens() -> int:
+    """Rows one padded batch of the 32 movie test snippets that bench_compress times gives an
+    encoder Linear: 32 x its longest (bench_precision_shapes.LENGTHS holds their lengths)."""
+    from bench_precision_shapes import LENGTHS
+    return len(LENGTHS) * max(LENGTHS)
 
 
 def stages(k: int, n: int, tokens: int):
@@ -127,9 +124,9 @@ def main(argv=None) -> int:
     import pandas as pd
     import torch
 
-    from peftkit import runtime
-    from peftkit.compress import int8 as I
-    from peftkit.compress.precision import clock
+    from bench_precision_shapes import import_peftkit_parts  # torch and transformers suffice
+    runtime, I, P = import_peftkit_parts()
+    clock = P.clock
 
     torch.set_num_threads(a.threads)
     repeats = 5 if a.quick else a.repeats
