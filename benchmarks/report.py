@@ -593,36 +593,48 @@ def _family(path: Path) -> tuple[str, str]:
     return str(df["cpu_family"].iloc[0]), str(df["cpu_flags"].iloc[0])
 
 
+def _run_label(threads, policy) -> str:
+    """ "2 threads" or "2 threads, OMP_WAIT_POLICY=PASSIVE"."""
+    label = f"{threads} thread{'s' if int(threads) != 1 else ''}"
+    return label + (f", OMP_WAIT_POLICY={policy}" if policy not in (None, "default", "not recorded") else "")
+
+
+def _env_prefix(policy) -> str:
+    return f"OMP_WAIT_POLICY={policy} " if policy not in (None, "default", "not recorded") else ""
+
+
 def precision_model_section(path: Path) -> list[str]:
     d = json.loads(path.read_text())
     env = d["env"]
     speed = pd.DataFrame(d["speed"])
     acc = pd.DataFrame(d["accuracy"])
     auto = d["auto"]
-    return [f"**Whole model, {env['threads']} thread{'s' if env['threads'] != 1 else ''}** (`{path.name}`)", "",
+    policy = env.get("omp_wait_policy")
+    return [f"**Whole model, {_run_label(env['threads'], policy)}** (`{path.name}`)", "",
             ("MiniLM with the movies LoRA (q, v, r=8) merged: one batch of 32 movie test snippets per call, every "
              f"precision timed interleaved in one run, medians of {env['repeats']} ({env['clock']}); accuracy on "
              f"each domain's test split; \"auto\" is `optimize_for_inference(model, \"auto\")` on 256 movie "
-             f"training texts, timed afresh in the same run. {env['trained']}."), ""] + command_block(env["command"]) + [
+             f"training texts, timed afresh in the same run. {env['trained']}."), ""] + command_block(_env_prefix(policy) + env["command"]) + [
             frame_table(speed, {"ms per batch": 1, "speed-up vs fp32": 2, "worst drop on a domain (pt)": 2}), "",
             "Accuracy per domain (%), and each precision's drop against fp32 (points):", "",
             frame_table(acc, default=2), "", f"auto: {auto['reason']}", "",
-            f"Measured with: {env['cpu_flags']}; {env['threads']} threads; torch {env['torch']}; OMP_WAIT_POLICY "
+            f"Measured with: {env['cpu_flags']}; {_run_label(env['threads'], None)}; torch {env['torch']}; OMP_WAIT_POLICY "
             f"{env.get('omp_wait_policy', 'not recorded')}; int8 kernel: {env['int8_kernel']}.", ""]
 
 
 def int8_profile_section(path: Path) -> list[str]:
     df = pd.read_csv(path)
     r = df.iloc[0]
-    return [f"**Where Int8Linear's time goes, {r['threads']} thread{'s' if r['threads'] != 1 else ''}** (`{path.name}`)",
+    policy = r.get("omp_wait_policy")
+    return [f"**Where Int8Linear's time goes, {_run_label(r['threads'], policy)}** (`{path.name}`)",
             "",
             (f"Each stage of each kernel on MiniLM's Linear shapes at {r['tokens']} rows (one padded batch of 32 "
              f"snippets), timed on its own, interleaved, medians of {r['repeats']} ({r['clock']}); \"layer\" is "
              "the whole layer's forward, \"vs fp32\" its speed-up over `nn.Linear`. `int_mm_v1` is the first "
              "Int8Linear, `onednn` today's default, `int_mm` today's fallback."), ""] + command_block(
-            "python benchmarks/bench_int8.py" + (f" --threads {r['threads']}" if r["threads"] != 2 else "")) + [
+            _env_prefix(policy) + "python benchmarks/bench_int8.py" + (f" --threads {r['threads']}" if r["threads"] != 2 else "")) + [
             frame_table(bench_int8.summary(df), {"quantize": 2, "gemm": 2, "dequantize": 2, "layer": 2, "vs fp32": 2}),
-            "", (f"Measured with: {r['cpu_flags']}; {r['threads']} threads; torch {r['torch']}; OMP_WAIT_POLICY "
+            "", (f"Measured with: {r['cpu_flags']}; {_run_label(r['threads'], None)}; torch {r['torch']}; OMP_WAIT_POLICY "
                  f"{r.get('omp_wait_policy', 'not recorded')}; highest 1-minute load average {r['load_avg_max']:.1f} on "
                  f"{r['cpus']} cores."), ""]
 
@@ -632,14 +644,16 @@ def serve_precision_section(path: Path) -> list[str]:
     r = df.iloc[0]
     d = df[["what", "predict_ms", "vs_fp32"]].rename(columns={"predict_ms": "predict, 32 texts (ms)",
                                                             "vs_fp32": "speed-up vs its fp32"})
-    return [f"**Serving, {r['threads']} thread{'s' if r['threads'] != 1 else ''}** (`{path.name}`)", "",
+    policy = r.get("omp_wait_policy")
+    return [f"**Serving, {_run_label(r['threads'], policy)}** (`{path.name}`)", "",
             ("`predict` on 32 movie snippets, one LoRA live: Deployers in fp32, bf16 (autocast) and "
              "precision=\"auto\" (adapters stay hot-swappable, so int8 is not a candidate there), and one merged "
              "adapter served as a plain model in fp32, bf16 weights and int8; medians over fresh processes x "
              f"predicts ({r['rounds']} x {r['repeats']}), wall time. auto chose: {r['auto_choice']}."), ""] + command_block(
-            "python benchmarks/bench_serve.py --precisions" + (f" --threads {r['threads']}" if r["threads"] != 2 else "")) + [
+            _env_prefix(policy) + "python benchmarks/bench_serve.py --precisions"
+            + (f" --threads {r['threads']}" if r["threads"] != 2 else "")) + [
             frame_table(d, {"predict, 32 texts (ms)": 1, "speed-up vs its fp32": 2}), "",
-            (f"Measured with: {r['cpu_flags']}; {r['threads']} threads; torch {r['torch']}; base {r['base']}; "
+            (f"Measured with: {r['cpu_flags']}; {_run_label(r['threads'], None)}; torch {r['torch']}; base {r['base']}; "
              f"OMP_WAIT_POLICY {r.get('omp_wait_policy', 'not recorded')}; highest 1-minute load average "
              f"{r['load_avg_max']:.1f}."), ""]
 
@@ -679,15 +693,17 @@ def shapes_section(path: Path) -> list[str]:
     if "note" in df:
         cols["note"] = "note"
     d = df[list(cols)].rename(columns=cols)
-    return [f"**MiniLM-shaped model with random weights, {r['threads']} thread{'s' if r['threads'] != 1 else ''}** "
+    policy = r.get("omp_wait_policy")
+    return [f"**MiniLM-shaped model with random weights, {_run_label(r['threads'], policy)}** "
             f"(`{path.name}`)", "",
             (f"The same precisions on a model of MiniLM's shape with random weights (no model package or corpus "
              f"needed, so it runs on any machine), one batch with the padding of the 32 movie snippets "
              f"({r['tokens']} real tokens in 32 x {r['padded_tokens'] // 32}), interleaved, medians of {r['repeats']} "
              f"({r['clock']}). Speed only: the weights are random."), ""] + command_block(
-            "python benchmarks/bench_precision_shapes.py" + (f" --threads {r['threads']}" if r["threads"] != 2 else "")) + [
+            _env_prefix(policy) + "python benchmarks/bench_precision_shapes.py"
+            + (f" --threads {r['threads']}" if r["threads"] != 2 else "")) + [
             frame_table(d, {"ms per batch": 1, "speed-up vs fp32": 2}), "",
-            (f"Measured with: {r['cpu_flags']}; {r['threads']} threads; torch {r['torch']}; OMP_WAIT_POLICY "
+            (f"Measured with: {r['cpu_flags']}; {_run_label(r['threads'], None)}; torch {r['torch']}; OMP_WAIT_POLICY "
              f"{r['omp_wait_policy']}; int8 kernel: {r['int8_kernel']}; highest 1-minute load average "
              f"{r['load_avg_max']:.1f} on {r['cpus']} cores."), ""]
 
@@ -748,7 +764,8 @@ medians; "paired vs full" is the median over rounds of each round's ratio to tha
 fine-tune, with a 90% bootstrap interval over rounds. Sessions have landed on two AMD EPYC models,
 one with AVX-512 (AVX512-BF16 included) and one with AVX2 only; the files record neither, so where
 the README of the time named the machine, the CPU line quotes it. Ratios travel between the two
-better than times do.
+better than times do. The inference-precision files (issue 22 on) record the CPU model and its
+AVX2, AVX-512, VNNI, BF16 and AMX flags, and are grouped by CPU family.
 """
 
 
