@@ -194,7 +194,11 @@ def test_notebook_01_runs_in_jupyterlab_and_the_slider_updates_the_counts(tmp_pa
     nb_dir = tmp_path / "notebooks"
     nb_dir.mkdir()
     shutil.copy(ROOT / "notebooks" / NOTEBOOK, nb_dir / NOTEBOOK)
-    n_code = sum(c["cell_type"] == "code" for c in json.loads((nb_dir / NOTEBOOK).read_text())["cells"])
+    cells = json.loads((nb_dir / NOTEBOOK).read_text())["cells"]
+    # Solution cells have their source hidden (collapsed until a reader opens them): JupyterLab draws
+    # no input prompt for them, so count the code cells whose input is shown.
+    n_code = sum(c["cell_type"] == "code" and not c.get("metadata", {}).get("jupyter", {}).get("source_hidden")
+                 for c in cells)
     token = os.urandom(16).hex()
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
 
