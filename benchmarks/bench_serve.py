@@ -172,7 +172,7 @@ def start_service(dep_dir: Path, threads: int, server: str):
     process, or (server="thread") a thread of this process."""
     if server == "thread":
         from peftkit.serving.deployer import Deployer
-        from peftkit.serving.http import BackgroundServer
+        from peftkit.serving.server import BackgroundServer
         bg = BackgroundServer(Deployer.load(dep_dir, device="cpu"), dep_dir)
         return bg.url, bg.stop
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),

@@ -268,7 +268,8 @@ def _run(a) -> int:
 
 
 def _serve(a) -> int:
-    from .serving.http import ServiceConfig, read_token, serve  # here: fastapi and uvicorn only when serving
+    from .serving.api_schema import ServiceConfig, read_token
+    from .serving.server import serve  # here: fastapi and uvicorn only when serving
 
     if a.threads:
         torch.set_num_threads(a.threads)

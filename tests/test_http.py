@@ -21,7 +21,8 @@ import pytest
 
 import peftkit as pk
 from peftkit.serving.deployer import Deployer
-from peftkit.serving.http import ServiceConfig, parse_metrics
+from peftkit.serving.api_schema import ServiceConfig
+from peftkit.serving.batcher import parse_metrics
 from peftkit.serving.mixed import BASE
 from conftest import perturb
 
@@ -378,7 +379,7 @@ def test_bench_serve_mixed_quick(tmp_path):
 
 def test_a_merged_deployment_answers_mixed_requests_one_adapter_at_a_time(setup, tmp_path):
     """Merged mode cannot mix in one forward; the service runs one forward per adapter instead."""
-    from peftkit.serving.http import BackgroundServer
+    from peftkit.serving.server import BackgroundServer
     merged = Deployer("tiny", device="cpu", merged=True)
     for name in ("lora_a", "lora_b"):
         merged.register(name, setup["dir"] / "src" / name)

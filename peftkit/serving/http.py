@@ -33,6 +33,7 @@ The live `Monitor`s (one per adapter) are fed from traffic: each /predict answer
 with their predictions, in their adapters' monitors. Alerts show in /metrics and /monitor.
 """
 
+
 from __future__ import annotations
 
 import asyncio
@@ -41,288 +42,38 @@ import hmac
 import json
 import logging
 import math
-import os
-import signal
-import socket
 import threading
 import time
 import uuid
 from collections import Counter as Tally
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import pandas as pd
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._version import __version__
 from ..files.adapter_file import AdapterFileError
-from .deployer import NAME_RE, Deployer, MixedBatchError, UnknownAdapterError
+from .api_schema import (
+    TOKEN_ENV,
+    ApiError,
+    FeedbackRequest,
+    PredictRequest,
+    PredictResponse,
+    RegisterRequest,
+    ServiceConfig,
+    error_docs,
+)
+from .batcher import Batcher, Metrics
+from .deployer import NAME_RE, Deployer, UnknownAdapterError
 from .mixed import BASE
 from .monitor import Monitor, _clean
 
 log = logging.getLogger("peftkit.serve")
-TOKEN_ENV = "PEFTKIT_ADMIN_TOKEN"
-
-
-@dataclass
-class ServiceConfig:
-    """The service's limits and settings (each has a command-line option of the same name)."""
-
-    max_texts: int = 64          # texts per request; more: 413
-    max_chars: int = 2000        # characters per text; more: 413 (the model reads 128 tokens anyway)
-    batch_wait_ms: float = 5.0   # how long the first request of a batch waits for company
-    max_batch: int = 64          # texts per forward; a batch closes early when it is full
-    admin_token: str | None = None  # bearer token for POST/DELETE /adapters; None: read-only
-    monitor_window: int = 200    # each adapter's Monitor window
-    feedback_texts: int = 20_000  # texts of recent requests kept for /feedback (oldest dropped)
-    drain_seconds: int = 30      # SIGTERM: longest wait for in-flight requests
-
-    def __post_init__(self):
-        for name in ("max_texts", "max_chars", "max_batch", "monitor_window", "feedback_texts", "drain_seconds"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}.")
-        if not (isinstance(self.batch_wait_ms, (int, float)) and 0 <= self.batch_wait_ms <= 10_000):
-            raise ValueError(f"batch_wait_ms must be between 0 and 10000 (a few ms is usual), got {self.batch_wait_ms!r}.")
-        if self.admin_token is not None and not self.admin_token.strip():
-            raise ValueError("the admin token is empty; set a non-empty PEFTKIT_ADMIN_TOKEN or token file.")
-
-    @property
-    def max_body_bytes(self) -> int:
-        """The largest request body read: every text at its limit, 4 bytes a character, plus room."""
-        return self.max_texts * (4 * self.max_chars + 256) + 65536
-
-
-def read_token(token_file=None) -> str | None:
-    """The admin token: from `token_file` if given, else PEFTKIT_ADMIN_TOKEN, else None (read-only)."""
-    if token_file is not None:
-        try:
-            token = Path(token_file).read_text().strip()
-        except OSError as e:
-            raise ValueError(f"cannot read the admin token file {token_file}: {e.strerror}.") from None
-        if not token:
-            raise ValueError(f"the admin token file {token_file} is empty.")
-        return token
-    return os.environ.get(TOKEN_ENV) or None
-
-
-# -- the wire format ----------------------------------------------------------------------------
-
-class PredictRequest(BaseModel):
-    """Texts to classify, with one adapter for all of them or one per text ("__base__": the base alone)."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"texts": ["a wonderful film", "dull and far too long"], "adapter": "movies"},
-        {"texts": ["great phone", "late again, thanks a lot"], "adapters": ["amazon", "tweets"]}]})
-    texts: list[str] = Field(description="the texts, in order; at most max_texts, each at most max_chars characters")
-    adapter: str | None = Field(None, description="one adapter for every text")
-    adapters: list[str] | None = Field(None, description="one adapter per text (mixed batch)")
-
-    @model_validator(mode="after")
-    def _one_way(self):
-        if (self.adapter is None) == (self.adapters is None):
-            raise ValueError("give either 'adapter' (one name for every text) or 'adapters' (one name per text)")
-        if self.adapters is not None and len(self.adapters) != len(self.texts):
-            raise ValueError(f"'adapters' has {len(self.adapters)} names for {len(self.texts)} texts; give one per text")
-        return self
-
-    def names(self) -> list[str]:
-        return list(self.adapters) if self.adapters is not None else [self.adapter] * len(self.texts)
-
-
-class Prediction(BaseModel):
-    label: int = Field(description="the predicted label (as Deployer.predict's `label`)")
-    probability: float = Field(description="its probability")
-    adapter: str = Field(description="the adapter that answered")
-
-
-class PredictResponse(BaseModel):
-    predictions: list[Prediction] = Field(description="one per text, in the request's order")
-
-
-class ErrorResponse(BaseModel):
-    error: str = Field(description="a short code: too_many_texts, text_too_long, body_too_large, "
-                                   "malformed_request, unknown_adapter, missing_token, wrong_token, ...")
-    detail: Any = Field(None, description="what was wrong, and what to do")
-
-
-class RegisterRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(description="1-64 letters, digits, '_', '.' or '-', starting with a letter or digit")
-    path: str = Field(description="an adapter folder on the server's disk (adapter.safetensors + adapter.json)")
-    replace: bool = Field(False, description="replace an adapter of that name")
-
-
-class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    request_id: str = Field(description="the X-Request-ID header of the /predict answer")
-    labels: list[int | None] = Field(description="the true label of each text of that request; null: not known")
-
-
-class ApiError(Exception):
-    """An error answered as {"error": code, "detail": detail} with `status`."""
-
-    def __init__(self, status: int, error: str, detail, headers: dict | None = None):
-        super().__init__(error)
-        self.status, self.error, self.detail, self.headers = status, error, detail, headers
-
-
-def _errors(status: int, *codes: str) -> dict:
-    return {status: {"model": ErrorResponse, "description": ", ".join(codes)}}
-
-
-# -- metrics ------------------------------------------------------------------------------------
-
-class Metrics:
-    """The service's Prometheus metrics, in a registry of its own (several services per process work)."""
-
-    def __init__(self):
-        r = self.registry = CollectorRegistry()
-        self.http = Counter("peftkit_http_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
-        self.requests = Counter("peftkit_predict_requests", "/predict requests by adapter ('(mixed)': several in one "
-                                "request) and status", ["adapter", "status"], registry=r)
-        self.latency = Histogram("peftkit_predict_latency_seconds", "/predict latency by adapter", ["adapter"], registry=r,
-                                 buckets=(.002, .005, .01, .025, .05, .075, .1, .15, .25, .5, .75, 1, 2.5, 5, 10))
-        self.texts = Counter("peftkit_predict_texts", "texts classified, by adapter", ["adapter"], registry=r)
-        self.batch_texts = Histogram("peftkit_batch_texts", "texts per forward (dynamic batching)", registry=r,
-                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        self.batch_requests = Histogram("peftkit_batch_requests", "requests gathered per forward", registry=r,
-                                        buckets=(1, 2, 4, 8, 16, 32, 64))
-        self.batch_seconds = Histogram("peftkit_batch_seconds", "seconds per batch forward (tokenizing included)",
-                                       registry=r, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
-        self.alerts = Counter("peftkit_monitor_alerts", "monitor alerts raised, by adapter, kind and statistic",
-                              ["adapter", "kind", "statistic"], registry=r)
-        self.holding = Gauge("peftkit_monitor_alerts_active", "monitor alerts holding now, by adapter", ["adapter"], registry=r)
-        self.accuracy = Gauge("peftkit_monitor_accuracy", "rolling accuracy of the labelled feedback, by adapter",
-                              ["adapter"], registry=r)
-        self.feedback = Counter("peftkit_feedback_labels", "true labels received, by adapter", ["adapter"], registry=r)
-        self.adapters = Gauge("peftkit_adapters", "adapters registered", registry=r)
-        self.inflight = Gauge("peftkit_inflight_requests", "/predict requests received and not yet answered", registry=r)
-
-
-# -- dynamic batching ---------------------------------------------------------------------------
-
-@dataclass
-class _Pending:
-    texts: list[str]
-    names: list[str]
-    future: asyncio.Future
-    arrived: float
-
-
-@dataclass
-class Batcher:
-    """Gathers concurrent /predict requests into mixed batches and runs them one at a time in a
-    worker thread, so the event loop keeps accepting requests while the model computes."""
-
-    deployer: Deployer
-    wait_s: float
-    max_batch: int
-    metrics: Metrics
-    _queue: asyncio.Queue | None = None
-    _task: asyncio.Task | None = None
-    _carry: list = field(default_factory=list)
-    _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="peftkit-predict"))
-
-    def start(self) -> None:
-        self._queue = asyncio.Queue()
-        self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._pool.shutdown(wait=True)
-
-    async def predict(self, texts: list[str], names: list[str]):
-        """The Deployer's frame rows for these texts, computed in some batch."""
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(texts, names, future, time.monotonic()))
-        return await future
-
-    async def _next(self, timeout: float | None):
-        if self._carry:
-            return self._carry.pop(0)
-        if timeout is None:
-            return await self._queue.get()
-        if timeout <= 0:
-            return self._queue.get_nowait()  # QueueEmpty when nothing waits
-        return await asyncio.wait_for(self._queue.get(), timeout)
-
-    async def _loop(self) -> None:
-        while True:
-            batch = [await self._next(None)]
-            size = len(batch[0].texts)
-            deadline = batch[0].arrived + self.wait_s
-            while size < self.max_batch:
-                try:
-                    item = await self._next(deadline - time.monotonic())
-                except (asyncio.QueueEmpty, asyncio.TimeoutError):
-                    break
-                if size + len(item.texts) > self.max_batch:
-                    self._carry.append(item)  # first in the next batch
-                    break
-                batch.append(item)
-                size += len(item.texts)
-            try:
-                await self._run(batch)
-            except Exception as e:  # never let the loop die; each waiting request gets the error
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(e)
-
-    async def _run(self, batch: list[_Pending]) -> None:
-        known = set(self.deployer.names()) | {BASE}
-        live = []
-        for p in batch:
-            if p.future.done():  # the client went away
-                continue
-            gone = sorted(set(p.names) - known)
-            if gone:  # removed while the request waited
-                p.future.set_exception(UnknownAdapterError(f"no adapter named {gone[0]!r}"))
-            else:
-                live.append(p)
-        if not live:
-            return
-        texts = [t for p in live for t in p.texts]
-        names = [n for p in live for n in p.names]
-        t0 = time.perf_counter()
-        frame = await asyncio.get_running_loop().run_in_executor(self._pool, self._forward, texts, names)
-        self.metrics.batch_seconds.observe(time.perf_counter() - t0)
-        self.metrics.batch_texts.observe(len(texts))
-        self.metrics.batch_requests.observe(len(live))
-        start = 0
-        for p in live:
-            rows = frame.iloc[start:start + len(p.texts)]
-            start += len(p.texts)
-            if not p.future.done():
-                p.future.set_result(rows)
-
-    def _forward(self, texts, names):
-        dep = self.deployer
-        if not texts:
-            return dep.predict([], adapters=[])
-        try:
-            return dep.predict(texts, adapters=names, batch_size=len(texts))
-        except MixedBatchError:  # merged: one forward per adapter, rows put back in order
-            parts = {}
-            for n in dict.fromkeys(names):
-                idx = [i for i, m in enumerate(names) if m == n]
-                parts[n] = (idx, dep.predict([texts[i] for i in idx], adapter=n, batch_size=len(idx)))
-            frame = pd.concat([f for _, f in parts.values()], ignore_index=True)
-            order = np.argsort([i for idx, _ in parts.values() for i in idx], kind="stable")
-            return frame.iloc[order].reset_index(drop=True)
 
 
 # -- the service --------------------------------------------------------------------------------
@@ -474,8 +225,8 @@ def create_app(deployer: Deployer, directory, config: ServiceConfig | None = Non
                             status_code=500)
 
     @app.post("/predict", response_model=PredictResponse, tags=["predict"],
-              responses={**_errors(404, "unknown_adapter"), **_errors(413, "too_many_texts, text_too_long, body_too_large"),
-                         **_errors(422, "malformed_request")},
+              responses={**error_docs(404, "unknown_adapter"), **error_docs(413, "too_many_texts, text_too_long, body_too_large"),
+                         **error_docs(422, "malformed_request")},
               summary="Classify texts with one adapter, or one adapter per text")
     async def predict(body: PredictRequest):
         """Answers `{"predictions": [{"label", "probability", "adapter"}, ...]}` in the texts' order, the
@@ -530,8 +281,8 @@ def create_app(deployer: Deployer, directory, config: ServiceConfig | None = Non
 
     @app.post("/adapters", status_code=201, tags=["adapters"], dependencies=[Depends(admin)],
               summary="Register an adapter folder on the server's disk (admin)",
-              responses={**_errors(401, "missing_token"), **_errors(403, "wrong_token, admin_disabled"),
-                         **_errors(409, "adapter_exists"), **_errors(422, "malformed_request, bad_name, adapter_rejected")})
+              responses={**error_docs(401, "missing_token"), **error_docs(403, "wrong_token, admin_disabled"),
+                         **error_docs(409, "adapter_exists"), **error_docs(422, "malformed_request, bad_name, adapter_rejected")})
     async def register(body: RegisterRequest):
         """Checks the adapter against the base (as `Deployer.register`), serves it from the next request
         on, and saves the deployment so a restart keeps it."""
@@ -553,8 +304,8 @@ def create_app(deployer: Deployer, directory, config: ServiceConfig | None = Non
 
     @app.delete("/adapters/{name}", tags=["adapters"], dependencies=[Depends(admin)],
                 summary="Remove an adapter (admin)",
-                responses={**_errors(401, "missing_token"), **_errors(403, "wrong_token, admin_disabled"),
-                           **_errors(404, "unknown_adapter")})
+                responses={**error_docs(401, "missing_token"), **error_docs(403, "wrong_token, admin_disabled"),
+                           **error_docs(404, "unknown_adapter")})
     async def unregister(name: str):
         async with svc.admin_lock:
             if name not in svc.deployer.names():
@@ -564,7 +315,7 @@ def create_app(deployer: Deployer, directory, config: ServiceConfig | None = Non
         return {"deleted": name, "adapters": svc.known()}
 
     @app.post("/feedback", tags=["monitor"], summary="True labels for an earlier /predict answer",
-              responses={**_errors(404, "unknown_request"), **_errors(422, "malformed_request")})
+              responses={**error_docs(404, "unknown_request"), **error_docs(422, "malformed_request")})
     async def feedback(body: FeedbackRequest):
         """Records that request's texts, predictions and these labels in each adapter's Monitor; answers
         the alerts this raised (or resolved)."""
@@ -574,7 +325,7 @@ def create_app(deployer: Deployer, directory, config: ServiceConfig | None = Non
     async def monitor():
         return svc.monitor_summary()
 
-    @app.get("/health", tags=["service"], summary="Liveness", responses=_errors(503, "draining"))
+    @app.get("/health", tags=["service"], summary="Liveness", responses=error_docs(503, "draining"))
     async def health():
         body = {"status": "draining" if svc.draining else "ok", "base": svc.deployer.base,
                 "device": str(svc.deployer.device), "adapters": len(svc.deployer.names()),
@@ -643,105 +394,3 @@ class _Guard:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "(unmatched)"
             self.svc.metrics.http.labels(endpoint, str(status["code"])).inc()
-
-
-# -- running it ---------------------------------------------------------------------------------
-
-def open_deployment(directory, device: str = "auto", base: str | None = None) -> Deployer:
-    """The Deployer saved in `directory`; with `base`, a new empty deployment there when it holds none."""
-    d = Path(directory)
-    if not (d / "manifest.json").exists():
-        if base is None:
-            raise FileNotFoundError(f"{d} holds no deployment (no manifest.json). Save one with Deployer.save({str(d)!r}), "
-                                    "or pass --base minilm (or tiny) to start an empty one there.")
-        dep = Deployer(base, device=device)
-        dep.save(d)
-        return dep
-    return Deployer.load(d, device=device)
-
-
-def serve(directory, host: str = "127.0.0.1", port: int = 8000, config: ServiceConfig | None = None,
-          device: str = "auto", base: str | None = None, access_log: bool = False) -> int:
-    """Load the deployment in `directory` and serve it until SIGTERM or SIGINT (then drain). Prints one
-    JSON line, {"event": "listening", "url": ...}, once it accepts connections (port 0: any free port)."""
-    import uvicorn
-
-    import prometheus_client
-
-    prometheus_client.disable_created_metrics()  # this process is the service's: no *_created series
-    config = config or ServiceConfig()
-    dep = open_deployment(directory, device, base)
-    app = create_app(dep, directory, config)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # IPPROTO_TCP: asyncio then sets TCP_NODELAY (no 40 ms delayed-ACK stalls)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port (0: any free one).") from None
-    bound = sock.getsockname()[1]
-    shown = f"[{host}]" if family == socket.AF_INET6 else host
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets=None):
-            await super().startup(sockets)
-            print(json.dumps({"event": "listening", "url": f"http://{shown}:{bound}", "pid": os.getpid(),
-                              "adapters": dep.names(), "base": dep.base}), flush=True)
-
-        def handle_exit(self, sig, frame):  # uvicorn's, without re-raising the signal after the drain
-            app.svc.draining = True
-            if self.should_exit and sig == signal.SIGINT:
-                self.force_exit = True  # a second Ctrl-C: stop waiting
-            self.should_exit = True
-
-    server = Server(uvicorn.Config(app, log_level="warning", access_log=access_log, lifespan="on",
-                                   timeout_graceful_shutdown=config.drain_seconds, server_header=False))
-    server.run(sockets=[sock])
-    print(json.dumps({"event": "stopped", "pid": os.getpid()}), flush=True)
-    return 0
-
-
-class BackgroundServer:
-    """The service on `deployer` in a thread of this process, for tests and quick benchmarks (the
-    command line runs it as a process of its own). `url` once it listens; `stop()` drains and ends it."""
-
-    def __init__(self, deployer: Deployer, directory, config: ServiceConfig | None = None,
-                 host: str = "127.0.0.1", port: int = 0):
-        import uvicorn
-
-        self.app = create_app(deployer, directory, config)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # see serve()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        self.url = f"http://{host}:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on",
-                                                    timeout_graceful_shutdown=(config or ServiceConfig()).drain_seconds))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True,
-                                       name="peftkit-http")
-        self.thread.start()
-        for _ in range(1000):  # signals are the main thread's: here started is the readiness flag
-            if self.server.started or not self.thread.is_alive():
-                break
-            time.sleep(0.01)
-        if not self.server.started:
-            raise RuntimeError("the background service did not start; see the log above.")
-
-    def stop(self) -> None:
-        self.app.svc.draining = True
-        self.server.should_exit = True
-        self.thread.join(60)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
-def parse_metrics(text: str) -> pd.DataFrame:
-    """Prometheus text (GET /metrics) as a DataFrame: metric, labels..., value. For notebooks and tests."""
-    from prometheus_client.parser import text_string_to_metric_families
-    rows = [{"metric": s.name, **s.labels, "value": s.value}
-            for fam in text_string_to_metric_families(text) for s in fam.samples]
-    return pd.DataFrame(rows)
