@@ -15,6 +15,7 @@ from peftkit import runtime
 from peftkit.bases.fast_bert import use_unpadded_encoder
 from peftkit.compress import int8 as I
 from peftkit.compress import precision as P
+from peftkit.compress import timing as T
 from conftest import fresh, perturb
 
 TEXTS = [f"review {i}: the film was {'wonderful and moving' if i % 2 else 'dull, long and badly acted'}"
@@ -121,7 +122,7 @@ def test_the_timing_cache_is_keyed_on_the_cpu_and_torch(tiny, monkeypatch, cache
         return pk.optimize_for_inference(model, "auto", calibration=TEXTS, tokenizer=tok, verbose=False).inference_precision
     first = run()
     assert first.timing == "measured now" and len(fake.calls) == 1
-    assert first.cache_file == str(cache_dir / P.CACHE_FILE) == str(P.cache_path())
+    assert first.cache_file == str(cache_dir / T.CACHE_FILE) == str(P.cache_path())
     second = run()
     assert second.timing.startswith("from the cache") and len(fake.calls) == 1  # not timed again
     assert second.table.equals(first.table)
@@ -129,7 +130,7 @@ def test_the_timing_cache_is_keyed_on_the_cpu_and_torch(tiny, monkeypatch, cache
     assert run().timing == "measured now" and len(fake.calls) == 2  # another CPU: timed again
     monkeypatch.setattr(torch, "__version__", "9.9.9")
     assert run().timing == "measured now" and len(fake.calls) == 3  # another torch: timed again
-    entries = json.loads((cache_dir / P.CACHE_FILE).read_text())["entries"]
+    entries = json.loads((cache_dir / T.CACHE_FILE).read_text())["entries"]
     assert len(entries) == 3
     assert {e["cpu"].split(" (")[0] for e in entries.values()} == {"Test CPU A", "Test CPU B"}
     assert all("cpu=Test CPU" in k and "torch=" in k and "threads=" in k for k in entries)
@@ -141,10 +142,10 @@ def test_a_corrupt_cache_is_replaced_with_a_warning(tiny, monkeypatch, cache_dir
     model, tok = tiny
     monkeypatch.setattr(P, "time_models", fixed_times({}))
     cache_dir.mkdir(parents=True)
-    (cache_dir / P.CACHE_FILE).write_text("{not json")
+    (cache_dir / T.CACHE_FILE).write_text("{not json")
     with pytest.warns(RuntimeWarning, match="could not read the precision cache"):
         pk.optimize_for_inference(model, "auto", calibration=TEXTS, tokenizer=tok, verbose=False)
-    assert json.loads((cache_dir / P.CACHE_FILE).read_text())["version"] == P.CACHE_VERSION
+    assert json.loads((cache_dir / T.CACHE_FILE).read_text())["version"] == T.CACHE_VERSION
 
 
 def test_bf16_is_skipped_with_a_clear_message_where_the_cpu_lacks_it(tiny, monkeypatch):

@@ -40,42 +40,31 @@ small updates vanish. `merge_order_errors` measures each order against the exact
 neurons. Only the last makes a dense CPU matmul faster: a zero is multiplied like any number.
 """
 
-# One concept per module: int8.py (real int8), int8_embedding.py (int8 tables), kbit.py (simulated rounding and merge orders),
-# prune.py (pruning), precision.py (fp32, bf16 or int8 for inference, chosen for this CPU); common.py holds what they
-# share. Everything is re-exported here.
+# One concept per module: int8.py (real int8 layers), int8_embedding.py (int8 tables), smooth.py (SmoothQuant),
+# int8_file.py (int8 files and sizes), kbit.py (simulated rounding and merge orders), prune.py (pruning),
+# precision.py (fp32, bf16 or int8 for inference, chosen for this CPU) with bf16.py (the bf16 forms) and timing.py
+# (calibration, timing, its cache); common.py holds what they share. Everything is re-exported here.
 
 from .common import DTYPE_BYTES, merged_plain, skip_prefix, linear_layers  # noqa: F401
 from .int8_embedding import Int8Embedding, embedding_layers  # noqa: F401
 from .int8 import (  # noqa: F401
     Int8Linear,
-    Smoothed,
     _HAS_INT_MM,
     _ao_dynamic,
-    _int8_state,
     is_int8_module,
-    file_size,
-    input_absmax,
     KERNELS as INT8_KERNELS,
     int8_backend,
     int8_kernel,
-    load_int8,
     merge_int8_lora,
-    model_size,
     quantize_int8,
-    save_int8,
     set_int8_kernel,
-    smooth,
     using_int8_kernel,
 )
-from .precision import (  # noqa: F401
-    CANDIDATES,
-    PRECISIONS,
-    PrecisionChoice,
-    bf16_support,
-    cache_path,
-    optimize_for_inference,
-    use_bf16,
-)
+from .smooth import Smoothed, input_absmax, smooth  # noqa: F401
+from .int8_file import _int8_state, file_size, load_int8, model_size, save_int8  # noqa: F401
+from .bf16 import bf16_support, use_bf16  # noqa: F401
+from .precision import CANDIDATES, PRECISIONS, PrecisionChoice, optimize_for_inference  # noqa: F401
+from .timing import cache_path  # noqa: F401
 from .kbit import (  # noqa: F401
     ORDERS,
     error_sweep,

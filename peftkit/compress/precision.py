@@ -41,15 +41,9 @@ candidates that change no module and no weight qualify: fp32 and bf16 autocast.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
-import json
 import math
-import os
-import statistics
-import sys
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,85 +55,23 @@ from torch import nn
 
 from .. import runtime
 from ..layers.lora import MergeError
+from .bf16 import bf16_support, use_bf16
 from .common import merged_plain
 from .int8 import int8_backend, quantize_int8
+from .timing import (
+    cache_key,
+    cache_path,
+    calibration_batches,
+    clock,
+    model_signature,
+    predictions,
+    read_cache,
+    time_models,
+    write_cache,
+)
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8", "bf16-autocast", "bf16-weights")
 CANDIDATES = ("fp32", "bf16-autocast", "bf16-weights", "int8")
-CACHE_FILE = "inference_precision.json"
-CACHE_VERSION = 1
-
-
-# --------------------------------------------------------------------------- the bf16 forms
-
-_CLASSES: dict = {}  # (plain class, mode) -> its subclass with the bf16 forward
-
-
-def _bf16_forward(self, *args, **kwargs):
-    mode = type(self)._peftkit_bf16
-    device = next(self.parameters()).device.type
-    ctx = torch.autocast(device, dtype=torch.bfloat16) if mode == "autocast" else contextlib.nullcontext()
-    with ctx:
-        out = super(type(self), self).forward(*args, **kwargs)
-    return to_fp32(out)
-
-
-def to_fp32(out):
-    """The output with every floating tensor in fp32 (logits of a bf16 model come out bf16)."""
-    if isinstance(out, torch.Tensor):
-        return out.float() if out.is_floating_point() else out
-    if isinstance(out, dict):  # transformers' ModelOutput is a dict: set the fields in place
-        for k, v in list(out.items()):
-            out[k] = to_fp32(v)
-        return out
-    if isinstance(out, tuple) and not hasattr(out, "_fields"):
-        return tuple(to_fp32(v) for v in out)
-    return out
-
-
-def plain_class(model: nn.Module) -> type:
-    """The model's class without peftkit's bf16 forward."""
-    cls = type(model)
-    return cls.__mro__[1] if getattr(cls, "_peftkit_bf16", None) else cls
-
-
-def use_bf16(model: nn.Module, mode: str | None) -> nn.Module:
-    """Give `model` (in place) the bf16 forward `mode` ("autocast" or "weights"; None: back to its
-    plain class). The forward returns fp32 outputs either way. The class is swapped, not wrapped,
-    so names, state dict, config and isinstance checks stay as they were; "weights" also casts
-    every floating parameter and buffer to bf16 (and None casts them back to fp32)."""
-    base = plain_class(model)
-    if mode is None:
-        model.__class__ = base
-        return model
-    if mode not in ("autocast", "weights"):
-        raise ValueError(f"bf16 mode {mode!r} is not 'autocast' or 'weights'.")
-    if (base, mode) not in _CLASSES:
-        # Same __name__ as the plain class, so that what reads the architecture's name (the adapter
-        # fingerprint, reprs) sees the same model; its own __qualname__, under which pickle finds it here.
-        qualname = f"{base.__name__}BF16{mode.capitalize()}"
-        cls = type(base.__name__, (base,), {"forward": _bf16_forward, "__module__": __name__,
-                                            "__qualname__": qualname, "_peftkit_bf16": mode})
-        setattr(sys.modules[__name__], qualname, cls)
-        _CLASSES[base, mode] = cls
-    model.__class__ = _CLASSES[base, mode]
-    if mode == "weights":
-        model.to(torch.bfloat16)
-    return model
-
-
-def bf16_support(device: torch.device | str = "cpu") -> tuple[bool, str]:
-    """(whether bf16 runs in hardware on `device`, the reason in words)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        ok = torch.cuda.is_bf16_supported()
-        return ok, "this GPU multiplies bf16" if ok else "this GPU has no bf16 arithmetic"
-    if device.type != "cpu":
-        return False, f"bf16 inference is offered on the CPU and CUDA only, not {device.type}"
-    if runtime.cpu_has_bf16():
-        return True, f"this CPU ({runtime.cpu_name()}) has AVX512-BF16 or AMX"
-    return False, (f"this CPU ({runtime.cpu_name()}) has neither AVX512-BF16 nor AMX: torch would emulate "
-                   "bf16, which runs slower than fp32")
 
 
 # --------------------------------------------------------------------------- the candidates
@@ -181,134 +113,6 @@ _NOT_SWAPPABLE = ("int8 and bf16 weights replace the base's Linear weights, so a
                   "or merged into them; a Deployer serves fp32 or bf16 autocast. To serve one adapter in int8, "
                   "merge it and call optimize_for_inference(model, 'int8') on that model.")
 
-
-# --------------------------------------------------------------------------- calibration and timing
-
-def default_calibration(per_domain: int = 32, seed: int = 0) -> list[str]:
-    """`per_domain` training texts of each domain of the bundled corpus: the calibration a Deployer
-    uses when it is given none."""
-    from ..data import FILES, CorpusError, load_corpus, sample_rows, split
-    try:
-        return [t for d in FILES for t in sample_rows(split(load_corpus(d), seed=seed)["train"], per_domain, seed).text]
-    except CorpusError as e:
-        raise ValueError(f"precision='auto' needs calibration texts, and none were given: pass calibration=[...] "
-                         f"(texts like the ones you will serve). The bundled corpus would do, but: {e}") from None
-
-
-def calibration_batches(calibration, tokenizer=None, batch_size: int = 32, max_length: int = 128) -> list[dict]:
-    """Model-input batches from `calibration`: a list of texts (tokenized here, `batch_size` at a
-    time, each batch padded to its longest text) or a list of model-input dicts (used as they are)."""
-    if calibration is None:
-        return []
-    if isinstance(calibration, (str, bytes)):
-        raise TypeError("calibration takes a list of texts, got a single string; wrap it: [text].")
-    items = list(calibration)
-    if not items:
-        raise ValueError("calibration is empty: pass a few hundred texts like the ones you will serve.")
-    if all(isinstance(t, dict) for t in items):
-        return [{k: v for k, v in b.items() if k != "labels"} for b in items]
-    if not all(isinstance(t, str) for t in items):
-        raise TypeError("calibration must be a list of texts or a list of model-input dicts (a mix, or other "
-                        f"items such as {type(next(t for t in items if not isinstance(t, (str, dict)))).__name__}, is not).")
-    if tokenizer is None:
-        raise ValueError("calibration texts need the model's tokenizer: optimize_for_inference(..., tokenizer=tok).")
-    return [dict(tokenizer(items[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                           return_tensors="pt")) for i in range(0, len(items), batch_size)]
-
-
-def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
-    out = model(**batch)
-    out = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
-    return out.float()
-
-
-@torch.inference_mode()
-def predictions(model: nn.Module, batches: list[dict]) -> torch.Tensor:
-    """Argmax of the logits over every batch, in order."""
-    return torch.cat([_logits(model, b).argmax(-1).reshape(-1) for b in batches])
-
-
-def clock():
-    """(clock, its name): this thread's CPU time when torch runs one thread (immune to other
-    processes on a shared machine), else wall time."""
-    return (time.thread_time, "thread CPU time") if torch.get_num_threads() == 1 else (time.perf_counter, "wall time")
-
-
-@torch.inference_mode()
-def time_models(models: dict[str, nn.Module], batches: list[dict], repeats: int = 5) -> dict[str, float]:
-    """Median milliseconds per batch of each model over `batches`: one warm-up pass each, then
-    `repeats` rounds in which every model runs every batch, the order rotating each round."""
-    tick, _ = clock()
-    names = list(models)
-    for n in names:
-        for b in batches:
-            models[n](**b)
-    times = {n: [] for n in names}
-    for r in range(repeats):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            t0 = tick()
-            for b in batches:
-                models[n](**b)
-            times[n].append((tick() - t0) / len(batches))
-    return {n: 1000 * statistics.median(v) for n, v in times.items()}
-
-
-# --------------------------------------------------------------------------- the cache
-
-def cache_path() -> Path:
-    """Where "auto" keeps its timings (see the module docstring)."""
-    if os.environ.get("PEFTKIT_CACHE_DIR"):
-        return Path(os.environ["PEFTKIT_CACHE_DIR"]) / CACHE_FILE
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "peftkit" / CACHE_FILE
-
-
-def model_signature(model: nn.Module) -> str:
-    """What the timing depends on in the model: its class and parameter count (and, for
-    transformers models, hidden size, layers and heads)."""
-    cfg = getattr(model, "config", None)
-    shape = ""
-    if cfg is not None:
-        shape = "/".join(str(getattr(cfg, k, "")) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                             "intermediate_size"))
-    n = sum(p.numel() for p in model.parameters())
-    return f"{plain_class(model).__name__}:{n}" + (f":{shape}" if shape else "")
-
-
-def cache_key(model: nn.Module, batches: list[dict], candidates) -> str:
-    """The CPU (model and flags), torch, threads, model, batch shape and candidates: one entry each."""
-    first = batches[0]
-    ids = first.get("input_ids", next(iter(first.values())))
-    return "|".join([f"cpu={runtime.cpu_summary()}", f"torch={torch.__version__}", f"threads={torch.get_num_threads()}",
-                     f"model={model_signature(model)}", f"batch={tuple(ids.shape)}x{len(batches)}",
-                     f"candidates={','.join(sorted(candidates))}"])
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        if data.get("version") == CACHE_VERSION and isinstance(data.get("entries"), dict):
-            return data
-        warnings.warn(f"{path} is not a peftkit precision cache of version {CACHE_VERSION}: starting it afresh.",
-                      RuntimeWarning, stacklevel=3)
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError) as e:
-        warnings.warn(f"could not read the precision cache {path} ({e}): timing again.", RuntimeWarning, stacklevel=3)
-    return {"version": CACHE_VERSION, "entries": {}}
-
-
-def _write_cache(path: Path, key: str, entry: dict) -> None:
-    data = _read_cache(path)
-    data["entries"][key] = entry
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
-    except OSError as e:
-        warnings.warn(f"could not write the precision cache {path} ({e}); the choice still holds.",
-                      RuntimeWarning, stacklevel=3)
 
 
 # --------------------------------------------------------------------------- the choice
@@ -391,13 +195,13 @@ def optimize_for_inference(model: nn.Module, precision: str = "auto", calibratio
         timed_batches = batches[:timing_batches]
         key = cache_key(reference, timed_batches, models)
         path = None if cache is False or cache is None else (cache_path() if cache is True else Path(cache))
-        entry = _read_cache(path)["entries"].get(key) if path else None
+        entry = read_cache(path)["entries"].get(key) if path else None
         if entry and set(entry.get("ms", {})) == set(models):
             ms, timing = entry["ms"], f"from the cache ({entry.get('measured', 'date not recorded')})"
         else:
             ms, timing = time_models(models, timed_batches, repeats), "measured now"
             if path:
-                _write_cache(path, key, {"ms": ms, "clock": clock()[1], "measured": _now(), "cpu": runtime.cpu_summary(),
+                write_cache(path, key, {"ms": ms, "clock": clock()[1], "measured": _now(), "cpu": runtime.cpu_summary(),
                                          "torch": torch.__version__, "threads": torch.get_num_threads(),
                                          "model": model_signature(reference), "batch_size": batch_size,
                                          "max_length": max_length, "timing_batches": len(timed_batches)})

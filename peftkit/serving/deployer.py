@@ -40,7 +40,8 @@ import pandas as pd
 import torch
 
 from ..bases.models import load_base
-from ..compress.precision import default_calibration, optimize_for_inference
+from ..compress.precision import optimize_for_inference
+from ..compress.timing import default_calibration
 from ..core.methods import Method
 from ..core.surgery import apply, find_head, lora_layers, remove
 from ..data.loaders import pad_batch
