@@ -64,6 +64,7 @@ class Federation:
     tokenizer: object = field(default=None, repr=False)
     state: dict = field(default_factory=dict, repr=False)  # the global adapter state
     last_down: int = 0  # bytes the last round broadcast to each client
+    merged: list = field(default_factory=list, repr=False)  # FLoRA: each round's stacked state, merged into the base
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -108,21 +109,29 @@ class Federation:
         return client_state(model, n_examples=len(loaders["train"].dataset)), float(hist.loss.mean())
 
     def server_round(self, uploads: list[ClientState], round_: int) -> float:
-        """Aggregate the uploads into the global model; returns the aggregation error."""
+        """Aggregate the uploads into the global model; returns the aggregation error. FLoRA's
+        stacked state is merged into the global base, and kept in `merged`."""
         if not uploads:  # every sampled client dropped out: the global model stays as it was
+            self.last_down = 0
             return float("nan")
         new = aggregate(uploads, self.strategy, base=self.model())
         error = aggregation_error(uploads, new, self.strategy)
         # the broadcast: FLoRA's stacked factors (each client merges them) and head; else the new state
         self.last_down = payload_bytes(new, "fedit" if self.strategy == "flora" else self.strategy, "down")
         if self.strategy == "flora":
-            model = self.model(new, flora_method(self.method, new))
-            self.base_model = unload(model)  # s B A merged into the base weights, the wrappers gone
+            self.merge_update(new)
             head = {k: v for k, v in new.items() if k.startswith(HEAD + ".")}
             self.state = self.fresh_state(round_, head)
+            self.merged.append(new)
         else:
             self.state = new
         return error
+
+    def merge_update(self, stacked: dict) -> None:
+        """FLoRA: merge a stacked server state (scale 1) into the global base's weights."""
+        model = self.model(stacked, flora_method(self.method, stacked))
+        self.base_model = unload(model)  # s B A merged into the base weights, the wrappers gone
+
 
 def client_loaders(tokenizer, domain: str, n_train: int | None, n_eval: int | None, seed: int,
                    batch_size: int, max_length: int) -> dict:

@@ -1,0 +1,127 @@
+"""The federation on Flower's own engine: a SuperLink and two SuperNodes on 127.0.0.1, started
+with Flower's commands, run two FLoRA rounds of peftkit's ClientApp and ServerApp on the tiny
+BERT; the aggregated adapter must equal the in-process simulator's with the same seeds.
+
+Runs once (about a minute). Every process is started in its own session and its whole group is
+ended afterwards, whatever happened. Skipped, saying why, only when flwr is not installed."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+flwr = pytest.importorskip("flwr", reason="flwr is not installed: pip install 'peftkit[federated]' (or flwr==1.42.*)")
+
+from peftkit.studies.federated_sim import simulate_federated  # noqa: E402
+from peftkit.studies.flower_app import write_project  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SETTINGS = dict(strategy="flora", rounds=2, local_steps=2, clients=("movies", "amazon"), base="tiny",
+                n_train=32, n_eval=16, seed=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the SuperLink exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"the SuperLink did not listen on 127.0.0.1:{port} within {timeout} s")
+
+
+def stop(procs) -> None:
+    """SIGTERM each process group (the SuperLink's ServerApp, the SuperNodes' ClientApps), then SIGKILL."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # whatever of the group is left, children included
+        except ProcessLookupError:
+            pass
+        p.wait()
+
+
+@pytest.fixture(scope="module")
+def flower_run(tmp_path_factory):
+    if not (BIN / "flower-superlink").exists():
+        pytest.skip(f"flwr is importable but its commands are not in {BIN}")
+    tmp = tmp_path_factory.mktemp("flower")
+    port = free_port()
+    home, out = tmp / "flwr-home", tmp / "out"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "peftkit"\n\n[superlink.peftkit]\n'
+                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    write_project(tmp / "app", out=str(out), **SETTINGS)
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    logs, procs = {}, []
+
+    def start(name, *args):
+        logs[name] = open(tmp / f"{name}.log", "w")
+        procs.append(subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=tmp, env=env, stdout=logs[name],
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+        return procs[-1]
+
+    try:
+        link = start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+                     "--port", str(port))
+        wait_for_port(port, link)
+        for i, client in enumerate(SETTINGS["clients"]):
+            start(f"supernode-{client}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                  "--port", str(free_port()), "--node-config", f'client="{client}"')
+        run = subprocess.run([str(BIN / "flwr"), "run", str(tmp / "app"), "peftkit", "--stream"], cwd=tmp, env=env,
+                             capture_output=True, text=True, timeout=420)
+    finally:
+        stop(procs)
+        for f in logs.values():
+            f.close()
+    if not (out / "rounds.json").exists():
+        tails = "\n".join(f"--- {n}:\n" + (tmp / f"{n}.log").read_text()[-1500:] for n in logs)
+        pytest.fail(f"the Flower run wrote no result (flwr run rc={run.returncode}):\n{run.stdout[-2000:]}"
+                    f"\n{run.stderr[-1000:]}\n{tails}")
+    return out
+
+
+def test_flower_rounds_equal_the_in_process_simulator(flower_run):
+    df = simulate_federated(**SETTINGS, progress=False)
+    fed = df.attrs["federation"]
+    rounds = json.loads((flower_run / "rounds.json").read_text())["rounds"]
+    assert [r["trained"] for r in rounds] == [list(SETTINGS["clients"])] * 2
+    assert len(fed.merged) == 2
+    for t, stacked in enumerate(fed.merged, 1):
+        got = load_file(flower_run / f"merged-{t}.safetensors")
+        assert set(got) == set(stacked) and any(k.endswith("lora_B") for k in got)
+        for k, v in stacked.items():
+            assert torch.allclose(got[k], v, atol=1e-6, rtol=0), (t, k)
+        assert got[next(k for k in got if k.endswith("lora_A"))].shape[0] == 2 * 8  # two clients' ranks stacked
+    final = load_file(flower_run / "state.safetensors")
+    for k, v in fed.state.items():
+        assert torch.allclose(final[k], v, atol=1e-6, rtol=0), k
+    sim_errors = df.drop_duplicates("round").set_index("round")["aggregation_error"]
+    for r in rounds:
+        assert r["aggregation_error"] == pytest.approx(sim_errors[r["round"]], abs=1e-9)
+        assert r["aggregation_error"] < 1e-6  # FLoRA is exact
