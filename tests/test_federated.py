@@ -3,6 +3,8 @@ measured error, FedAvg, and every refusal. Tiny models only; the simulator runs 
 
 import math
 
+import pandas as pd
+
 import pytest
 import torch
 
@@ -183,3 +185,69 @@ def test_refuses_the_rest_clearly():
         F.aggregate([states[0].tensors, bad], "fedit", method=LORA)
     with pytest.raises(F.FederatedError, match="list with one state per client"):
         F.aggregate(states[0].tensors, "fedit")
+
+
+# --- the in-process simulator (tiny BERT, a few steps) --------------------------------------
+
+from peftkit.studies.federated_sim import Federation, per_round, round_plan, simulate_federated  # noqa: E402
+
+SIM = dict(rounds=2, local_steps=2, clients=("movies", "nyt", "tweets"), base="tiny", n_train=24, n_eval=16,
+           progress=False)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return {s: simulate_federated(s, **SIM) for s in ("fedit", "ffa", "flora")}
+
+
+def test_simulator_rows_bytes_and_errors(runs):
+    for s, df in runs.items():
+        assert len(df) == (SIM["rounds"] + 1) * 3 and set(df["round"]) == {0, 1, 2}
+        assert df.loc[df["round"] == 0, "bytes_up"].sum() == 0 and df["accuracy"].between(0, 1).all()
+        assert df.loc[df["round"] > 0, "trained"].all()
+        trained = df[df["round"] > 0]
+        assert (trained["bytes_up"] > 0).all() and trained["train_loss"].notna().all()
+    err = {s: df.loc[df["round"] > 0, "aggregation_error"] for s, df in runs.items()}
+    assert (err["ffa"] < 1e-6).all() and (err["flora"] < 1e-6).all()
+    assert (err["fedit"] > 1e-4).all()  # inexact: the cross terms of independently trained A and B
+    up = {s: df.loc[df["round"] == 1, "bytes_up"].iloc[0] for s, df in runs.items()}
+    assert up["ffa"] < up["fedit"] == up["flora"]
+    summary = per_round(pd.concat(runs.values()))
+    assert list(summary.columns[:2]) == ["strategy", "round"] and (summary.groupby("strategy")["cumulative_bytes"]
+                                                                     .apply(lambda c: c.is_monotonic_increasing).all())
+
+
+def test_simulator_is_reproducible_and_ffa_keeps_its_shared_a(runs):
+    again = simulate_federated("ffa", **SIM)
+    a, b = runs["ffa"].attrs["federation"].state, again.attrs["federation"].state
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    first = Federation("ffa", pk.LoRA(r=8, alpha=16), base="tiny").state
+    assert all(torch.equal(a[k], first[k]) for k in a if k.endswith("lora_A"))  # A never trained
+    assert any(not torch.equal(a[k], first[k]) for k in a if k.endswith("lora_B"))
+
+
+def test_sampling_and_dropout_are_seeded():
+    clients = ("movies", "amazon", "nyt", "tweets")
+    plans = [round_plan(t, clients, 0.5, 0.3, seed=1) for t in range(1, 30)]
+    assert plans == [round_plan(t, clients, 0.5, 0.3, seed=1) for t in range(1, 30)]
+    assert all(len(s) == 2 and set(d) <= set(s) for s, d in plans)
+    assert any(d for _, d in plans) and any(not d for _, d in plans)
+    assert plans != [round_plan(t, clients, 0.5, 0.3, seed=2) for t in range(1, 30)]
+    df = simulate_federated("fedit", **{**SIM, "rounds": 1, "sample": 2, "dropout": 0.5, "seed": 3})
+    r1 = df[df["round"] == 1]
+    sampled, dropped = round_plan(1, SIM["clients"], 2, 0.5, 3)
+    assert list(r1.loc[r1.sampled, "client"]) == sampled and list(r1.loc[r1.dropped, "client"]) == dropped
+    assert set(r1.loc[r1.trained, "client"]) == set(sampled) - set(dropped)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rounds": 0}, "rounds must be"), ({"local_steps": 1.5}, "local_steps must be"),
+    ({"clients": ("movies", "imdb")}, "distinct domains"), ({"sample": 0.0}, "sample must be"),
+    ({"sample": 5}, "sample must be"), ({"dropout": 1.0}, "dropout must be"),
+    ({"method": pk.FullFineTune()}, "needs a LoRA spec"),
+])
+def test_simulator_refuses_bad_settings(kwargs, message):
+    with pytest.raises(F.FederatedError, match=message):
+        simulate_federated("ffa", **{**SIM, **kwargs})
+    with pytest.raises(F.FederatedError, match="unknown strategy"):
+        simulate_federated("scaffold", **SIM)

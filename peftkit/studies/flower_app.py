@@ -47,9 +47,7 @@ def settings(run_config) -> dict:
     cfg["clients"] = tuple(c for c in str(cfg["clients"]).split(",") if c)
     spec = cfg["method"]
     cfg["method"] = Method.from_dict(json.loads(spec)) if spec else default_method(cfg["strategy"])
-    sample = cfg["sample"]
-    cfg["sample"] = int(sample) if float(sample) > 1 or (isinstance(sample, int) and sample == len(cfg["clients"]) > 1) \
-        else float(sample)
+    cfg["sample"] = float(cfg["sample"])  # a fraction of the clients, in (0, 1]
     return cfg
 
 
