@@ -251,3 +251,17 @@ def test_simulator_refuses_bad_settings(kwargs, message):
         simulate_federated("ffa", **{**SIM, **kwargs})
     with pytest.raises(F.FederatedError, match="unknown strategy"):
         simulate_federated("scaffold", **SIM)
+
+
+def test_figures_draw_each_strategy_in_its_colour(runs):
+    from peftkit.notebook.plots_federated import aggregation_error_figure, federated_figure, strategy_colors
+    df = pd.concat(runs.values())
+    fig = federated_figure(df)
+    colors = strategy_colors()
+    assert len(set(colors.values())) == len(colors) == 4
+    drawn = {t.legendgroup: t.line.color for t in fig.data}
+    assert drawn == {s: colors[s] for s in runs}
+    assert fig.layout.xaxis2.type == "log"
+    assert len(aggregation_error_figure(df).data) == 3
+    with pytest.raises(ValueError, match="simulate_federated's rows"):
+        federated_figure(pd.DataFrame({"x": [1]}))

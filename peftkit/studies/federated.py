@@ -48,12 +48,12 @@ from ..core.surgery import applied
 from ..files.adapter_file import AdapterFile, adapter_state, fingerprint, read_adapter
 from ..layers.names import LORA_PREFIX
 
-# strategy -> (label, colour, what it is). The colours are fixed here as the methods' are in the
+# strategy -> (label, colour). The colours are fixed here, as the methods' are in the
 # registry, so every figure draws a strategy in the same colour; fedavg takes the full fine-tune's.
 STRATEGIES = {
-    "fedit": ("FedIT (average A and B)", "#d62728"),
-    "ffa": ("FFA-LoRA (A frozen, average B)", "#2ca02c"),
-    "flora": ("FLoRA (stack the factors)", "#9467bd"),
+    "fedit": ("FedIT (average A and B)", "#8c564b"),
+    "ffa": ("FFA-LoRA (A frozen, average B)", "#17becf"),
+    "flora": ("FLoRA (stack the factors)", "#e377c2"),
     "fedavg": ("FedAvg (full fine-tune)", None),  # None: the registry's colour for "full"
 }
 LORA_STRATEGIES = ("fedit", "ffa", "flora")
