@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..core.methods import LoRA, Method
-from ..core.surgery import applied
+from ..core.surgery import applied, find_head
 from ..files.adapter_file import AdapterFile, adapter_state, fingerprint, read_adapter
 from ..layers.names import LORA_PREFIX
 
@@ -166,7 +166,7 @@ def _check_clients(clients: list[ClientState], strategy: str, method, base) -> M
     if isinstance(base, nn.Module):
         done = applied(base)
         m = done.method if done is not None else ref
-        head = (done.heads if len(done.heads) > 1 else done.head) if done is not None else "classifier"
+        head = (done.heads if len(done.heads) > 1 else done.head) if done is not None else find_head(base)
         server = fingerprint(base, head, m) if m is not None else None
     prints = [(i, c.base) for i, c in enumerate(clients) if c.base is not None]
     want = server if server is not None else (prints[0][1] if prints else None)
@@ -246,7 +246,8 @@ def aggregate(client_states, strategy: str = "fedit", weights=None, method: Meth
 
     client_states: one per client: a dict of tensors (as `adapter_state` gives), a ClientState, an
     adapter folder or AdapterFile, or a model with a method applied. weights: one per client
-    (e.g. its examples), normalised; None: equal. method: the clients' spec, needed for LoRA's
+    (e.g. its examples), normalised; None: the clients' `n_examples` when every one carries it,
+    else equal. method: the clients' spec, needed for LoRA's
     scale when the states are plain dicts. base: the server's base (a model, or its fingerprint
     dict); every client that carries a fingerprint must match it.
     For "flora" the result has rank sum r_k and scale 1: load it with `flora_method(method, state)`.
