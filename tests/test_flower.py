@@ -2,12 +2,11 @@
 with Flower's commands, run two FLoRA rounds of peftkit's ClientApp and ServerApp on the tiny
 BERT; the aggregated adapter must equal the in-process simulator's with the same seeds.
 
-Runs once (about a minute). Every process is started in its own session and its whole group is
+Runs once (one to two minutes). Every process started here, and every process they start, is
 ended afterwards, whatever happened. Skipped, saying why, only when flwr is not installed."""
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -48,20 +47,30 @@ def wait_for_port(port: int, proc, timeout: float = 90) -> None:
 
 
 def stop(procs) -> None:
-    """SIGTERM each process group (the SuperLink's ServerApp, the SuperNodes' ClientApps), then SIGKILL."""
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
+    """End every process started here and all their descendants: the SuperLink starts
+    flower-superexec in a session of its own, so a process group alone would miss it. SIGTERM
+    first, SIGKILL for whatever is left after 15 s."""
+    import psutil  # ipykernel's dependency, so always here
+    family = []
     for p in procs:
         try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+            me = psutil.Process(p.pid)
+            family += [me, *me.children(recursive=True)]
+        except psutil.NoSuchProcess:
             pass
+    for q in family:
         try:
-            os.killpg(p.pid, signal.SIGKILL)  # whatever of the group is left, children included
-        except ProcessLookupError:
+            q.terminate()
+        except psutil.NoSuchProcess:
             pass
+    _, alive = psutil.wait_procs(family, timeout=15)
+    for q in alive:
+        try:
+            q.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    for p in procs:
         p.wait()
 
 
