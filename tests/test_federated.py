@@ -265,3 +265,16 @@ def test_figures_draw_each_strategy_in_its_colour(runs):
     assert len(aggregation_error_figure(df).data) == 3
     with pytest.raises(ValueError, match="simulate_federated's rows"):
         federated_figure(pd.DataFrame({"x": [1]}))
+
+
+def test_simulated_flora_stacks_clients_of_different_ranks():
+    df = simulate_federated("flora", **{**SIM, "rounds": 1, "ranks": {"movies": 2, "tweets": 4}})
+    fed = df.attrs["federation"]
+    stacked = fed.merged[0]
+    a = next(k for k in stacked if k.endswith("lora_A"))
+    assert stacked[a].shape[0] == 2 + 8 + 4  # movies 2, nyt the method's 8, tweets 4
+    assert (df.loc[df["round"] == 1, "aggregation_error"] < 1e-6).all()
+    with pytest.raises(F.FederatedError, match="only FLoRA"):
+        simulate_federated("fedit", **{**SIM, "ranks": {"movies": 2}})
+    with pytest.raises(F.FederatedError, match="not in this federation"):
+        simulate_federated("flora", **{**SIM, "ranks": {"amazon": 2}})

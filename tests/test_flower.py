@@ -1,6 +1,6 @@
 """The federation on Flower's own engine: a SuperLink and two SuperNodes on 127.0.0.1, started
-with Flower's commands, run two FLoRA rounds of peftkit's ClientApp and ServerApp on the tiny
-BERT; the aggregated adapter must equal the in-process simulator's with the same seeds.
+with Flower's commands, run two FLoRA rounds (client ranks 8 and 4) of peftkit's ClientApp and
+ServerApp on the tiny BERT; the aggregated adapter must equal the in-process simulator's with the same seeds.
 
 Runs once (one to two minutes). Every process started here, and every process they start, is
 ended afterwards, whatever happened. Skipped, saying why, only when flwr is not installed."""
@@ -25,7 +25,7 @@ from peftkit.studies.flower_app import write_project  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SETTINGS = dict(strategy="flora", rounds=2, local_steps=2, clients=("movies", "amazon"), base="tiny",
-                n_train=32, n_eval=16, seed=0)
+                n_train=32, n_eval=16, seed=0, ranks={"amazon": 4})  # FLoRA with different ranks per client
 
 
 def free_port() -> int:
@@ -126,7 +126,7 @@ def test_flower_rounds_equal_the_in_process_simulator(flower_run):
         assert set(got) == set(stacked) and any(k.endswith("lora_B") for k in got)
         for k, v in stacked.items():
             assert torch.allclose(got[k], v, atol=1e-6, rtol=0), (t, k)
-        assert got[next(k for k in got if k.endswith("lora_A"))].shape[0] == 2 * 8  # two clients' ranks stacked
+        assert got[next(k for k in got if k.endswith("lora_A"))].shape[0] == 8 + 4  # the two clients' ranks stacked
     final = load_file(flower_run / "state.safetensors")
     for k, v in fed.state.items():
         assert torch.allclose(final[k], v, atol=1e-6, rtol=0), k

@@ -21,6 +21,7 @@ frozen A never travels); down, the server state broadcast to every client of the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ class Federation:
     state: dict = field(default_factory=dict, repr=False)  # the global adapter state
     last_down: int = 0  # bytes the last round broadcast to each client
     merged: list = field(default_factory=list, repr=False)  # FLoRA: each round's stacked state, merged into the base
+    ranks: dict | None = None  # FLoRA only: client -> its LoRA rank (default: the method's)
+    fresh_round: int = 0  # FLoRA: the round whose seed initialised the global LoRA
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -74,16 +77,21 @@ class Federation:
             want = "a LoRA spec" if self.strategy != "fedavg" else "a non-LoRA method such as FullFineTune()"
             raise FederatedError(f"strategy {self.strategy!r} needs {want}, got {self.method.describe()}.")
         self.lr = self.lr if self.lr is not None else self.method.default_lr
+        if self.ranks and self.strategy != "flora":
+            raise FederatedError(f"ranks per client: only FLoRA stacks factors of different ranks, not {self.strategy!r}.")
+        for c, r in (self.ranks or {}).items():
+            if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
+                raise FederatedError(f"ranks[{c!r}] must be a positive integer rank, got {r!r}.")
         if self.base_model is None:
             self.base_model, self.tokenizer = load_base(self.base, num_labels=2, seed=self.seed)
         self.state = self.fresh_state(0)
 
-    def fresh_state(self, round_: int, head: dict | None = None) -> dict:
+    def fresh_state(self, round_: int, head: dict | None = None, method: Method | None = None) -> dict:
         """The method applied to the global base from seed (seed, round): A kaiming, B zero (the
         shared A of FFA-LoRA; FLoRA's re-initialised LoRA), with `head` (name -> tensor) if given."""
         model = copy.deepcopy(self.base_model)
         torch.manual_seed(self.seed * 1009 + round_)
-        apply(model, self.method, head=HEAD)
+        apply(model, method or self.method, head=HEAD)
         state = {k: v.detach().clone() for k, v in adapter_state(model).items()}
         state.update(head or {})
         return state
@@ -94,10 +102,18 @@ class Federation:
         return apply_and_fill(model, method or self.method, HEAD, self.state if state is None else state,
                               "the global adapter state")
 
-    def local_update(self, loaders: dict, local_steps: int, client_seed: int) -> tuple[ClientState, float]:
+    def local_update(self, loaders: dict, local_steps: int, client_seed: int,
+                     client: str | None = None) -> tuple[ClientState, float]:
         """One client's round: the global model, `local_steps` steps of `fit` on its train loader
-        (FFA-LoRA: with A frozen), its upload and mean training loss."""
-        model = self.model()
+        (FFA-LoRA: with A frozen), its upload and mean training loss. With FLoRA ranks per client,
+        the client's fresh LoRA has its own rank (A from the round's seed, B zero)."""
+        r = (self.ranks or {}).get(client)
+        if r is not None and r != self.method.r:
+            method = dataclasses.replace(self.method, r=r)
+            head = {k: v for k, v in self.state.items() if k.startswith(HEAD + ".")}
+            model = self.model(self.fresh_state(self.fresh_round, head, method), method)
+        else:
+            model = self.model()
         if self.strategy == "ffa":
             for n, p in model.named_parameters():
                 if n.rsplit(".", 1)[-1] == "lora_A":
@@ -121,7 +137,7 @@ class Federation:
         if self.strategy == "flora":
             self.merge_update(new)
             head = {k: v for k, v in new.items() if k.startswith(HEAD + ".")}
-            self.state = self.fresh_state(round_, head)
+            self.state, self.fresh_round = self.fresh_state(round_, head), round_
             self.merged.append(new)
         else:
             self.state = new
@@ -170,18 +186,24 @@ def round_plan(round_: int, clients, sample, dropout: float, seed: int) -> tuple
 def simulate_federated(strategy: str, rounds: int = 5, local_steps: int = 10, clients=CLIENTS, sample=1.0,
                        dropout: float = 0.0, seed: int = 0, base: str = "minilm", n_train: int | None = 256,
                        n_eval: int | None = 200, method: Method | None = None, lr: float | None = None,
-                       batch_size: int = 16, max_length: int = 128, progress: bool = True) -> pd.DataFrame:
+                       batch_size: int = 16, max_length: int = 128, ranks: dict | None = None,
+                       progress: bool = True) -> pd.DataFrame:
     """Run a federation of the domain `clients` in this process; one row per round and client.
 
     Columns: strategy, round (0: before training), client, sampled, dropped, trained (its update
     was aggregated), accuracy (the global model after the round, on the client's test split),
     train_loss, bytes_up, bytes_down, round_bytes (the round's total on the wire),
-    aggregation_error (`federated.aggregation_error`; NaN when no update arrived). `df.attrs`
+    aggregation_error (`federated.aggregation_error`; NaN when no update arrived). ranks (FLoRA
+    only): {client: rank}, e.g. {"tweets": 4}; the others keep the method's. `df.attrs`
     holds the settings and the final global state (`federation`).
     """
     clients = tuple(clients)
     _check_args(rounds, local_steps, clients, sample, dropout)
-    fed = Federation(strategy, method or default_method(strategy), base, seed, lr, batch_size, max_length)
+    unknown = sorted(set(ranks or {}) - set(clients))
+    if unknown:
+        raise FederatedError(f"ranks names clients {unknown} that are not in this federation {list(clients)}.")
+    fed = Federation(strategy, method or default_method(strategy), base, seed, lr, batch_size, max_length,
+                     ranks=dict(ranks or {}))
     loaders = {c: client_loaders(fed.tokenizer, c, n_train, n_eval, seed, batch_size, max_length) for c in clients}
     rows = []
 
@@ -201,7 +223,7 @@ def simulate_federated(strategy: str, rounds: int = 5, local_steps: int = 10, cl
         uploads, losses, up = [], {}, {}
         for i, c in enumerate(clients):
             if c in sampled and c not in dropped:
-                upload, losses[c] = fed.local_update(loaders[c], local_steps, client_seed=seed * 1009 + 31 * t + i)
+                upload, losses[c] = fed.local_update(loaders[c], local_steps, seed * 1009 + 31 * t + i, client=c)
                 uploads.append(upload)
                 up[c] = payload_bytes(upload.tensors, strategy)
             bar.update(1)

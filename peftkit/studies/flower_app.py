@@ -38,6 +38,7 @@ DEFAULTS = {  # the run config: [tool.flwr.app.config], overridable with `flwr r
     "strategy": "ffa", "rounds": 2, "local-steps": 2, "clients": ",".join(CLIENTS), "sample": 1.0,
     "dropout": 0.0, "seed": 0, "base": "minilm", "n-train": 256, "n-eval": 200, "lr": 0.0,  # 0: registry default
     "batch-size": 16, "max-length": 128, "method": "", "out": "runs/federated-flower", "wait-s": 120,
+    "ranks": "",  # FLoRA only: "client:rank,...", e.g. "tweets:4"
 }
 
 
@@ -48,12 +49,16 @@ def settings(run_config) -> dict:
     spec = cfg["method"]
     cfg["method"] = Method.from_dict(json.loads(spec)) if spec else default_method(cfg["strategy"])
     cfg["sample"] = float(cfg["sample"])  # a fraction of the clients, in (0, 1]
+    try:
+        cfg["ranks"] = {c: int(r) for c, r in (item.split(":") for item in str(cfg["ranks"]).split(",") if item)}
+    except ValueError:
+        raise FederatedError(f"ranks must read 'client:rank,...' (e.g. 'tweets:4'), got {cfg['ranks']!r}.") from None
     return cfg
 
 
 def federation(cfg: dict) -> Federation:
     return Federation(cfg["strategy"], cfg["method"], cfg["base"], int(cfg["seed"]), float(cfg["lr"]) or None,
-                      int(cfg["batch-size"]), int(cfg["max-length"]))
+                      int(cfg["batch-size"]), int(cfg["max-length"]), ranks=cfg["ranks"])
 
 
 # --- the client ---------------------------------------------------------------------------------
@@ -77,10 +82,10 @@ def train(msg: Message, context: Context) -> Message:
     fed = federation(cfg)
     for i in range(int(info["merged"])):  # FLoRA: every stacked update merged so far, in order
         fed.merge_update(msg.content[f"merged-{i}"].to_torch_state_dict())
-    fed.state = msg.content["state"].to_torch_state_dict()
+    fed.state, fed.fresh_round = msg.content["state"].to_torch_state_dict(), int(info["fresh-round"])
     loaders = client_loaders(fed.tokenizer, domain, int(cfg["n-train"]), int(cfg["n-eval"]), int(cfg["seed"]),
                              int(cfg["batch-size"]), int(cfg["max-length"]))
-    upload, loss = fed.local_update(loaders, int(cfg["local-steps"]), int(info["client-seed"]))
+    upload, loss = fed.local_update(loaders, int(cfg["local-steps"]), int(info["client-seed"]), client=domain)
     reply = ConfigRecord({"client": domain, "method": json.dumps(upload.method.to_dict()),
                           "base": json.dumps(upload.base), "n-examples": int(upload.n_examples), "loss": loss})
     return Message(RecordDict({"upload": ArrayRecord(upload.tensors), "meta": reply}), reply_to=msg)
@@ -122,7 +127,7 @@ def main(grid: Grid, context: Context) -> None:
         msgs = []
         for i, c in enumerate(clients):
             if c in sampled and c not in dropped:  # the simulator's client seed for (round, client)
-                conf = ConfigRecord({"round": t, "merged": len(fed.merged),
+                conf = ConfigRecord({"round": t, "merged": len(fed.merged), "fresh-round": fed.fresh_round,
                                      "client-seed": int(cfg["seed"]) * 1009 + 31 * t + i})
                 msgs.append(Message(RecordDict({**content, "config": conf}), nodes[c], "train", group_id=str(t)))
         replies = {}
@@ -164,6 +169,8 @@ def write_project(folder, **config) -> Path:
             v = json.dumps(v.to_dict())
         if key == "clients" and not isinstance(v, str):
             v = ",".join(v)
+        if key == "ranks" and isinstance(v, dict):
+            v = ",".join(f"{c}:{r}" for c, r in v.items())
         cfg[key] = v
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
