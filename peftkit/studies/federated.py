@@ -334,10 +334,15 @@ def aggregation_error(client_states, server_state: dict, strategy: str, weights=
     return math.sqrt(total)
 
 
+def wire_state(state: dict, strategy: str) -> dict:
+    """The tensors a strategy puts on the wire for `state`: all of them, except that FFA-LoRA
+    never sends A (every client re-creates it from the shared seed)."""
+    skip = {a for a, _ in lora_pairs(state).values()} if strategy == "ffa" else set()
+    return {n: t for n, t in state.items() if n not in skip}
+
+
 def payload_bytes(state: dict, strategy: str, direction: str = "up") -> int:
-    """Bytes of the tensors a strategy sends for `state`: everything, except that FFA-LoRA never
-    sends A (it is re-created from the shared seed on every client)."""
+    """Bytes of the tensors a strategy sends for `state` (`wire_state`), either way."""
     if direction not in ("up", "down"):
         raise FederatedError(f"direction must be 'up' or 'down', got {direction!r}.")
-    skip = {a for a, _ in lora_pairs(state).values()} if strategy == "ffa" else set()
-    return sum(t.numel() * t.element_size() for n, t in state.items() if n not in skip)
+    return sum(t.numel() * t.element_size() for t in wire_state(state, strategy).values())

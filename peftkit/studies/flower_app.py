@@ -31,7 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..core.methods import Method
 from ..files.adapter_file import write_json, write_tensors
-from .federated import ClientState, FederatedError, payload_bytes
+from .federated import ClientState, FederatedError, payload_bytes, wire_state
 from .federated_sim import CLIENTS, Federation, client_loaders, default_method, round_plan
 
 DEFAULTS = {  # the run config: [tool.flwr.app.config], overridable with `flwr run --run-config`
@@ -82,13 +82,16 @@ def train(msg: Message, context: Context) -> Message:
     fed = federation(cfg)
     for i in range(int(info["merged"])):  # FLoRA: every stacked update merged so far, in order
         fed.merge_update(msg.content[f"merged-{i}"].to_torch_state_dict())
-    fed.state, fed.fresh_round = msg.content["state"].to_torch_state_dict(), int(info["fresh-round"])
+    # FFA-LoRA's A is not sent: this client's own seeded A (Federation's round-0 state) stands in
+    fed.state = {**fed.state, **msg.content["state"].to_torch_state_dict()}
+    fed.fresh_round = int(info["fresh-round"])
     loaders = client_loaders(fed.tokenizer, domain, int(cfg["n-train"]), int(cfg["n-eval"]), int(cfg["seed"]),
                              int(cfg["batch-size"]), int(cfg["max-length"]))
     upload, loss = fed.local_update(loaders, int(cfg["local-steps"]), int(info["client-seed"]), client=domain)
     reply = ConfigRecord({"client": domain, "method": json.dumps(upload.method.to_dict()),
                           "base": json.dumps(upload.base), "n-examples": int(upload.n_examples), "loss": loss})
-    return Message(RecordDict({"upload": ArrayRecord(upload.tensors), "meta": reply}), reply_to=msg)
+    return Message(RecordDict({"upload": ArrayRecord(wire_state(upload.tensors, fed.strategy)), "meta": reply}),
+                   reply_to=msg)
 
 
 # --- the server ---------------------------------------------------------------------------------
@@ -123,7 +126,7 @@ def main(grid: Grid, context: Context) -> None:
     rounds = []
     for t in range(1, int(cfg["rounds"]) + 1):
         sampled, dropped = round_plan(t, clients, cfg["sample"], float(cfg["dropout"]), int(cfg["seed"]))
-        content = {"state": ArrayRecord(fed.state), **{f"merged-{i}": ArrayRecord(m) for i, m in enumerate(fed.merged)}}
+        content = {"state": ArrayRecord(wire_state(fed.state, fed.strategy)), **{f"merged-{i}": ArrayRecord(m) for i, m in enumerate(fed.merged)}}
         msgs = []
         for i, c in enumerate(clients):
             if c in sampled and c not in dropped:  # the simulator's client seed for (round, client)
@@ -135,9 +138,11 @@ def main(grid: Grid, context: Context) -> None:
             if not reply.has_content():
                 raise FederatedError(f"round {t}: a client failed: {reply.error.reason}")
             meta = reply.content["meta"]
-            replies[str(meta["client"])] = ClientState(
-                reply.content["upload"].to_torch_state_dict(), Method.from_dict(json.loads(meta["method"])),
-                json.loads(meta["base"]), int(meta["n-examples"]))
+            tensors = reply.content["upload"].to_torch_state_dict()
+            if fed.strategy == "ffa":  # A stayed home: it is the server's own seeded A
+                tensors = {**{k: v for k, v in fed.state.items() if k not in tensors}, **tensors}
+            replies[str(meta["client"])] = ClientState(tensors, Method.from_dict(json.loads(meta["method"])),
+                                                       json.loads(meta["base"]), int(meta["n-examples"]))
         uploads = [replies[c] for c in clients if c in replies]  # the federation's order, as the simulator
         error = fed.server_round(uploads, t)
         rounds.append({"round": t, "trained": [c for c in clients if c in replies], "aggregation_error": error,
