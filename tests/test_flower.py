@@ -3,8 +3,9 @@ with Flower's commands, run peftkit's ClientApp and ServerApp on the tiny BERT, 
 FLoRA (client ranks 8 and 4) and of FFA-LoRA (a client dropping out of round 1; A never sent);
 the aggregated adapters must equal the in-process simulator's with the same seeds.
 
-Runs once: the fixture starts the engine once for both runs (a few minutes on a busy 2-core machine). Every process started here, and every process they start, is
-ended afterwards, whatever happened. Skipped, saying why, only when flwr is not installed."""
+Runs once: the fixture starts the engine once for both runs (a few minutes on a busy 2-core
+machine). Every process started here, and every process they start, is ended afterwards,
+whatever happened. Skipped, saying why, only when flwr is not installed."""
 
 import json
 import os

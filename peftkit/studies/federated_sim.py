@@ -174,6 +174,11 @@ def _check_args(rounds, local_steps, clients, sample, dropout):
         raise FederatedError(f"dropout must be a probability in [0, 1), got {dropout!r}.")
 
 
+def client_seed(seed: int, round_: int, index: int) -> int:
+    """The training seed of the `index`-th client of the federation in round `round_` (data order, dropout)."""
+    return seed * 1009 + 31 * round_ + index
+
+
 def round_plan(round_: int, clients, sample, dropout: float, seed: int) -> tuple[list[str], list[str]]:
     """(sampled, dropped) clients of a round: a pure function of (seed, round)."""
     rng = random.Random(seed * 7919 + round_)
@@ -223,7 +228,7 @@ def simulate_federated(strategy: str, rounds: int = 5, local_steps: int = 10, cl
         uploads, losses, up = [], {}, {}
         for i, c in enumerate(clients):
             if c in sampled and c not in dropped:
-                upload, losses[c] = fed.local_update(loaders[c], local_steps, seed * 1009 + 31 * t + i, client=c)
+                upload, losses[c] = fed.local_update(loaders[c], local_steps, client_seed(seed, t, i), client=c)
                 uploads.append(upload)
                 up[c] = payload_bytes(upload.tensors, strategy)
             bar.update(1)
@@ -249,5 +254,5 @@ def per_round(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-__all__ = ["CLIENTS", "Federation", "client_loaders", "default_method", "per_round", "round_plan",
+__all__ = ["CLIENTS", "Federation", "client_loaders", "client_seed", "default_method", "per_round", "round_plan",
            "simulate_federated"]

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 from ..core.methods import Method
 from ..files.adapter_file import write_json, write_tensors
 from .federated import ClientState, FederatedError, payload_bytes, wire_state
-from .federated_sim import CLIENTS, Federation, client_loaders, default_method, round_plan
+from .federated_sim import CLIENTS, Federation, client_loaders, client_seed, default_method, round_plan
 
 DEFAULTS = {  # the run config: [tool.flwr.app.config], overridable with `flwr run --run-config`
     "strategy": "ffa", "rounds": 2, "local-steps": 2, "clients": ",".join(CLIENTS), "sample": 1.0,
@@ -126,12 +126,13 @@ def main(grid: Grid, context: Context) -> None:
     rounds = []
     for t in range(1, int(cfg["rounds"]) + 1):
         sampled, dropped = round_plan(t, clients, cfg["sample"], float(cfg["dropout"]), int(cfg["seed"]))
-        content = {"state": ArrayRecord(wire_state(fed.state, fed.strategy)), **{f"merged-{i}": ArrayRecord(m) for i, m in enumerate(fed.merged)}}
+        content = {"state": ArrayRecord(wire_state(fed.state, fed.strategy)),
+                   **{f"merged-{i}": ArrayRecord(m) for i, m in enumerate(fed.merged)}}
         msgs = []
         for i, c in enumerate(clients):
-            if c in sampled and c not in dropped:  # the simulator's client seed for (round, client)
+            if c in sampled and c not in dropped:
                 conf = ConfigRecord({"round": t, "merged": len(fed.merged), "fresh-round": fed.fresh_round,
-                                     "client-seed": int(cfg["seed"]) * 1009 + 31 * t + i})
+                                     "client-seed": client_seed(int(cfg["seed"]), t, i)})
                 msgs.append(Message(RecordDict({**content, "config": conf}), nodes[c], "train", group_id=str(t)))
         replies = {}
         for reply in grid.send_and_receive(msgs):
