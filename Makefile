@@ -10,12 +10,21 @@ export TOKENIZERS_PARALLELISM := false
 
 venv: $(STAMP)
 
+# Flower (the `federated` extra) pins fastapi, starlette, uvicorn, rich, typer and packaging to minors
+# older than the HTTP service is tested on: it goes in with --no-deps, and these, its other
+# requirements, beside it (tests/test_flower.py runs the real engine on this set).
+FLWR_DEPS := 'grpcio>=1.70,<2' 'grpcio-health-checking>=1.70,<2' 'protobuf>=5.28,<7' 'cryptography>=50,<51' \
+	'pycryptodome>=3.18,<4' 'iterators>=0.0.2,<0.0.3' 'uv>=0.13.5,<0.14' 'tomli>=2.0.1,<3' 'tomli-w>=1,<2' \
+	'pathspec>=1.0.4,<2' 'sqlalchemy[asyncio]>=2.0.45,<3' 'alembic>=1.18.1,<2'
+
 # torch first and pinned: left to resolve on its own it would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps 'flwr>=1.42,<1.43'
+	$(PY) -m pip install -q $(FLWR_DEPS)
 	touch $(STAMP)
 
 # The corpus: pip downloads the vaderSentiment sdist, peftkit checks its sha256 and extracts it.

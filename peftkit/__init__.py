@@ -4,7 +4,7 @@ The package is folders by layer; each imports only the layers listed below it (c
 import-linter, `make test`):
 
     notebook/   figures, widgets, the notebook runner
-    studies/    experiments, tuning, selection, the article, compression and serving studies
+    studies/    experiments, tuning, selection, the article, compression and serving studies, federated
     serving/    Deployer, its store, Monitor
     compress/   int8, k-bit, pruning, the inference precision (optimize_for_inference)
     training/   fit, checkpoints, evaluate            files/      adapter files, PEFT format
@@ -35,13 +35,15 @@ from .serving.deployer import Deployer
 from .serving.monitor import Monitor
 from .studies import article
 from .studies.experiments import compare
+from .studies.federated import aggregate
+from .studies.federated_sim import simulate_federated
 from .studies.summary import summarize
 
 __all__ = [
     "Adapter", "AdapterFileError", "AdapterLinear", "BottleneckAdapter", "Deployer", "FastDropout",
     "FullFineTune", "HeadOnly", "Hybrid", "LoRA", "LoRAConv", "LoRAEmbedding", "LoRALinear",
     "LoRAMultiheadAttention", "METHODS", "MLP", "MergeError", "Method", "ModelWithAdapters", "ModelWithLoRA",
-    "Monitor", "TargetError", "__version__", "apply", "article", "compare", "export_peft", "import_peft",
-    "load_adapter", "load_base", "merge", "optimize_for_inference", "register", "report", "save_adapter", "summarize", "trainable_fraction",
+    "Monitor", "TargetError", "__version__", "aggregate", "apply", "article", "compare", "export_peft", "import_peft",
+    "load_adapter", "load_base", "merge", "optimize_for_inference", "register", "report", "save_adapter", "simulate_federated", "summarize", "trainable_fraction",
     "unload", "unmerge", "use_fast_dropout",
 ]

@@ -15,13 +15,14 @@ def _name(req: str) -> str:
 
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = project["dependencies"] + project["optional-dependencies"]["dev"]
+    extras = project["optional-dependencies"]
+    wanted = project["dependencies"] + extras["dev"] + extras["federated"]
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     deps = env["dependencies"]
     assert "python=3.11" in deps and "pip" in deps
     pip = next(d["pip"] for d in deps if isinstance(d, dict))
     pip = [p for p in pip if not p.startswith("-e")]
-    assert sorted(pip) == sorted(wanted), "environment.yml's pip list must equal pyproject's dependencies + dev"
+    assert sorted(pip) == sorted(wanted), "environment.yml's pip list must equal pyproject's dependencies + dev + federated"
     assert {_name(p) for p in pip} == {_name(w) for w in wanted}
 
 

@@ -1,4 +1,4 @@
-"""Notebook: what the notebooks show and how they run. plotly figures (`plots`), ipywidgets UIs
+"""Notebook: what the notebooks show and how they run. plotly figures (`plots`; federated runs in `plots_federated`), ipywidgets UIs
 whose logic runs without a browser (`widgets`), the parameters-cell helpers (`params`) and the
 batch runner that executes every notebook with papermill (`batch_run`).
 
