@@ -118,7 +118,10 @@ def test_dashboard_renders_fully_on_first_paint_and_follows_the_controls(tmp_pat
             assert not page.locator(".peftkit-app-env").is_visible(), "the environment should start collapsed"
             assert not page.locator(".peftkit-app-provenance").is_visible(), "the provenance should start collapsed"
             assert "{'torch'" not in page.locator("body").inner_text(), "a raw dict is shown"
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            page.set_viewport_size({"width": 1480, "height": 1700})  # Voila scrolls inside the page: grow it
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(SCREENSHOT))
+            page.set_viewport_size({"width": 1480, "height": 1100})
 
             # An answer changes the recommendation (the rules' table and the article's).
             before = text.inner_text()

@@ -236,3 +236,19 @@ def test_pareto_figure_hover_formats_numbers():
         if t.hovertemplate:
             assert "%{y}" not in t.hovertemplate and "%{x}" not in t.hovertemplate, t.hovertemplate
     assert_accuracy_axes_in_unit_interval(fig)
+
+
+def test_the_run_report_links_the_browser_screenshots(tmp_path, monkeypatch):
+    from peftkit.notebook import batch_run
+    shots = tmp_path / "shots"
+    out = tmp_path / "run"
+    out.mkdir()
+    monkeypatch.setattr(batch_run, "SCREENSHOTS", shots)
+    page = batch_run.write_report(out, [("01_principles.ipynb", 3.0)], cache=tmp_path / "none.jsonl").read_text()
+    assert "Browser screenshots" in page and "None yet" in page
+    shots.mkdir()
+    for name in ("01_principles.png", "dashboard.png"):
+        (shots / name).write_bytes(b"\x89PNG\r\n\x1a\n")
+    page = batch_run.write_report(out, [("01_principles.ipynb", 3.0)], cache=tmp_path / "none.jsonl").read_text()
+    for name in ("01_principles.png", "dashboard.png"):
+        assert f'href="browser/{name}"' in page and (out / "browser" / name).is_file()
