@@ -270,7 +270,7 @@ def evidence_figure(evidence) -> go.Figure:
     c = evidence.constraints
     fig = go.Figure()
     x_lo, x_hi = df.trainable_fraction.min() / 2, df.trainable_fraction.max() * 2
-    y_lo, y_hi = max(0.0, df.accuracy.min() - 0.05), min(1.0, df.accuracy.max() + 0.03)
+    y_lo, y_hi = accuracy_range(df.accuracy, df.get("accuracy_lo", []), df.get("accuracy_hi", []), pad=0.02)
     rx = min(c.max_trainable_fraction, x_hi) if c.max_trainable_fraction is not None else x_hi
     ry = max(c.min_accuracy, y_lo) if c.min_accuracy is not None else y_lo
     if rx > x_lo and ry < y_hi:
@@ -303,7 +303,10 @@ def evidence_figure(evidence) -> go.Figure:
                                  name=f"chosen: {ch.label}",
                                  marker=dict(symbol="star", size=22, color=colors.get(ch.get("method"), NEUTRAL),
                                              line=dict(color="black", width=1.5))))
-    fig.update_xaxes(type="log", title_text="trainable fraction of parameters (log)", range=[math.log10(x_lo), math.log10(x_hi)])
+    # one tick per decade, written as a percentage ("0.01%", not plotly's "100μ")
+    decades = range(math.floor(math.log10(x_lo)), math.ceil(math.log10(x_hi)) + 1)
+    fig.update_xaxes(type="log", title_text="trainable share of the parameters (log)", range=[math.log10(x_lo), math.log10(x_hi)],
+                     tickvals=[10.0 ** k for k in decades], ticktext=[f"{100 * 10.0 ** k:g}%" for k in decades])
     fig.update_yaxes(title_text="test accuracy", tickformat=".0%", range=[y_lo, y_hi])
     fig.update_layout(template=TEMPLATE, height=440, title="runs under the constraints",
                       legend=dict(orientation="h", y=-0.2))
