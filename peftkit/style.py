@@ -68,9 +68,10 @@ def fmt(value, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def accuracy_range(*values, pad: float = 0.05) -> list[float]:
+def accuracy_range(*values, pad: float = 0.05, bars: bool = False) -> list[float]:
     """An accuracy axis for these values (and their interval ends): the data with `pad` either
-    side, never outside [0, 1], and at least 0.1 wide, so a flat line does not become -0.5..1.5."""
+    side, never outside [0, 1], and at least 0.1 wide, so a flat line does not become -0.5..1.5.
+    `bars=True` starts it at 0: a bar's length is its value, and a cut axis would exaggerate."""
     flat = [float(v) for vs in values for v in (vs if hasattr(vs, "__iter__") else [vs])
             if v is not None and math.isfinite(float(v))]
     if not flat:
@@ -79,4 +80,4 @@ def accuracy_range(*values, pad: float = 0.05) -> list[float]:
     if hi - lo < 0.1:  # widen a flat line around its middle, still within [0, 1]
         mid = (lo + hi) / 2
         lo, hi = max(0.0, min(mid - 0.05, 0.9)), min(1.0, max(mid + 0.05, 0.1))
-    return [lo, hi]
+    return [0.0, hi] if bars else [lo, hi]

@@ -252,3 +252,14 @@ def test_the_run_report_links_the_browser_screenshots(tmp_path, monkeypatch):
     page = batch_run.write_report(out, [("01_principles.ipynb", 3.0)], cache=tmp_path / "none.jsonl").read_text()
     for name in ("01_principles.png", "dashboard.png"):
         assert f'href="browser/{name}"' in page and (out / "browser" / name).is_file()
+
+
+def test_accuracy_bars_start_at_zero():
+    assert style.accuracy_range([0.43, 0.53], bars=True)[0] == 0
+    study = {"accuracy": pd.DataFrame({"variant": ["fp32", "int8"] * 2, "domain": ["movies"] * 2 + ["nyt"] * 2,
+                                       "accuracy": [0.43, 0.43, 0.53, 0.53]}),
+             "speed": pd.DataFrame({"model": ["fp32", "int8"], "speedup vs fp32": [1.0, 0.98]}),
+             "size": pd.DataFrame({"variant": ["fp32", "int8"], "vs fp32": [1.0, 0.28]})}
+    fig = E.int8_figure(study)
+    assert fig.layout.yaxis.range[0] == 0 and fig.layout.yaxis.range[1] <= 1
+    assert_coloured_and_unique(fig)

@@ -144,7 +144,7 @@ def transfer_figure(cells: pd.DataFrame) -> go.Figure:
     fig.update_layout(template=TEMPLATE, height=400, barmode="group", title="cross-domain transfer (accuracy, 95% interval)")
     fig.update_xaxes(title_text="test domain")
     fig.update_yaxes(title_text="test accuracy", tickformat=".0%",
-                     range=accuracy_range(cells["accuracy"], cells["lo"], cells["hi"]))
+                     range=accuracy_range(cells["accuracy"], cells["lo"], cells["hi"], bars=True))
     return fig
 
 
@@ -220,7 +220,7 @@ def bars(df: pd.DataFrame, x: str, y: str, title: str, color: str | None = None,
     fig.update_yaxes(title_text=f"{y} (log)" if log_y else y, type="log" if log_y else "linear")
     if "accuracy" in y and len(values.dropna()):
         scale = 100 if values.max() > 1 else 1
-        fig.update_yaxes(range=[scale * v for v in accuracy_range(values / scale)])
+        fig.update_yaxes(range=[scale * v for v in accuracy_range(values / scale, bars=True)])
     return fig
 
 

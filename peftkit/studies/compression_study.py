@@ -264,7 +264,7 @@ def int8_figure(study: dict):
     sz = study["size"]
     fig.add_trace(go.Bar(x=sz.variant, y=sz["vs fp32"], showlegend=False, marker_color="#999",
                          text=[f"{v:.2f}x" for v in sz["vs fp32"]], hovertemplate="%{x}: %{y:.2f}x<extra></extra>"), 1, 3)
-    fig.update_yaxes(tickformat=".0%", range=accuracy_range(study["accuracy"].accuracy), row=1, col=1)
+    fig.update_yaxes(tickformat=".0%", range=accuracy_range(study["accuracy"].accuracy, bars=True), row=1, col=1)
     fig.update_layout(template=template, height=420, barmode="group")
     return fig
 
@@ -281,7 +281,7 @@ def orders_figure(df: pd.DataFrame, qlora: pd.DataFrame | None = None):
         fig.add_trace(go.Bar(x=qlora.setting, y=qlora.accuracy, showlegend=False, text=[f"{a:.1%}" for a in qlora.accuracy],
                              marker_color=QUANTITY_COLORS[1], hovertemplate="%{x}: %{y:.1%}<extra></extra>"), 1, 2)
         accs += list(qlora.accuracy)
-    fig.update_yaxes(title_text="movies test accuracy", tickformat=".0%", range=accuracy_range(accs))
+    fig.update_yaxes(title_text="movies test accuracy", tickformat=".0%", range=accuracy_range(accs, bars=True))
     fig.update_layout(template=template, height=440)
     return fig
 
