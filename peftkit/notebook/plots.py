@@ -163,7 +163,7 @@ def lr_search_figure(table: pd.DataFrame) -> go.Figure:
         c = d[d.chosen]
         fig.add_trace(go.Scatter(x=c["lr"], y=c["val_accuracy"], mode="markers", showlegend=False, hoverinfo="skip",
                                  marker=dict(size=16, color="rgba(0,0,0,0)", line=dict(color="black", width=2))))
-    fig.update_xaxes(type="log", title_text="learning rate (log)")
+    fig.update_xaxes(type="log", title_text="learning rate (log)", exponentformat="e")  # 1e-04, not 100μ
     fig.update_yaxes(title_text="validation accuracy (95% interval)", tickformat=".0%",
                      range=accuracy_range(table["val_accuracy"], table["val_lo"], table["val_hi"]))
     fig.update_layout(template=TEMPLATE, height=400, title="each family's learning rate, chosen on validation (ringed)")
