@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import html
 import os
+import re
 
 import ipywidgets as W
 import pandas as pd
@@ -105,8 +106,9 @@ class Dashboard:
                  f"the rules of thumb, set your limits for the evidence: {len(results)} MiniLM runs on "
                  f"{html.escape(str(provenance.get('domain')))}, {html.escape(str(n))} training snippets each.</p>")
         if quick_note:
+            note = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(quick_note))  # `make run` as code
             intro += (f"<p class='peftkit-app-quick' style='background:#fff3cd;padding:4px 8px;margin:4px 0'>"
-                      f"<b>Quick mode.</b> {html.escape(quick_note)}</p>")
+                      f"<b>Quick mode.</b> {note}</p>")
         header = W.HTML(intro, layout=W.Layout(width="100%"))
         header.add_class("peftkit-app-header")
 
