@@ -47,10 +47,12 @@ test: $(STAMP) data chromium
 lab: $(STAMP)
 	PEFTKIT_RUNS=$(CURDIR)/runs $(VENV)/bin/jupyter lab notebooks/
 
-# Notebook 06 as an app (code hidden): Voila on 127.0.0.1. Quick mode by default, so it starts in
-# seconds: it reads the cached comparison, or computes tiny runs. PEFTKIT_QUICK=0 computes MiniLM runs.
-dashboard: $(STAMP)
-	PEFTKIT_QUICK=$${PEFTKIT_QUICK:-1} PEFTKIT_RUNS=$(CURDIR)/runs $(VENV)/bin/voila notebooks/06_method_selection.ipynb \
+# The method-selection app (apps/dashboard.ipynb, built by peftkit/notebook/app.py): Voila on
+# 127.0.0.1. It reads MiniLM's default comparison from runs/results.jsonl (notebook 04 or `make run`
+# fills it); with none cached it trains one first: small by default (PEFTKIT_QUICK=1, a minute or
+# two), PEFTKIT_QUICK=0 for the full training split.
+dashboard: $(STAMP) data
+	PEFTKIT_QUICK=$${PEFTKIT_QUICK:-1} PEFTKIT_RUNS=$(CURDIR)/runs $(VENV)/bin/voila apps/dashboard.ipynb \
 		--Voila.ip=127.0.0.1 --port=$${PORT:-8866} --no-browser
 
 bench: $(STAMP)

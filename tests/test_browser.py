@@ -1,12 +1,19 @@
-"""Notebook 01 in a real browser: JupyterLab on 127.0.0.1, driven through Debian's Chromium.
+"""Every notebook in a real browser: JupyterLab on 127.0.0.1, driven through Debian's Chromium.
 
-What a unit test cannot see: that the notebook runs from JupyterLab's own "Run All Cells", that
-the plotly chart and the ipywidgets slider actually render in the page, and that moving the
-slider in the browser reaches the kernel and changes the counts shown. The browser is Debian's
+What a unit test cannot see: that each notebook runs from JupyterLab's own "Run All Cells" in
+quick mode, that no cell shows an error or anything on stderr (a warning, a traceback), that its
+plotly charts and ipywidgets render, and that moving a widget in the browser reaches the kernel
+and changes the page. The test knows nothing of a notebook's cells: it iterates
+notebooks/[0-9][0-9]_*.ipynb, and in a notebook with controls it moves the first one (a slider,
+a dropdown) and waits for the outputs around it to change. The browser is Debian's
 /usr/bin/chromium driven by Playwright's Python API; Playwright's own browsers are never
-downloaded. The server runs on a copy of the notebook (JupyterLab autosaves, and the committed
-file must stay stripped) with a fresh HOME and settings, so no workspace state leaks in or out.
-A screenshot goes to runs/browser_01_principles.png.
+downloaded. One JupyterLab server and one browser serve every notebook; the server runs on copies
+(JupyterLab autosaves, and the committed files must stay stripped) with a fresh HOME and settings.
+
+Why Run All in the browser and not papermill first: the issue asks for the notebooks to run in the
+page as a reader runs them, and quick mode keeps the whole suite to a few minutes. Each notebook is
+bounded (RUN_ALL_TIMEOUT_S); `PEFTKIT_BROWSER_NOTEBOOKS=01,06` picks some.
+A screenshot of each goes to runs/browser/<notebook>.png, and the `make run` report links them.
 """
 
 from __future__ import annotations
@@ -27,10 +34,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK = "01_principles.ipynb"
 CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOT = ROOT / "runs" / "browser_01_principles.png"
-RUN_ALL_TIMEOUT_S = 150  # quick mode takes well under a minute alone; the machine may be busy
+SHOTS = ROOT / "runs" / "browser"
+RUN_ALL_TIMEOUT_S = 600  # per notebook: quick mode takes about a minute alone; a busy machine takes five times that
+_only = {o.strip().zfill(2) for o in os.environ.get("PEFTKIT_BROWSER_NOTEBOOKS", "").split(",") if o.strip()}
+NOTEBOOKS = [p.name for p in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+             if not _only or p.name[:2] in _only]
 
 
 def chromium_or_skip() -> str:
@@ -160,19 +169,26 @@ def prompts(page) -> list[str]:
 
 
 def error_outputs(page) -> list[str]:
+    """Every error and every stderr output shown on the page (warnings included: a reader sees them)."""
     errors = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.error"]')
     stderr = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')
-    found = errors.all_inner_texts()
-    found += [t for t in stderr.all_inner_texts() if "Traceback" in t]
-    return found
+    return errors.all_inner_texts() + [t for t in stderr.all_inner_texts() if t.strip()]
 
 
-def run_all_cells(page, attempts: int = 2) -> None:
+def launch(p, chromium: str, profile: Path, width: int = 1400, height: int = 1000):
+    """Debian's Chromium, headless, with a fresh profile and no network side traffic."""
+    return p.chromium.launch_persistent_context(
+        str(profile), executable_path=chromium, headless=True, viewport={"width": width, "height": height},
+        args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+
+
+def run_all_cells(page, notebook: str, attempts: int = 2) -> None:
     """Run > Run All Cells, then check that the run started: right after the kernel connects,
     the menu can act on no notebook (it is not yet the current widget), so retry once."""
     for attempt in range(1, attempts + 1):
         # Activating the notebook's tab makes it the widget that the Run menu acts on.
-        page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab", has_text=NOTEBOOK).click()
+        page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab", has_text=notebook).click()
         page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
         label = page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$"))
         page.locator(".lm-Menu-item:not(.lm-mod-disabled)", has=label).click()
@@ -186,86 +202,136 @@ def run_all_cells(page, attempts: int = 2) -> None:
             page.keyboard.press("Escape")  # close the menu if it is still open
 
 
-def test_notebook_01_runs_in_jupyterlab_and_the_slider_updates_the_counts(tmp_path):
+def shown_code_cells(path: Path) -> int:
+    """Code cells whose input JupyterLab draws: a solution cell with its source hidden has no prompt."""
+    cells = json.loads(path.read_text())["cells"]
+    return sum(c["cell_type"] == "code" and not c.get("metadata", {}).get("jupyter", {}).get("source_hidden")
+               for c in cells)
+
+
+# The first control of a notebook's widgets: (CSS selector, how to move it). Progress bars are not controls.
+CONTROLS = [(".widget-slider .noUi-handle", "slider"), (".widget-dropdown select", "dropdown"),
+            (".widget-toggle-buttons button:not(.mod-active)", "click"), (".widget-checkbox input", "click")]
+
+# The outputs around a control, with the control's own echo (readout, select box, track) removed:
+# what must change when the kernel's observer answers.
+AROUND = """(el) => {
+    const area = el.closest('.jp-Cell-outputArea') || el.closest('.jp-OutputArea');
+    const copy = area.cloneNode(true);
+    copy.querySelectorAll('.widget-readout, select, .noUi-target, .widget-slider').forEach(n => n.remove());
+    return copy.innerText + '|' + copy.querySelectorAll('path, rect, text').length + '|' + copy.innerHTML.length;
+}"""
+
+
+def move_first_control(page) -> str | None:
+    """Move the first control in the page; return what was moved, or None when there is none."""
+    for selector, how in CONTROLS:
+        found = page.locator(f".jp-OutputArea {selector}")
+        if found.count() == 0:
+            continue
+        control = found.first
+        control.scroll_into_view_if_needed()
+        before = control.evaluate(AROUND)
+        if how == "slider":
+            control.focus()
+            key = "ArrowLeft" if control.get_attribute("aria-valuenow") == control.get_attribute("aria-valuemax") else "ArrowRight"
+            for _ in range(3):  # noUiSlider moves one step per key press, firing its slide event
+                control.press(key)
+            control.press("Enter")
+        elif how == "dropdown":
+            options = control.locator("option").all_inner_texts()
+            current = control.evaluate("s => s.options[s.selectedIndex].text")
+            other = next((o for o in options if o != current), None)
+            if other is None:
+                continue
+            control.select_option(label=other)
+        else:
+            control.click()
+        wait_until(lambda: control.evaluate(AROUND) != before, 60,
+                   f"the page to change after moving a {how} ({selector})")
+        return f"{how} {selector}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """One JupyterLab (on copies of the notebooks) and one Chromium for every notebook."""
     chromium = chromium_or_skip()
     from playwright.sync_api import sync_playwright
 
-    started = time.monotonic()
-    nb_dir = tmp_path / "notebooks"
+    tmp = tmp_path_factory.mktemp("browser")
+    nb_dir = tmp / "notebooks"
     nb_dir.mkdir()
-    shutil.copy(ROOT / "notebooks" / NOTEBOOK, nb_dir / NOTEBOOK)
-    cells = json.loads((nb_dir / NOTEBOOK).read_text())["cells"]
-    # Solution cells have their source hidden (collapsed until a reader opens them): JupyterLab draws
-    # no input prompt for them, so count the code cells whose input is shown.
-    n_code = sum(c["cell_type"] == "code" and not c.get("metadata", {}).get("jupyter", {}).get("source_hidden")
-                 for c in cells)
+    for name in NOTEBOOKS:
+        shutil.copy(ROOT / "notebooks" / name, nb_dir / name)
     token = os.urandom(16).hex()
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-
-    with jupyter_lab(nb_dir, tmp_path / "home", token) as (url, server_log), sync_playwright() as p:
-        ctx = p.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"),  # a fresh profile: Playwright's user-data-dir
-            executable_path=chromium, headless=True, viewport={"width": 1400, "height": 1000},
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with jupyter_lab(nb_dir, tmp / "home", token) as (url, server_log), sync_playwright() as p:
+        ctx = launch(p, chromium, tmp / "chromium-profile")
         try:
-            page = ctx.pages[0] if ctx.pages else ctx.new_page()
-            page.set_default_timeout(30_000)
-            page.goto(f"{url}/lab/tree/{NOTEBOOK}?token={token}", timeout=90_000)
-            page.locator(".jp-NotebookPanel .jp-CodeCell").first.wait_for(timeout=90_000)
-            # The kernel must be up before Run All, or the run races its start-up.
-            wait_until(lambda: "Idle" in page.locator("#jp-main-statusbar").inner_text(), 90,
-                       "the kernel to report Idle in the status bar")
-            # Cells are attached to the DOM progressively after the notebook opens.
-            wait_until(lambda: len(prompts(page)) == n_code, 60, f"all {n_code} code cells in the DOM")
-
-            run_all_cells(page)
-
-            def finished():
-                ps = prompts(page)
-                busy = page.locator('.jp-Notebook-ExecutionIndicator[data-status="busy"]').count()
-                return not busy and len(ps) == n_code and all(re.fullmatch(r"\[\d+\]:", t) for t in ps)
-            try:
-                wait_until(finished, RUN_ALL_TIMEOUT_S, "every cell to run (prompts [n]:, kernel idle)")
-            except AssertionError:
-                page.screenshot(path=str(SCREENSHOT))
-                raise AssertionError(f"run all did not finish; prompts {prompts(page)}; errors "
-                                     f"{error_outputs(page)}\nserver log:\n{server_log()}") from None
-            run_s = time.monotonic() - started
-            assert not error_outputs(page), f"cells failed:\n{error_outputs(page)}"
-
-            plot = page.locator(".js-plotly-plot").first
-            plot.wait_for(timeout=30_000)
-            assert plot.locator(".main-svg").count() > 0, "plotly figure has no SVG"
-
-            text = page.locator(".peftkit-calc-text")
-            text.wait_for(timeout=30_000)
-            before = text.inner_text()
-            readout = page.locator(".peftkit-calc-r .widget-readout")
-            r_before = readout.inner_text().strip()
-            handle = page.locator(".peftkit-calc-r .noUi-handle")
-            handle.scroll_into_view_if_needed()
-            handle.focus()
-            for _ in range(4):  # noUiSlider moves one step per arrow key, firing its slide event
-                handle.press("ArrowRight")
-            target = int(r_before) + 4
-            assert readout.inner_text().strip() == str(target)
-            # Each key press is a round trip to the kernel's observer: wait for the last one.
-            wait_until(lambda: f"LoRA, r = {target}:" in text.inner_text(), 20,
-                       f"the counts text to show r = {target} after moving the r slider")
-            after = text.inner_text()
-            assert after != before
-            assert f"{target * (384 + 384):,}" in after  # r (in + out) at MiniLM's 384 x 384
-
-            # Frame the chart and the calculator in one picture for a person to look at.
-            page.set_viewport_size({"width": 1400, "height": 2600})
-            page.evaluate("""() => {
-                const plot = document.querySelector('.js-plotly-plot');
-                plot.scrollIntoView({block: 'start'});
-            }""")
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(SCREENSHOT))
+            yield {"ctx": ctx, "url": url, "token": token, "log": server_log, "dir": nb_dir}
         finally:
             ctx.close()
-    total_s = time.monotonic() - started
-    print(f"run all: {run_s:.0f} s; whole test: {total_s:.0f} s; screenshot: {SCREENSHOT}")
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
+def test_notebook_runs_in_jupyterlab_clean_and_its_widgets_answer(lab, notebook):
+    started = time.monotonic()
+    n_code = shown_code_cells(lab["dir"] / notebook)
+    shot = SHOTS / f"{Path(notebook).stem}.png"
+    page = lab["ctx"].new_page()
+    page.set_default_timeout(30_000)
+    try:
+        # a workspace of its own: the page opens this notebook alone, not the tabs of the one before
+        page.goto(f"{lab['url']}/lab/workspaces/nb{notebook[:2]}/tree/{notebook}?token={lab['token']}", timeout=90_000)
+        page.locator(".jp-NotebookPanel .jp-CodeCell").first.wait_for(timeout=90_000)
+        # The kernel must be up before Run All, or the run races its start-up.
+        wait_until(lambda: "Idle" in page.locator("#jp-main-statusbar").inner_text(), 90,
+                   "the kernel to report Idle in the status bar")
+        # Cells are attached to the DOM progressively after the notebook opens.
+        wait_until(lambda: len(prompts(page)) == n_code, 60, f"all {n_code} code cells in the DOM")
+
+        run_all_cells(page, notebook)
+
+        def finished():
+            ps = prompts(page)
+            busy = page.locator('.jp-Notebook-ExecutionIndicator[data-status="busy"]').count()
+            return (not busy and len(ps) == n_code and all(re.fullmatch(r"\[\d+\]:", t) for t in ps)) or error_outputs(page)
+        try:
+            wait_until(finished, RUN_ALL_TIMEOUT_S, "every cell to run (prompts [n]:, kernel idle)")
+        except AssertionError:
+            page.screenshot(path=str(shot), full_page=True)
+            raise AssertionError(f"{notebook}: run all did not finish; prompts {prompts(page)}; errors "
+                                 f"{error_outputs(page)}\nserver log:\n{lab['log']()}") from None
+        run_s = time.monotonic() - started
+        shown = error_outputs(page)
+        if shown:
+            page.screenshot(path=str(shot), full_page=True)
+        assert not shown, f"{notebook} shows errors or stderr output:\n" + "\n---\n".join(t[:2000] for t in shown)
+
+        plots = page.locator(".js-plotly-plot")
+        for i in range(plots.count()):
+            assert plots.nth(i).locator(".main-svg").count() > 0, f"{notebook}: plotly figure {i} has no SVG"
+        moved = move_first_control(page)
+        controls = page.locator(".jp-OutputArea .widget-slider, .jp-OutputArea .widget-dropdown").count()
+        assert moved or not controls, f"{notebook} shows {controls} widgets but none could be moved"
+        # A tall page framed on the first control (else the first figure) for a person to look at,
+        # with the file browser folded away.
+        with contextlib.suppress(Exception):
+            page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current").first.click(timeout=5_000)
+        page.set_viewport_size({"width": 1400, "height": 2400})
+        page.evaluate("""() => {
+            const el = document.querySelector('.jp-OutputArea .widget-slider, .jp-OutputArea .widget-dropdown')
+                       || document.querySelector('.js-plotly-plot');
+            if (el) el.scrollIntoView({block: 'start'});
+        }""")
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(shot))
+        print(f"{notebook}: run all {run_s:.0f} s; moved: {moved}; screenshot {shot}")
+    finally:
+        page.close()
+        # free the kernel's memory before the next notebook (kernels outlive their page)
+        with contextlib.suppress(Exception):
+            for k in _get(f"{lab['url']}/api/kernels?token={lab['token']}"):
+                req = urllib.request.Request(f"{lab['url']}/api/kernels/{k['id']}?token={lab['token']}", method="DELETE")
+                urllib.request.urlopen(req, timeout=10).close()

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +26,7 @@ from .plots import pareto_figure
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: peftkit/<layer>/<module>.py
 NOTEBOOKS = ROOT / "notebooks"
+SCREENSHOTS = ROOT / "runs" / "browser"  # written by tests/test_browser.py and tests/test_dashboard.py
 
 
 class NotebookFailed(RuntimeError):
@@ -130,6 +132,7 @@ def write_report(out_dir: Path, timings: list[tuple[str, float]], cache=None) ->
             parts.append(pareto_figure(full).to_html(full_html=False, include_plotlyjs=True))
     else:
         parts.append("<p>The result cache is empty.</p>")
+    parts.append(screenshots_html(out_dir))
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>peftkit report</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
             "td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}</style></head><body>"
@@ -137,6 +140,23 @@ def write_report(out_dir: Path, timings: list[tuple[str, float]], cache=None) ->
     index = out_dir / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
+
+
+def screenshots_html(out_dir: Path, shots: Path | None = None) -> str:
+    """The browser tests' screenshots (each notebook in JupyterLab, the dashboard in Voila), copied
+    next to the report and linked with the time each was taken; a note when there are none."""
+    shots = SCREENSHOTS if shots is None else shots
+    found = sorted(shots.glob("*.png")) if shots.is_dir() else []
+    if not found:
+        return ("<h2>Browser screenshots</h2><p>None yet: <code>pytest tests/test_browser.py "
+                "tests/test_dashboard.py</code> takes them.</p>")
+    (out_dir / "browser").mkdir(exist_ok=True)
+    items = []
+    for png in found:
+        shutil.copy2(png, out_dir / "browser" / png.name)
+        taken = datetime.fromtimestamp(png.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+        items.append(f'<li><a href="browser/{html.escape(png.name)}">{html.escape(png.stem)}</a> (taken {taken})</li>')
+    return "<h2>Browser screenshots</h2><ul>" + "".join(items) + "</ul>"
 
 
 def run_all(quick: bool = False, only: list[str] | None = None, out: str | None = None,

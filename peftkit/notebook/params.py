@@ -10,10 +10,13 @@ import os
 import random
 
 import numpy as np
+import pandas as pd
 import plotly.io as pio
 import torch
 import transformers
 from IPython.display import Markdown
+
+from ..style import fmt
 
 
 class ParameterError(ValueError):
@@ -50,6 +53,7 @@ def setup(seed: int = 0, threads: int | None = None) -> dict:
     # JupyterLab renders the mimetype bundle; the "notebook" part adds HTML with plotly.js inlined,
     # so figures survive nbconvert's HTML export (the batch report) and need no network to view.
     pio.renderers.default = "plotly_mimetype+notebook"
+    tables_for_people()
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu",
             "quick": os.environ.get("PEFTKIT_QUICK") == "1"}
@@ -64,3 +68,11 @@ def quick_banner(quick: bool, shrunk: dict) -> Markdown | None:
     return Markdown(f"> **Quick mode.** This run is shrunk so that it finishes in seconds ({items}). "
                     "The model and the steps are the full run's; the figures below are noisier. Run with "
                     "`quick = False` (or `make run`) for the full ones.")
+
+
+def tables_for_people() -> None:
+    """pandas shows every text in full (a rule's or an alert's reason is where the learning is;
+    the default cuts it at 50 characters with "...") and floats as people read them (`style.fmt`:
+    0.000443, not 0.0004430375245218263; 9.21, not 9.211957)."""
+    pd.set_option("display.max_colwidth", None)
+    pd.set_option("display.float_format", fmt)

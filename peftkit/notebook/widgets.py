@@ -26,6 +26,7 @@ from ..studies.selection import (
     choose_method,
     validate_answers,
 )
+from ..style import fmt
 from .plots import evidence_figure, tree_figure
 
 
@@ -208,30 +209,69 @@ def evidence_html(ev) -> str:
     return head + "<ul>" + "".join(f"<li>{_esc(r)}</li>" for r in ev.reasons) + "</ul>"
 
 
+def evidence_table_html(ev) -> str:
+    """Every run of `recommend`'s table as an HTML table for people: accuracy with its 95%
+    interval, the costs with units, and which limits a run breaks; the chosen run in bold."""
+    df = ev.table
+    chosen = ev.label
+    head = ("<tr><th>run</th><th>accuracy (95% interval)</th><th>trainable</th><th>s / step</th>"
+            "<th>peak MiB</th><th>adapter size</th><th>limits</th></tr>")
+    body = []
+    for r in df.itertuples():
+        acc = f"{100 * r.accuracy:.1f}%"
+        if hasattr(r, "accuracy_lo") and not math.isnan(getattr(r, "accuracy_lo", math.nan)):
+            acc += f" [{100 * r.accuracy_lo:.1f}, {100 * r.accuracy_hi:.1f}]"
+        limits = "meets all" if r.feasible else "breaks " + ", ".join(r.violates)
+        cells = [_esc(r.label), acc, f"{fmt(100 * r.trainable_fraction)}%",
+                 fmt(getattr(r, "sec_per_step", math.nan)), fmt(getattr(r, "peak_mem_mib", math.nan)),
+                 _bytes(getattr(r, "adapter_bytes", math.nan)), _esc(limits)]
+        style = " style='font-weight:bold'" if r.label == chosen else ("" if r.feasible else " style='color:#888'")
+        body.append(f"<tr{style}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<table class='peftkit-evidence-table'>{head}{''.join(body)}</table>"
+
+
+def _bytes(n) -> str:
+    """A size in bytes as people write it: 4.0 KB, 304 KB, 90.9 MB."""
+    try:
+        n = float(n)
+    except (TypeError, ValueError):
+        return str(n)
+    if math.isnan(n):
+        return "-"
+    for unit, k in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= k:
+            return f"{fmt(n / k)} {unit}"
+    return f"{fmt(n)} B"
+
+
+# The explorer's sizes, explicit so the browser can lay the sliders out on first paint: in a
+# flexible row a slider shrinks to whatever the text beside it leaves, and ipywidgets then hides
+# its readout and noUiSlider draws its handles on a track that later grows (issue 17).
+SLIDER_WIDTH, DESCRIPTION_WIDTH = "540px", "170px"
+
+
 class ConstraintExplorer:
     """Sliders for the five constraints over a compare() DataFrame; the recommendation and a
     Pareto chart with the feasible region and the chosen run, live. Every slider starts at the
     loosest value the results need, so everything is feasible until a slider moves.
 
-    Attributes: sliders (constraint -> slider), text (HTML), evidence (from `recommend`),
-    figure, widget.
+    Attributes: sliders (constraint -> slider), controls (their VBox), text (HTML), table (every
+    run, HTML), evidence (from `recommend`), figure, out (the chart), widget.
     """
 
     def __init__(self, results, tolerance="interval"):
         df = prepare(results, set())  # the same checks (one set-up, the columns) as recommend
         recommend(df, tolerance=tolerance)  # and fail now, before any widget exists
         self.results, self.tolerance = df, tolerance
-        style, layout = {"description_width": "170px"}, W.Layout(width="520px")
         frac = df["trainable_fraction"]
         lo = math.floor(math.log10(frac.min())) - 1
+        sec, mem = _ceil(df.sec_per_step.max()), _ceil(df.peak_mem_mib.max())
         self.sliders = {
             "max_trainable_fraction": W.FloatLogSlider(value=1.0, base=10, min=lo, max=0, step=0.1,
                                                        description="max trainable fraction", readout_format=".2g"),
-            "max_sec_per_step": W.FloatSlider(value=_ceil(df.sec_per_step.max()), min=0,
-                                              max=_ceil(df.sec_per_step.max()), step=_ceil(df.sec_per_step.max()) / 100,
+            "max_sec_per_step": W.FloatSlider(value=sec, min=0, max=sec, step=sec / 100,
                                               description="max s / step", readout_format=".3g"),
-            "max_peak_mem_mib": W.FloatSlider(value=_ceil(df.peak_mem_mib.max()), min=0,
-                                              max=_ceil(df.peak_mem_mib.max()), step=_ceil(df.peak_mem_mib.max()) / 100,
+            "max_peak_mem_mib": W.FloatSlider(value=mem, min=0, max=mem, step=mem / 100,
                                               description="max peak MiB", readout_format=",.0f"),
             "max_adapter_bytes": W.FloatLogSlider(value=10 ** math.ceil(math.log10(df.adapter_bytes.max())), base=10,
                                                   min=max(0, math.floor(math.log10(df.adapter_bytes.min()))),
@@ -241,14 +281,22 @@ class ConstraintExplorer:
                                           readout_format=".1%"),
         }
         for name, s in self.sliders.items():
-            s.style, s.layout, s.continuous_update = style, layout, False
+            # each slider its own Layout and style: one shared instance ties their sizes together
+            s.style = {"description_width": DESCRIPTION_WIDTH}
+            s.layout = W.Layout(width=SLIDER_WIDTH, min_width=SLIDER_WIDTH)
+            s.continuous_update, s.readout = False, True
             s.add_class(f"peftkit-evidence-{name.replace('_', '-')}")
             s.observe(self._update, names="value")
-        self.text = W.HTML()
+        self.text = W.HTML(layout=W.Layout(flex="1 1 320px", min_width="300px"))
         self.text.add_class("peftkit-evidence-text")
+        self.table = W.HTML()
+        self.table.add_class("peftkit-evidence-table-box")
         self.out = W.Output()
         self._update()
-        self.widget = W.VBox([W.HBox([W.VBox(list(self.sliders.values())), self.text]), self.out])
+        self.controls = W.VBox(list(self.sliders.values()),
+                               layout=W.Layout(width=f"calc({SLIDER_WIDTH} + 10px)", flex="0 0 auto"))
+        self.widget = W.VBox([W.HBox([self.controls, self.text], layout=W.Layout(flex_flow="row wrap", width="100%")),
+                              self.out])
         self.widget.add_class("peftkit-evidence")
 
     def constraints(self) -> dict:
@@ -257,6 +305,7 @@ class ConstraintExplorer:
     def _update(self, change=None) -> None:
         self.evidence = recommend(self.results, tolerance=self.tolerance, **self.constraints())
         self.text.value = evidence_html(self.evidence)
+        self.table.value = evidence_table_html(self.evidence)
         self.figure = evidence_figure(self.evidence)
         _show(self.out, self.figure)
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import compress as C
 from ..data import load_corpus, sample_rows, split
-from ..style import TEMPLATE
+from ..style import NEUTRAL, QUANTITY_COLORS, TEMPLATE, accuracy_range
 from ..training.metrics import compare_latency, evaluate_domains, test_split
 
 
@@ -236,10 +236,17 @@ def _figures():
 
 def bits_figure(df: pd.DataFrame):
     """Accuracy against bits, one line per scheme (from `bits_study`)."""
-    px, _, _, template = _figures()
-    fig = px.line(df.sort_values("bits"), x="bits", y="accuracy", color="scheme", markers=True,
-                  hover_data=["f1_macro", "weight_rel_err"], title="Accuracy after rounding every weight")
-    fig.update_layout(template=template, height=380, xaxis=dict(dtick=1, autorange="reversed"))
+    _, go, _, template = _figures()
+    fig = go.Figure()
+    for i, (scheme, g) in enumerate(df.sort_values("bits").groupby("scheme", sort=False)):
+        fig.add_trace(go.Scatter(x=g.bits, y=g.accuracy, name=scheme, mode="lines+markers",
+                                 line=dict(color=QUANTITY_COLORS[i % len(QUANTITY_COLORS)]),
+                                 customdata=g[["f1_macro", "weight_rel_err"]].to_numpy(),
+                                 hovertemplate="%{x} bits<br>accuracy %{y:.1%}<br>F1 %{customdata[0]:.3f}"
+                                               "<br>weight error %{customdata[1]:.3g}<extra>" + scheme + "</extra>"))
+    fig.update_layout(template=template, height=380, title="Accuracy after rounding every weight",
+                      xaxis=dict(dtick=1, autorange="reversed", title_text="bits per weight"))
+    fig.update_yaxes(title_text="accuracy", tickformat=".0%", range=accuracy_range(df.accuracy))
     return fig
 
 
@@ -248,12 +255,16 @@ def int8_figure(study: dict):
     _, go, make_subplots, template = _figures()
     fig = make_subplots(rows=1, cols=3, subplot_titles=("test accuracy per domain", "speed-up vs fp32 (batch 32)",
                                                          "file size vs fp32"), column_widths=[0.5, 0.25, 0.25])
-    for v, g in study["accuracy"].groupby("variant", sort=False):
-        fig.add_trace(go.Bar(x=g.domain, y=g.accuracy, name=v), 1, 1)
+    for i, (v, g) in enumerate(study["accuracy"].groupby("variant", sort=False)):
+        fig.add_trace(go.Bar(x=g.domain, y=g.accuracy, name=v, marker_color=QUANTITY_COLORS[i % len(QUANTITY_COLORS)],
+                             hovertemplate="%{x}: %{y:.1%}<extra>" + str(v) + "</extra>"), 1, 1)
     sp = study["speed"]
-    fig.add_trace(go.Bar(x=sp.model, y=sp["speedup vs fp32"], showlegend=False, marker_color="#555"), 1, 2)
+    fig.add_trace(go.Bar(x=sp.model, y=sp["speedup vs fp32"], showlegend=False, marker_color="#555",
+                         text=[f"{v:.2f}x" for v in sp["speedup vs fp32"]], hovertemplate="%{x}: %{y:.2f}x<extra></extra>"), 1, 2)
     sz = study["size"]
-    fig.add_trace(go.Bar(x=sz.variant, y=sz["vs fp32"], showlegend=False, marker_color="#999"), 1, 3)
+    fig.add_trace(go.Bar(x=sz.variant, y=sz["vs fp32"], showlegend=False, marker_color="#999",
+                         text=[f"{v:.2f}x" for v in sz["vs fp32"]], hovertemplate="%{x}: %{y:.2f}x<extra></extra>"), 1, 3)
+    fig.update_yaxes(tickformat=".0%", range=accuracy_range(study["accuracy"].accuracy, bars=True), row=1, col=1)
     fig.update_layout(template=template, height=420, barmode="group")
     return fig
 
@@ -263,25 +274,42 @@ def orders_figure(df: pd.DataFrame, qlora: pd.DataFrame | None = None):
     _, go, make_subplots, template = _figures()
     cols = 2 if qlora is not None else 1
     fig = make_subplots(rows=1, cols=cols, subplot_titles=("merge and quantize: the order", "training on the rounded base")[:cols])
-    fig.add_trace(go.Bar(x=df.order, y=df.accuracy, showlegend=False, text=(100 * df.accuracy).round(1)), 1, 1)
+    fig.add_trace(go.Bar(x=df.order, y=df.accuracy, showlegend=False, text=[f"{a:.1%}" for a in df.accuracy],
+                         marker_color=QUANTITY_COLORS[0], hovertemplate="%{x}: %{y:.1%}<extra></extra>"), 1, 1)
+    accs = list(df.accuracy)
     if qlora is not None:
-        fig.add_trace(go.Bar(x=qlora.setting, y=qlora.accuracy, showlegend=False, text=(100 * qlora.accuracy).round(1),
-                             marker_color="#2ca02c"), 1, 2)
-    fig.update_yaxes(title_text="movies test accuracy")
+        fig.add_trace(go.Bar(x=qlora.setting, y=qlora.accuracy, showlegend=False, text=[f"{a:.1%}" for a in qlora.accuracy],
+                             marker_color=QUANTITY_COLORS[1], hovertemplate="%{x}: %{y:.1%}<extra></extra>"), 1, 2)
+        accs += list(qlora.accuracy)
+    fig.update_yaxes(title_text="movies test accuracy", tickformat=".0%", range=accuracy_range(accs, bars=True))
     fig.update_layout(template=template, height=440)
     return fig
 
 
+# unstructured pruning and FFN shrinking: one colour each, in both panels and in the legend
+PRUNING_COLORS = {"unstructured": QUANTITY_COLORS[0], "ffn neurons": QUANTITY_COLORS[1]}
+
+
 def pruning_figure(df: pd.DataFrame):
-    """Accuracy and speed-up against the amount pruned, unstructured against FFN neurons."""
+    """Accuracy and speed-up against the amount pruned, unstructured against FFN neurons: one
+    colour per kind in both panels, the legend naming each kind once, and the dense model's
+    speed (1x) as a reference line."""
     _, go, make_subplots, template = _figures()
     fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy", "speed-up vs dense (batch 32)"))
     dense = df[df.kind == "dense"].iloc[0]
-    for i, (kind, g) in enumerate(df[df.kind != "dense"].groupby("kind")):
+    for i, (kind, g) in enumerate(df[df.kind != "dense"].groupby("kind", sort=False)):
         g = pd.concat([pd.DataFrame([dense]), g]).sort_values("amount")
-        fig.add_trace(go.Scatter(x=g.amount, y=g.accuracy, name=kind, mode="lines+markers", legendgroup=kind), 1, 1)
+        color = PRUNING_COLORS.get(kind, QUANTITY_COLORS[(i + 2) % len(QUANTITY_COLORS)])
+        fig.add_trace(go.Scatter(x=g.amount, y=g.accuracy, name=kind, mode="lines+markers", legendgroup=kind,
+                                 line=dict(color=color), hovertemplate="%{x:.0%} pruned: %{y:.1%}<extra>" + kind + "</extra>"),
+                      1, 1)
         fig.add_trace(go.Scatter(x=g.amount, y=g["speedup vs dense"], name=kind, mode="lines+markers",
-                                 legendgroup=kind, showlegend=False), 1, 2)
+                                 legendgroup=kind, showlegend=False, line=dict(color=color),
+                                 hovertemplate="%{x:.0%} pruned: %{y:.2f}x<extra>" + kind + "</extra>"), 1, 2)
+    fig.add_hline(y=1.0, line=dict(color=NEUTRAL, dash="dot"), row=1, col=2,
+                  annotation_text="dense", annotation_position="bottom right")
     fig.update_xaxes(title_text="fraction pruned", tickformat=".0%")
-    fig.update_layout(template=template, height=400)
+    fig.update_yaxes(title_text="accuracy", tickformat=".0%", range=accuracy_range(df.accuracy), row=1, col=1)
+    fig.update_yaxes(title_text="speed-up (x)", row=1, col=2)
+    fig.update_layout(template=template, height=400, legend=dict(title_text="pruned"))
     return fig

@@ -188,7 +188,7 @@ def spectrum_figure(df: pd.DataFrame, r: int = 8):
     squeezed against the left edge of a 384-wide axis.
     """
     fig = make_subplots(rows=1, cols=2, subplot_titles=(
-        "singular values s_k", "energy held by the top-k directions"))
+        "singular values s<sub>k</sub>", "energy held by the top-k directions"))
     styles = {"update": dict(color="#1f77b4"), "random": dict(color="#7f7f7f", dash="dot")}
     label = {"update": "fine-tuning update", "random": "random, same norm"}
     for which, line in styles.items():
@@ -205,9 +205,9 @@ def spectrum_figure(df: pd.DataFrame, r: int = 8):
     fig.update_xaxes(type="log", title_text="k (rank)")
     fig.update_yaxes(type="log", dtick=1, exponentformat="power", title_text="singular value",
                      row=1, col=1)  # dtick=1: one label per decade
-    fig.update_yaxes(title_text="fraction of ||dW||²_F", range=[0, 1.02], row=1, col=2)
+    fig.update_yaxes(title_text="fraction of ‖ΔW‖<sub>F</sub><sup>2</sup>", range=[0, 1.02], row=1, col=2)
     title = df.attrs.get("weight", "a weight update")
-    fig.update_layout(title=f"Spectrum of dW = W - W0 for {title}", height=420,
+    fig.update_layout(title=f"Spectrum of ΔW = W − W<sub>0</sub> for {title}", height=420,
                       legend=dict(orientation="h", y=-0.25))
     return fig
 

@@ -1,0 +1,70 @@
+"""The `make dashboard` app without a browser: its parts, its explicit widths, what starts
+collapsed, where its evidence comes from; the browser test (test_dashboard.py) checks the paint."""
+
+from __future__ import annotations
+
+import json
+
+import ipywidgets as W
+import pytest
+
+from peftkit.notebook import app
+from peftkit.notebook.widgets import SLIDER_WIDTH, evidence_table_html
+
+from test_select import rows
+
+
+def build():
+    return app.Dashboard(rows(), {"domain": "movies", "training snippets per run": "8,454", "evidence": "test rows"},
+                         {"torch": "2.x", "threads": 2}, quick_note="small")
+
+
+def test_the_app_lays_out_chooser_and_limits_beside_the_evidence_with_details_collapsed():
+    d = build()
+    assert isinstance(d.layout, W.AppLayout)
+    assert d.layout.left_sidebar.layout.width == app.LEFT and d.layout.center.layout.width == app.CENTER
+    left, center = d.layout.left_sidebar.children, d.layout.center.children
+    assert all(dd in left for dd in d.chooser.dropdowns.values()) and d.explorer.controls in left
+    assert d.explorer.table in center and d.explorer.out in center
+    assert d.details.selected_index is None  # environment and provenance start collapsed
+    assert d.details.titles[:2] == ("environment", "provenance of the evidence")
+    assert all(s.layout.width == SLIDER_WIDTH and s.readout for s in d.explorer.sliders.values())
+    # no two sliders share a Layout: one instance would tie their sizes together
+    assert len({id(s.layout) for s in d.explorer.sliders.values()}) == len(d.explorer.sliders)
+    assert "Quick mode" in d.widget.children[0].value
+
+
+def test_the_evidence_table_follows_the_limits():
+    d = build()
+    assert d.explorer.table.value == evidence_table_html(d.explorer.evidence)
+    assert d.explorer.table.value.count("meets all") == 4
+    d.explorer.sliders["min_accuracy"].value = 1.0
+    assert "meets all" not in d.explorer.table.value and "breaks min_accuracy" in d.explorer.table.value
+    assert "90 MB" in d.explorer.table.value or "90.0 MB" in d.explorer.table.value
+
+
+def test_cached_comparison_takes_the_setup_with_most_default_methods(tmp_path):
+    cache = tmp_path / "results.jsonl"
+    assert app.cached_comparison(cache=cache).empty
+    lines = []
+    runs = rows().replace({"label": {"adapter": "adapter pfeiffer simple m=d/16"}})  # the default adapter's label
+    for i, r in enumerate(runs.to_dict("records")):
+        for n_train, keep in ((8454, True), (512, i < 2)):
+            if keep:
+                lines.append({**r, "key": f"{r['label']}-{n_train}", "n_train": n_train, "seed": 0, "split_seed": 0})
+    lines.append({**lines[0], "key": "tiny", "base": "tiny"})
+    cache.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    got = app.cached_comparison(cache=cache)
+    assert len(got) == 4 and set(got.n_train) == {8454} and set(got.base) == {"minilm"}
+    results, prov = app.load_evidence(cache=cache)
+    assert "result cache" in prov["evidence"] and prov["training snippets per run"] == "8,454"
+
+
+@pytest.mark.parametrize("path", ["apps/dashboard.ipynb"])
+def test_the_app_notebook_only_starts_the_package_app(path):
+    from pathlib import Path
+    nb = json.loads((Path(__file__).resolve().parents[1] / path).read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert "parameters" in code[0]["metadata"].get("tags", [])
+    assert "main(" in "".join(code[-1]["source"]) and all(not c.get("outputs") for c in code)
+    assert not [c for c in nb["cells"] if c["cell_type"] == "markdown"]  # Voila would show it above the app
