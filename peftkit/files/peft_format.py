@@ -27,6 +27,15 @@ of adapter_model.safetensors (PEFT ignores the file). `import_peft` checks every
     base named in base_model_name_or_path when both it and the model's name are Hub names or
     peftkit's (a local path proves nothing: it differs from machine to machine).
 It reports what it loaded in one line (verbose=False to keep quiet).
+
+The LoRA family travels too. DoRA is PEFT's `use_dora=True`, its magnitude
+`<path>.lora_magnitude_vector` (out,). PiSSA (`LoRA(init="pissa")`) computes with
+W0 - s B0 A0 + s B A on the untouched base, i.e. W0 + s [B, -B0] [A; A0]: `export_peft` writes
+that rank-2r plain LoRA (lora_alpha scaled to keep s), which is what PEFT itself saves for PiSSA
+when asked to convert (`path_initial_model_for_weight_conversion`); it loads in PEFT on the
+original base with the same outputs, and imports back as a plain LoRA r=2r. A PEFT folder saved
+with init_lora_weights="pissa" unconverted needs PEFT's residual base, and is refused.
+LoRA+'s lr_ratio shapes training only and is not exported.
 """
 
 from __future__ import annotations
@@ -37,7 +46,11 @@ from pathlib import Path
 from torch import nn
 from transformers.models.auto import modeling_auto
 
-from ..core.methods import LoRA
+import math
+
+import torch
+
+from ..core.methods import DoRA, LoRA
 from ..core.surgery import applied, canonical_name, lora_layers, wrapper_names
 from ..storage import is_sha256, sha256_file
 from ..layers.lora import LoRALinear
@@ -61,12 +74,13 @@ BASE_FILE = "peftkit_base.json"  # peftkit's fingerprint of the base, beside PEF
 _ALIASES = {"peftkit:minilm": "sentence-transformers/all-MiniLM-L6-v2"}  # load_base's names, as the Hub spells them
 PREFIX = "base_model.model."
 # PEFT features with no peftkit equivalent: importing them would silently change the outputs.
-_UNSUPPORTED = {"use_dora": False, "bias": "none", "layers_to_transform": None,
+_UNSUPPORTED = {"bias": "none", "layers_to_transform": None,
                 "layer_replication": None, "lora_bias": False, "use_qalora": False,
                 "target_parameters": None, "trainable_token_indices": None, "exclude_modules": None}
 # The MultiheadAttention out_proj pair: peftkit keeps it on the wrapper, PEFT on a LoRA Linear
 # inside the module it wraps (its `base_layer`).
-_OUT_PAIR = {".lora_out_A": ".base_layer.out_proj.lora_A.weight", ".lora_out_B": ".base_layer.out_proj.lora_B.weight"}
+_OUT_PAIR = {".lora_out_A": ".base_layer.out_proj.lora_A.weight", ".lora_out_B": ".base_layer.out_proj.lora_B.weight",
+             ".lora_magnitude": ".lora_magnitude_vector"}  # DoRA's magnitude, (out,)
 # task_type by transformers' auto-class tables: the class names each task's Auto class builds.
 _TASKS = (("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
           ("SEQ_2_SEQ_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
@@ -121,17 +135,26 @@ def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None
                          "before export_peft, or PEFT would add the update a second time.")
     m = done.method
     state = adapter_state(model)
+    r, alpha = m.r, m.alpha
+    pissa = {n: x for n, x in model.named_modules() if isinstance(x, LoRALinear) and x.init == "pissa"}
+    if pissa:  # as a plain rank-2r LoRA on W0 (module docstring); alpha keeps the scale s
+        wraps = wrapper_names(model)
+        r, alpha = 2 * m.r, m.alpha * (math.sqrt(2) if m.rslora else 2)
+        for n, x in pissa.items():
+            name = canonical_name(n, wraps)
+            state[name + ".lora_A"] = torch.cat([x.lora_A, x.lora_A0]).detach()
+            state[name + ".lora_B"] = torch.cat([x.lora_B, -x.lora_B0], dim=1).detach()
     wraps = wrapper_names(model)
     loras = {id(x) for x in lora_layers(model)}
     targets = sorted({canonical_name(n, wraps) for n, x in model.named_modules() if id(x) in loras})
     config = {
-        "peft_type": "LORA", "task_type": peft_task_type(model), "r": m.r, "lora_alpha": m.alpha,
+        "peft_type": "LORA", "task_type": peft_task_type(model), "r": r, "lora_alpha": alpha,
         "lora_dropout": m.dropout, "use_rslora": m.rslora,
         # full module names: PEFT matches list entries exactly or as a dotted suffix
         "target_modules": targets, "modules_to_save": list(done.heads) or None,
         "bias": "none", "init_lora_weights": True, "inference_mode": True,
         "fan_in_fan_out": any(isinstance(x, LoRALinear) and x.fan_in_fan_out for x in lora_layers(model)),
-        "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+        "use_dora": isinstance(m, DoRA), "rank_pattern": {}, "alpha_pattern": {},
         "base_model_name_or_path": base_model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None),
     }
     d = Path(directory)
@@ -175,6 +198,11 @@ def import_peft(model: nn.Module, directory, verbose: bool = True, check_name: b
         if cfg.get(key, plain) not in (plain, None, False, {}, [], ""):
             raise AdapterFileError(f"{d / PEFT_CONFIG} uses {key}={cfg[key]!r}, which peftkit does not "
                                    f"implement (only {key}={plain!r}); importing it would change the outputs.")
+    if isinstance(cfg.get("init_lora_weights"), str) and cfg["init_lora_weights"].lower().startswith(("pissa", "olora", "corda", "eva")):
+        raise AdapterFileError(
+            f"{d / PEFT_CONFIG} holds a LoRA initialised with {cfg['init_lora_weights']!r} and saved unconverted: "
+            "its factors act on PEFT's residual base, not the original weights. Save it from PEFT with "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=...), which writes a plain LoRA, and import that.")
     for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key):
             raise AdapterFileError(f"{d / PEFT_CONFIG} sets per-layer {key}; peftkit uses one r and alpha for all layers.")
@@ -191,7 +219,7 @@ def import_peft(model: nn.Module, directory, verbose: bool = True, check_name: b
     if not isinstance(r, int) or isinstance(r, bool):
         raise AdapterFileError(f"{d / PEFT_CONFIG}: r must be a positive integer, got {r!r:.40}.")
     try:
-        method = LoRA(r=r, alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
+        method = (DoRA if cfg.get("use_dora") else LoRA)(r=r, alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
                       targets=tuple(targets) if isinstance(targets, list) else targets,
                       rslora=bool(cfg.get("use_rslora", False)))
     except (KeyError, TypeError, ValueError, OverflowError) as e:
@@ -247,7 +275,7 @@ def import_peft(model: nn.Module, directory, verbose: bool = True, check_name: b
         layers = [n for n, m in model.named_modules() if m in set(lora_layers(model))]
         leaves = ", ".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in layers))
         saved_heads = ", ".join(repr(h) for h in heads)
-        print(f"import_peft: LoRA r={method.r} alpha={method.alpha:g}{' (rsLoRA)' if method.rslora else ''} on "
+        print(f"import_peft: {method.label} r={method.r} alpha={method.alpha:g}{' (rsLoRA)' if method.rslora else ''} on "
               f"{len(layers)} layers ({leaves}); head: "
               + (f"{saved_heads} from modules_to_save" if heads else "none saved, the model's own stays frozen")
               + f"; {len(tensors)} tensors from {d / PEFT_WEIGHTS}")
