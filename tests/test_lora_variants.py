@@ -189,3 +189,29 @@ def test_plain_lora_files_and_cache_keys_are_unchanged():
     assert d["init"] == "pissa" and d["lr_ratio"] == 4.0
     assert pk.Method.from_dict(d) == pk.LoRA(init="pissa", lr_ratio=4)
     assert pk.Method.from_dict(pk.DoRA(r=4).to_dict()) == pk.DoRA(r=4)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_deployer_serves_dora_and_pissa_and_refuses_to_mix_them(merged, tmp_path):
+    from peftkit.serving.deployer import Deployer, MixedBatchError
+    texts = ["a gripping film", "dull and far too long"]
+    dirs = {}
+    for name, spec in {"dora": pk.DoRA(r=4), "pissa": pk.LoRA(r=4, init="pissa"), "lora": pk.LoRA(r=4)}.items():
+        model, _ = pk.load_base("tiny")
+        perturb(pk.apply(model, spec), std=0.3)
+        dirs[name] = pk.save_adapter(model, tmp_path / name)
+    dep = Deployer("tiny", device="cpu", merged=merged)
+    for name, d in dirs.items():
+        dep.register(name, d)
+    _, tok = pk.load_base("tiny")
+    for name in ("dora", "pissa", "lora", "dora"):  # switch there and back
+        model, _ = pk.load_base("tiny")
+        pk.load_adapter(model, dirs[name]).eval()
+        with torch.no_grad():
+            want = [torch.softmax(model(**tok([t], return_tensors="pt")).logits, -1)[0, 1].item() for t in texts]
+        got = dep.predict(texts, adapter=name)
+        probs = [p if lab == 1 else 1 - p for p, lab in zip(got.probability, got.label)]
+        assert probs == pytest.approx(want, abs=1e-5), name
+    if not merged:
+        with pytest.raises(MixedBatchError, match=r"\['dora'\] cannot share a mixed batch"):
+            dep.predict(texts, adapters=["dora", "lora"])

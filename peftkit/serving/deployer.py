@@ -382,8 +382,21 @@ class Deployer:
                 f"so one batch cannot serve {asked}. For mixed batches use an unmerged Deployer "
                 "(dep.set_merged(False), or Deployer(..., merged=False)); or call predict once per adapter.")
 
+    def _refuse_unmixable(self, names) -> None:
+        # Mixed batches add s B A x per row on the plain W0; DoRA rescales each output by its
+        # magnitude, PiSSA's factors act on a residual, and a PEFT method is PEFT's own model.
+        odd = sorted({n for n in names if n != BASE and (getattr(self._get(n).method, "dora", False)
+                      or getattr(self._get(n).method, "init", "lora") != "lora"
+                      or getattr(self._get(n).method, "mixes", True) is False)})
+        if odd:
+            raise MixedBatchError(
+                f"{odd} cannot share a mixed batch: a mixed batch adds each row's s B A x to the plain base, and "
+                "DoRA (a magnitude per output), PiSSA (factors on a residual) and PEFT-backed methods do not "
+                "compute that way. Call predict(texts, adapter=<name>) once per adapter for them.")
+
     def _predict_mixed(self, texts: list[str], names: list[str], batch_size: int) -> pd.DataFrame:
         self._refuse_merged(names)
+        self._refuse_unmixable(names)
         if not texts:
             return self._frame([], np.zeros((0, self.num_labels)), [], [], [], [])
         ids, tokens, truncated, unk = self.encode(texts)
