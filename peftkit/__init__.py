@@ -19,7 +19,7 @@ import-linter, `make test`):
 
 from ._version import __version__
 from .bases.models import MLP, ModelWithAdapters, ModelWithLoRA, load_base
-from .core.methods import METHODS, Adapter, DoRA, FullFineTune, HeadOnly, Hybrid, LoRA, Method, register
+from .core.methods import METHODS, Adapter, DoRA, FullFineTune, HeadOnly, Hybrid, LoRA, Method, PeftMethod, register
 from .core.surgery import apply, merge, report, trainable_fraction, unload, unmerge
 from .core.targets import TargetError
 from .compress.precision import optimize_for_inference
@@ -42,7 +42,7 @@ __all__ = [
     "Adapter", "AdapterFileError", "AdapterLinear", "BottleneckAdapter", "Deployer", "FastDropout",
     "DoRA", "DoRALinear", "FullFineTune", "HeadOnly", "Hybrid", "LoRA", "LoRAConv", "LoRAEmbedding", "LoRALinear",
     "LoRAMultiheadAttention", "METHODS", "MLP", "MergeError", "Method", "ModelWithAdapters", "ModelWithLoRA",
-    "Monitor", "TargetError", "__version__", "apply", "article", "compare", "export_peft", "import_peft",
+    "Monitor", "PeftMethod", "TargetError", "__version__", "apply", "article", "compare", "export_peft", "import_peft",
     "load_adapter", "load_base", "merge", "optimize_for_inference", "register", "report", "save_adapter", "summarize", "trainable_fraction",
     "unload", "unmerge", "use_fast_dropout",
 ]

@@ -176,3 +176,6 @@ class HeadOnly(Method):
     lr_reason: ClassVar[str] = "a linear probe on frozen features; 1e-3 is the rate notebook 04 uses for it"
     lr_space: ClassVar[tuple] = (1e-4, 3e-2, "log")
     lr_grid: ClassVar[tuple[float, ...]] = (1e-3, 3e-3, 1e-2)
+
+
+from .peft_method import PeftMethod  # noqa: E402,F401  (registered last: any PEFT method, by its config)

@@ -182,6 +182,10 @@ class Deployer:
                 "(written by save_adapter or experiments.compare). Pickle files (.pt, .bin) are never "
                 "loaded, since unpickling runs arbitrary code.")
         adapter = read_adapter(d)
+        if self.merged and getattr(adapter.method, "peft_type", None):
+            raise AdapterFileError(f"{d} holds a PEFT-backed method ({adapter.method.describe()}); a merged Deployer folds "
+                                   "peftkit's LoRA into the base and cannot swap PEFT's layers. Serve it with an unmerged "
+                                   "Deployer (merged=False).")
         if adapter.method.trains_base:
             raise AdapterFileError(f"{d} holds a full fine-tune ({adapter.method.name}): it replaces every base "
                                    "weight, so it cannot be hot-swapped on a shared base. Serve it as a model of its own.")
@@ -263,6 +267,10 @@ class Deployer:
     def set_merged(self, merged: bool) -> None:
         """Fold (True) or unfold (False) the active LoRA into the base weights."""
         with self._lock:
+            peft_backed = sorted(n for n, e in self._adapters.items() if getattr(e.method, "peft_type", None))
+            if merged and peft_backed:
+                raise ValueError(f"{peft_backed} are PEFT-backed methods, which a merged Deployer cannot swap; "
+                                 "unregister them first, or stay unmerged.")
             self.merged = bool(merged)
             with torch.no_grad():
                 for m in lora_layers(self.model):
