@@ -1,7 +1,8 @@
 """Studies: what peftkit measures with everything below. Experiments (`run`, `compare`, the
 results cache), tuning (Optuna), choosing a method (`selection` by rules, `recommend` from
 measured evidence), the principles of notebook 01, the seed article's claims and API, and the
-compression and serving studies of notebooks 05 and 07.
+compression and serving studies of notebooks 05 and 07, and the LoRA variants' claims of notebook 11
+(`variants`).
 
 May import: every layer below. Nothing below imports it.
 """
