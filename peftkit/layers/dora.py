@@ -44,9 +44,7 @@ class _DoRAFunction(torch.autograd.Function):
         norm = torch.linalg.vector_norm(V, dim=1)  # (out,): a constant for backward (paper, 4.3)
         f = magnitude / norm  # (out,)
         z = F.linear(x, V)  # (..., out): the one big GEMM
-        y = z * f
-        if bias is not None:
-            y = y + bias
+        y = z * f if bias is None else torch.addcmul(bias, z, f)  # one pass over (..., out) for scale and bias
         x2 = x.reshape(-1, x.shape[-1])  # (T, in)
         x_r = F.linear(x2, lora_A) if ctx.needs_input_grad[4] else None  # (T, r), for dB
         ctx.save_for_backward(x2, V, lora_B, x_r, z if ctx.needs_input_grad[5] else None, f, norm)
