@@ -215,3 +215,37 @@ def test_deployer_serves_dora_and_pissa_and_refuses_to_mix_them(merged, tmp_path
     if not merged:
         with pytest.raises(MixedBatchError, match=r"\['dora'\] cannot share a mixed batch"):
             dep.predict(texts, adapters=["dora", "lora"])
+
+
+@pytest.mark.minilm
+def test_dora_and_pissa_on_minilm_load_in_peft(minilm, tmp_path):
+    import copy
+    base, tok = minilm
+    x = dict(tok(["a gripping, beautifully shot film", "dull and far too long"], padding=True, return_tensors="pt"))
+    for name, spec in {"dora": pk.DoRA(r=8), "pissa": pk.LoRA(r=8, init="pissa")}.items():
+        model = perturb(pk.apply(copy.deepcopy(base), spec), std=0.02).eval()
+        pk.export_peft(model, tmp_path / name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / name)).eval()
+        with torch.no_grad():
+            ours = logits(model, x)
+            torch.testing.assert_close(logits(theirs, x), ours, atol=1e-5, rtol=0, msg=name)
+            assert not torch.allclose(ours, logits(base, x), atol=1e-3), name
+
+
+def test_claim_words_follow_the_interval():
+    from peftkit.studies import stats, variants as V
+    iv = lambda lo, hi: stats.Interval((lo + hi) / 2, lo, hi, "test")
+    assert V.direction_word(iv(0.01, 0.03)) == V.REPRODUCED
+    assert V.direction_word(iv(-0.03, -0.01)) == V.NOT_REPRODUCED
+    assert V.direction_word(iv(-0.01, 0.01)) == V.CANNOT_TELL
+    assert V.direction_word(iv(-0.03, -0.01), better=stats.LOWER) == V.REPRODUCED  # a loss that falls
+    assert V.direction_word(None) == V.CANNOT_TELL
+    assert V.match_word(iv(-0.01, 0.015)) == V.REPRODUCED
+    assert V.match_word(iv(0.01, 0.2)) == V.REPRODUCED
+    assert V.match_word(iv(-0.10, -0.05)) == V.NOT_REPRODUCED
+    assert V.match_word(iv(-0.05, -0.01)) == V.PARTLY
+    assert V.match_word(iv(-0.05, 0.05)) == V.CANNOT_TELL
+    assert V.match_word(iv(float("nan"), 0.0)) == V.CANNOT_TELL
+    assert set(V.WORDS) == {"reproduced", "partly", "not reproduced", "cannot tell"}

@@ -137,6 +137,18 @@ def direction_word(iv, better: str = stats.HIGHER) -> str:
     return CANNOT_TELL if d == stats.CANNOT_TELL else REPRODUCED if d == better else NOT_REPRODUCED
 
 
+def match_word(iv, margin: float = MATCH_MARGIN) -> str:
+    """For "matches": REPRODUCED when the difference's interval lies within +-margin (or above 0),
+    NOT_REPRODUCED when it lies below -margin, PARTLY when below 0 but not below -margin."""
+    if iv is None or math.isnan(iv.lo) or math.isnan(iv.hi):
+        return CANNOT_TELL
+    if (-margin <= iv.lo and iv.hi <= margin) or iv.lo > 0:
+        return REPRODUCED
+    if iv.hi < -margin:
+        return NOT_REPRODUCED
+    return PARTLY if iv.hi < 0 else CANNOT_TELL
+
+
 def loss_window(rows: pd.DataFrame, steps: int = 100) -> pd.DataFrame:
     """Per seed, the mean training loss over the first `steps` steps."""
     return pd.DataFrame({"seed": rows.seed.to_numpy(),
@@ -189,16 +201,7 @@ def claims(rows: pd.DataFrame, pissa_rows: pd.DataFrame, b: Budget) -> pd.DataFr
                 {stats.HOLDS: REPRODUCED, stats.FAILS: NOT_REPRODUCED}.get(v, CANNOT_TELL)))
     vera = next(s for s in methods(b).values() if isinstance(s, PeftMethod))
     d = _diff(rows, vera, LoRA(r=8, alpha=ALPHA))
-    if d is None:
-        word = CANNOT_TELL
-    elif -MATCH_MARGIN <= d.lo and d.hi <= MATCH_MARGIN or d.lo > 0:
-        word = REPRODUCED
-    elif d.hi < -MATCH_MARGIN:
-        word = NOT_REPRODUCED
-    elif d.hi < 0:
-        word = PARTLY
-    else:
-        word = CANNOT_TELL
+    word = match_word(d)
     tv, tl = (int(runs_of(rows, s).trainable.iloc[0]) for s in (vera, LoRA(r=8, alpha=ALPHA)))
     out.append(("VeRA", f"matches LoRA (within {MATCH_MARGIN:.0%}) with far fewer trainable parameters",
                 f"VeRA minus LoRA r=8: {_pts(d)}; {tv:,} against {tl:,} trainable parameters", word))
