@@ -65,7 +65,7 @@ class Budget:
 
 def budget(quick: bool, **override) -> Budget:
     """The full budget, or quick mode's: tiny subsets of the real corpus, MiniLM unchanged."""
-    small = dict(n_train=96, n_eval=96, ranks=(4, 32), lambdas=(1, 16), lora_ranks=(1, 8), vera_r=64,
+    small = dict(n_train=96, n_eval=96, ranks=(4, 32), lambdas=(1, 16), lora_ranks=(4, 8), vera_r=64,
                  pissa_n_train=96) if quick else {}  # pissa_n_train = n_train: LoRA r=8 runs are shared
     return Budget(**{**small, **{k: v for k, v in override.items() if v is not None}})
 
