@@ -125,6 +125,8 @@ def test_compare_runs_and_caches_a_peft_method(tmp_path):
               progress=False, cache=tmp_path / "r.jsonl", cfg=TrainConfig(epochs=1, lr=1e-2, batch_size=16, progress=False))
     df = compare([m, pk.LoRA(r=4)], **kw)
     assert list(df.method) == ["peft", "lora"] and df.trainable.iloc[0] < df.trainable.iloc[1]
+    from peftkit.studies.recommend import recommend
+    assert "peft vera r=4" in str(recommend(df))  # the evidence weighs it beside LoRA
     again = compare([m], **kw)
     assert again.key.iloc[0] == df.key.iloc[0] and len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
 
