@@ -26,6 +26,9 @@ Modes (all at r=8, alpha=16, `--tokens` tokens, default 2,048):
   unmerged forward under ``no_grad``; the baseline is the frozen base layer. Writes
   ``layer_kinds.csv`` and ``layer_kinds.md`` beside ``--out``.
 
+* ``--dora``: DoRA against LoRA, peftkit's against PEFT's ``use_dora=True``, training and unmerged
+  inference in the same interleaved run (bench_dora.py; writes ``dora.csv`` and ``dora.md``).
+
 Usage::
 
     python benchmarks/bench_layers.py                      # all shapes, 50 repeats
@@ -526,10 +529,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"time these other layer kinds against PEFT instead of Linear: 'all' or a comma-separated "
                         f"subset of {','.join(KINDS)} (modes train and inference)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"CSV path (default {DEFAULT_OUT.relative_to(ROOT)})")
+    p.add_argument("--dora", action="store_true", help="DoRA against LoRA and PEFT's DoRA instead (bench_dora.py)")
     return p
 
 
 def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--dora" in argv:  # DoRA's own run: bench_dora.py, which takes the same shape/repeat options
+        import bench_dora
+        return bench_dora.main([a for a in argv if a != "--dora"])
     args = build_parser().parse_args(argv)
     quick = args.quick
     shapes = args.shapes or parse_shapes(QUICK_SHAPES if quick else DEFAULT_SHAPES)

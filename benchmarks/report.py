@@ -61,6 +61,14 @@ FILES = {
              "repeats divided by the frozen layer's median from the same run; the last column divides "
              "peftkit's median by PEFT's.",
         command="python benchmarks/bench_layers.py --kinds all --threads 1 --repeats 15 --warmup 2"),
+    "dora.csv": dict(
+        group="current", title="DoRA against LoRA, peftkit's against HF PEFT's",
+        what="One layer at r=8, alpha=16 on 2,048 tokens: the frozen `nn.Linear`, peftkit's LoRA and DoRA, PEFT's "
+             "LoRA and DoRA (`use_dora=True`), timed interleaved in one process; forward plus backward (dropout 0) "
+             "and unmerged inference under `no_grad`. Each cell is a median over the repeats divided by the frozen "
+             "layer's median from the same run; the last three columns divide medians: DoRA's over LoRA's in each "
+             "library, and peftkit's DoRA over PEFT's.",
+        command="python benchmarks/bench_layers.py --dora --repeats 30"),
     "train_attn0.csv": dict(
         group="current", title="Training step on MiniLM: the padding-free encoder on and off",
         what="Seconds per training step (forward, backward, AdamW) and peak resident memory, batch 32 of "
@@ -483,6 +491,24 @@ def layer_kinds_section(name: str, meta: dict) -> list[str]:
         f"- repeats: {values(df, 'repeats')}; other processes' CPU share: {values(df, 'other_load')}", ""]
 
 
+def dora_section(name: str, meta: dict) -> list[str]:
+    df = pd.read_csv(RESULTS / name)
+    rows = []
+    for (shape, mode), d in df.groupby(["shape", "mode"], sort=False):
+        s = d.set_index("impl")
+        ms = s["median_ms"].astype(float)
+        rows.append([shape, mode, num(float(ms["frozen_linear"]), 3)]
+                    + [num(float(s.loc[i, "ratio_vs_baseline"]), 2) for i in ("peftkit_lora", "peftkit_dora", "peft_lora", "peft_dora")]
+                    + [num(float(ms["peftkit_dora"] / ms["peftkit_lora"]), 2), num(float(ms["peft_dora"] / ms["peft_lora"]), 2),
+                       num(float(ms["peftkit_dora"] / ms["peft_dora"]), 2)])
+    return header(name, meta) + command_block(meta["command"]) + [
+        table(["shape", "mode", "frozen (ms)", "peftkit LoRA", "peftkit DoRA", "PEFT LoRA", "PEFT DoRA",
+               "DoRA / LoRA, peftkit", "DoRA / LoRA, PEFT", "peftkit DoRA / PEFT DoRA"], rows, right=set(range(2, 10))), "",
+        "Measured with:", "", measured_with(df, meta), f"- peft: {values(df, 'peft')}",
+        f"- tokens: {values(df, 'tokens')}; repeats: {values(df, 'repeats')}; other processes' CPU share: "
+        f"{values(df, 'other_load')}", ""]
+
+
 def dropout_section(name: str, meta: dict) -> list[str]:
     df = pd.read_csv(RESULTS / name)
     d = df[["shape", "implementation", "ms", "vs_torch"]].rename(columns={"vs_torch": "vs torch"})
@@ -770,13 +796,13 @@ AVX2, AVX-512, VNNI, BF16 and AMX flags, and are grouped by CPU family.
 
 
 def render() -> str:
-    known = set(FILES) | {"compress.md", "layers.md", "layer_kinds.md", "serve.md", "serve_1thread.md"} | {p.name for p in precision_files()}
+    known = set(FILES) | {"dora.md", "compress.md", "layers.md", "layer_kinds.md", "serve.md", "serve_1thread.md"} | {p.name for p in precision_files()}
     unknown = sorted(p.name for p in RESULTS.iterdir() if p.suffix in (".csv", ".json") and p.name not in known)
     if unknown:
         raise SystemExit(f"report.py does not know {unknown}: add each to FILES with what it measures and "
                          "the command that wrote it.")
     out = [INTRO, "## Current code", ""]
-    builders = {"layers.csv": layers_section, "layer_kinds.csv": layer_kinds_section, "dropout.csv": dropout_section,
+    builders = {"layers.csv": layers_section, "layer_kinds.csv": layer_kinds_section, "dora.csv": dora_section, "dropout.csv": dropout_section,
                 "serve.csv": serve_section,
                 "serve_1thread.csv": serve_section, "serve_mixed.csv": serve_mixed_section,
                 "serve_latency.csv": serve_latency_section, "compress.json": compress_section,

@@ -19,7 +19,7 @@ import-linter, `make test`):
 
 from ._version import __version__
 from .bases.models import MLP, ModelWithAdapters, ModelWithLoRA, load_base
-from .core.methods import METHODS, Adapter, FullFineTune, HeadOnly, Hybrid, LoRA, Method, register
+from .core.methods import METHODS, Adapter, DoRA, FullFineTune, HeadOnly, Hybrid, LoRA, Method, PeftMethod, register
 from .core.surgery import apply, merge, report, trainable_fraction, unload, unmerge
 from .core.targets import TargetError
 from .compress.precision import optimize_for_inference
@@ -27,6 +27,7 @@ from .files.adapter_file import AdapterFileError, load_adapter, save_adapter
 from .files.peft_format import export_peft, import_peft
 from .layers.adapters import AdapterLinear, BottleneckAdapter
 from .layers.dropout import FastDropout, use_fast_dropout
+from .layers.dora import DoRALinear
 from .layers.lora import LoRALinear, MergeError
 from .layers.lora_attention import LoRAMultiheadAttention
 from .layers.lora_conv import LoRAConv
@@ -41,9 +42,10 @@ from .studies.summary import summarize
 
 __all__ = [
     "Adapter", "AdapterFileError", "AdapterLinear", "BottleneckAdapter", "Deployer", "FastDropout",
-    "FullFineTune", "HeadOnly", "Hybrid", "LoRA", "LoRAConv", "LoRAEmbedding", "LoRALinear",
+    "DoRA", "DoRALinear", "FullFineTune", "HeadOnly", "Hybrid", "LoRA", "LoRAConv", "LoRAEmbedding", "LoRALinear",
     "LoRAMultiheadAttention", "METHODS", "MLP", "MergeError", "Method", "ModelWithAdapters", "ModelWithLoRA",
-    "Monitor", "TargetError", "__version__", "aggregate", "apply", "article", "compare", "export_peft", "import_peft",
-    "load_adapter", "load_base", "merge", "optimize_for_inference", "register", "report", "save_adapter", "simulate_federated", "summarize", "trainable_fraction",
+    "Monitor", "PeftMethod", "TargetError", "__version__", "aggregate", "apply", "article", "compare", "export_peft",
+    "import_peft", "load_adapter", "load_base", "merge", "optimize_for_inference", "register", "report", "save_adapter",
+    "simulate_federated", "summarize", "trainable_fraction",
     "unload", "unmerge", "use_fast_dropout",
 ]

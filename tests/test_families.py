@@ -24,6 +24,9 @@ GENERATIVE = tuple(f for f, spec in FAMILIES.items() if spec.generative)
 TASKS = {"gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM", "bart": "SEQ_2_SEQ_LM",
          "distilbert": "SEQ_CLS", "roberta": "SEQ_CLS"}  # the rest: none
 _BASES: dict = {}
+PLAIN = ("mlp", "cnn", "embedding", "mha")  # plain torch modules, no transformers model_type
+NOT_LINEAR = ("cnn", "embedding", "mha")  # families whose LoRA targets include convolutions, embeddings, MHA
+LINEAR_ONLY = ("dora", "lora:pissa")  # DoRA and PiSSA adapt Linear (and Conv1D) layers only
 
 
 def fresh(fam):
@@ -48,6 +51,11 @@ def method(key: str, fam: str) -> pk.Method:
 
     if cls is pk.Hybrid:
         return pk.Hybrid(lora=small(pk.LoRA, {}), adapter=small(pk.Adapter, {"placement": "pfeiffer"}))
+    if cls is pk.PeftMethod:  # on peftkit's architecture table's LoRA targets for the family
+        if fam in PLAIN:
+            pytest.skip("a plain module's targets are named per test in tests/test_peft_method.py")
+        from peftkit.core.architectures import architecture
+        return cls(config={**cls.variants[variant]["config"], "target_modules": list(architecture(fresh(fam)).lora)})
     return small(cls, cls.variants[variant])
 
 
@@ -69,6 +77,10 @@ def unique_params(model):
 @pytest.mark.parametrize("fam", FAMS)
 @pytest.mark.parametrize("key", METHOD_KEYS)
 def test_family_invariants(fam, key, tmp_path):
+    if key in LINEAR_ONLY and fam in NOT_LINEAR:
+        with pytest.raises(pk.TargetError, match="Linear"):  # refused, by name, before anything changes
+            quiet_apply(fresh(fam), method(key, fam))
+        return
     ref, model = fresh(fam), quiet_apply(fresh(fam), method(key, fam)).eval()
     x = tiny_inputs(fam)
     with torch.no_grad():  # identity at init

@@ -116,9 +116,21 @@ def test_one_sgd_step_gives_w_plus_delta(key, base):
         warnings.simplefilter("ignore")
         pk.merge(model)
     for m in lora_layers(model):
-        delta = (m.lora_B @ m.lora_A) * m.scale  # the updated factors, by the paper's formula
+        delta = paper_delta(m, w0[id(m)])  # the updated factors, by each paper's formula
         assert delta.abs().max() > 0
         torch.testing.assert_close(m.base.weight, w0[id(m)] + delta, atol=1e-6, rtol=0)
+
+
+def paper_delta(m, w0):
+    """What a merge adds to W0, written from each paper: LoRA s B A; PiSSA s (B A - B0 A0) on its
+    residual; DoRA m V / ||V|| - W0 with V = W0 + s B A (norm per output row)."""
+    delta = (m.lora_B @ m.lora_A) * m.scale
+    if getattr(m, "init", "lora") == "pissa":
+        delta = delta - (m.lora_B0 @ m.lora_A0) * m.scale
+    if isinstance(m, pk.DoRALinear):
+        V = w0 + delta
+        delta = m.lora_magnitude[:, None] * V / V.norm(dim=1, keepdim=True) - w0
+    return delta
 
 
 @pytest.mark.parametrize("base", MODELS)

@@ -79,10 +79,10 @@ def test_import_refuses_unsupported_peft_features(tmp_path):
     m = perturb(pk.apply(fresh("tiny"), pk.LoRA()))
     pk.export_peft(m, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    cfg["use_dora"] = True
+    cfg["lora_bias"] = True  # (use_dora, refused here before, is DoRA now: tests/test_lora_variants.py)
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     target = fresh("tiny")
-    with pytest.raises(pk.AdapterFileError, match="use_dora"):
+    with pytest.raises(pk.AdapterFileError, match="lora_bias"):
         pk.import_peft(target, tmp_path)
     assert not hasattr(target, "peftkit")
 

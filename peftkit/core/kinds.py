@@ -13,6 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..layers.adapters import output_width
+from ..layers.dora import DoRALinear
 from ..layers.lora import LoRALayer, LoRALinear
 from ..layers.lora_attention import LoRAMultiheadAttention, attention_problem
 from ..layers.lora_conv import CONVS, LoRAConv, conv_problem
@@ -22,10 +23,11 @@ LORA_KINDS = (nn.Linear, Conv1D, *CONVS, nn.Embedding, nn.MultiheadAttention)
 ADAPTER_KINDS = (nn.Linear, Conv1D)
 
 
-def lora_layer(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool) -> LoRALayer:
-    """The LoRA wrapper for `module`'s kind."""
+def lora_layer(module: nn.Module, r: int, alpha: float, dropout: float, rslora: bool,
+               init: str = "lora", dora: bool = False) -> LoRALayer:
+    """The LoRA wrapper for `module`'s kind (DoRA's, with dora=True; PiSSA's init on Linear kinds)."""
     if isinstance(module, (nn.Linear, Conv1D)):
-        return LoRALinear(module, r, alpha, dropout, rslora)
+        return (DoRALinear if dora else LoRALinear)(module, r, alpha, dropout, rslora, init=init)
     if isinstance(module, CONVS):
         return LoRAConv(module, r, alpha, dropout, rslora)
     if isinstance(module, nn.Embedding):

@@ -29,6 +29,7 @@ from ..layers.adapters import AdapterLinear
 from ..layers.lora import LoRALayer, MergeError
 from ..layers.names import is_adapter_param, under, under_any
 from .methods import Method
+from .peft_method import PEFT_MODEL_ATTR, is_peft_layer, peft_layers
 from .targets import TargetError, replace_module
 
 HEAD_NAMES = ("classifier", "score", "head", "classification_head")  # what task models call it
@@ -133,7 +134,7 @@ def apply(model: nn.Module, method: Method, head="auto") -> nn.Module:
     or None."""
     if not isinstance(method, Method):
         raise TypeError(f"apply() takes a method spec such as peftkit.LoRA(), got {type(method).__name__}.")
-    if applied(model) is not None or any(isinstance(m, WRAPPERS) for m in model.modules()):
+    if applied(model) is not None or any(isinstance(m, WRAPPERS) or is_peft_layer(m) for m in model.modules()):
         done = applied(model)
         raise RuntimeError(
             f"this model already has {done.method if done else 'peftkit layers'} applied. Applying "
@@ -149,7 +150,9 @@ def apply(model: nn.Module, method: Method, head="auto") -> nn.Module:
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     method.inject(model, plan)
     for p, names in _names_by_param(model).values():
-        p.requires_grad_(method.trains_base or any(is_adapter_param(n) or under_any(n, heads) for n in names))
+        # An adapter tensor trains unless its layer made it a constant (AdaLoRA's ranknum, in PEFT).
+        new = p.requires_grad and any(is_adapter_param(n) for n in names)
+        p.requires_grad_(method.trains_base or new or any(under_any(n, heads) for n in names))
     if not any(p.requires_grad for p in model.parameters()):
         remove(model, grads)
         raise TargetError(f"{method.name} would train nothing in this {type(model).__name__} (its head "
@@ -180,6 +183,12 @@ def remove(model: nn.Module, requires_grad: dict[str, bool] | None = None) -> nn
 
 
 def _strip(model: nn.Module, merge_lora: bool) -> None:
+    for name, layer in reversed(peft_layers(model)):  # a PEFT-backed method: PEFT's own merge
+        if merge_lora:
+            _peft_merge(name, layer)
+        replace_module(model, name, layer.get_base_layer())
+    for attr in ("peft_config", PEFT_MODEL_ATTR):  # what get_peft_model and PeftMethod left on the model
+        model.__dict__.pop(attr, None)
     wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, WRAPPERS)]
     for name, m in reversed(wrapped):  # innermost first does not matter: we re-read by name
         mod = model.get_submodule(name) if name else model
@@ -229,7 +238,20 @@ def merge(model: nn.Module, allow_tied: bool = False) -> int:
                       f"modules because {_WHY_NO_MERGE}.", stacklevel=2)
     for m in loras:
         m.merge()
-    return len(loras)
+    peft = peft_layers(model)
+    for name, layer in peft:
+        _peft_merge(name, layer)
+    return len(loras) + len(peft)
+
+
+def _peft_merge(name: str, layer: nn.Module) -> None:
+    if getattr(layer, "merged", False):
+        return
+    try:
+        layer.merge()
+    except (NotImplementedError, ValueError, TypeError, AttributeError, RuntimeError) as e:
+        raise MergeError(f"PEFT's {type(layer).__module__.split('.')[2] if type(layer).__module__.count('.') > 1 else ''} "
+                         f"layer {name!r} ({type(layer).__name__}) cannot merge: {e}. Serve it unmerged.") from None
 
 
 def unmerge(model: nn.Module) -> int:
@@ -237,7 +259,11 @@ def unmerge(model: nn.Module) -> int:
     loras = lora_layers(model)
     for m in loras:
         m.unmerge()
-    return len(loras)
+    peft = peft_layers(model)
+    for _, layer in peft:
+        if getattr(layer, "merged", False):
+            layer.unmerge()
+    return len(loras) + len(peft)
 
 
 def unload(model: nn.Module, allow_tied: bool = False) -> nn.Module:
@@ -260,15 +286,16 @@ def canonical_name(name: str, wrapper_prefixes: list[str]) -> str:
     while changed:
         changed = False
         for w in wrapper_prefixes:
-            head = f"{w}.base." if w else "base."
-            if name.startswith(head):
-                name = (f"{w}." if w else "") + name[len(head):]
-                changed = True
+            for base in ("base", "base_layer"):  # peftkit's wrappers; PEFT's
+                head = f"{w}.{base}." if w else f"{base}."
+                if name.startswith(head):
+                    name = (f"{w}." if w else "") + name[len(head):]
+                    changed = True
     return name
 
 
 def wrapper_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, WRAPPERS)]
+    return [n for n, m in model.named_modules() if isinstance(m, WRAPPERS) or is_peft_layer(m)]
 
 
 def _row_kind(module: nn.Module, name: str, heads) -> str:
@@ -276,6 +303,8 @@ def _row_kind(module: nn.Module, name: str, heads) -> str:
         return "lora+adapter" if isinstance(module.base, LoRALayer) else "adapter"
     if isinstance(module, LoRALayer):
         return "lora"
+    if is_peft_layer(module):
+        return "peft " + type(module).__module__.split(".")[2] if type(module).__module__.count(".") > 1 else "peft"
     if under_any(name, heads):
         return "head"
     return type(module).__name__
@@ -291,7 +320,7 @@ def report(model: nn.Module) -> pd.DataFrame:
     for name, module in model.named_modules():
         if any(under(name, s) for s in wrapped):
             continue
-        if isinstance(module, WRAPPERS):
+        if isinstance(module, WRAPPERS) or is_peft_layer(module):
             wrapped.add(name)
             params = list(module.parameters())
         else:

@@ -38,6 +38,21 @@ run on a transposed view of the weight, and a merge adds (s B A)^T.
 `LoRALayer` holds what every LoRA wrapper shares (this one, and those for convolutions,
 embeddings and nn.MultiheadAttention in the sibling modules): r, alpha, the scale, and merges
 that are idempotent, refuse NaN or inf, and restore W0 on unmerge.
+
+PiSSA (Meng et al., "PiSSA: Principal Singular Values and Singular Vectors Adaptation", 2024)
+starts A and B from the top-r singular triplets of W0 = U S V^T instead of (kaiming, 0):
+
+    B0 = U_r sqrt(S_r / s),   A0 = sqrt(S_r / s) V_r^T,   so  s B0 A0 = U_r S_r V_r^T
+
+and trains them on the residual W0 - s B0 A0. peftkit never writes into a base weight (a base is
+shared between adapters), so `init="pissa"` keeps W0 and the frozen B0, A0 (buffers, not saved:
+the truncated SVD of the same base is the same product) and computes with
+
+    W = (W0 - s B0 A0) + s B A
+
+which is PiSSA's weight exactly, and W0 again at initialisation. Its update against W0 is
+s (B A - B0 A0): a rank-2r LoRA [B, -B0] [A; A0], which is how `export_peft` hands it to PEFT
+(PEFT converts PiSSA to plain LoRA the same way when it saves one).
 """
 
 from __future__ import annotations
@@ -50,6 +65,9 @@ from torch import nn
 
 from .names import LORA_PREFIX
 from .wrap import WrapsBase
+
+
+INITS = ("lora", "pissa")  # kaiming A and zero B (the paper's); PiSSA's principal singular vectors
 
 
 class MergeError(RuntimeError):
@@ -136,6 +154,14 @@ class LoRALayer(WrapsBase, nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self.merged = False
+        self.lr_ratio = 1.0  # LoRA+: B's learning rate over A's, read by fit through lr_multipliers()
+
+    _B_NAME = LORA_PREFIX + "B"  # the factor LoRA+ speeds up: B, (out, r)
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """{local parameter name: learning-rate multiplier} for `fit`'s parameter groups: LoRA+'s
+        lr_ratio on B; empty for plain LoRA."""
+        return {self._B_NAME: self.lr_ratio} if self.lr_ratio != 1.0 else {}
 
     def weights(self) -> list[torch.Tensor]:
         """The base weights the layer adapts (the ones a merge changes)."""
@@ -197,8 +223,10 @@ class LoRALinear(LoRALayer):
     """
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 rslora: bool = False, fan_in_fan_out: bool | None = None):
+                 rslora: bool = False, fan_in_fan_out: bool | None = None, init: str = "lora"):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"unknown LoRA init {init!r}; choose one of {INITS}.")
         conv1d = is_conv1d(base)
         if not isinstance(base, nn.Linear) and not conv1d:
             raise TypeError(f"LoRALinear wraps nn.Linear or transformers' Conv1D, got {type(base).__name__}.")
@@ -211,6 +239,35 @@ class LoRALinear(LoRALayer):
         # Same init as nn.Linear's weight (and as the paper's reference code): B = 0 makes the
         # update zero at the start while A already spreads the input over r directions.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.init = init
+        if init == "pissa":
+            self._pissa_init()
+
+    @torch.no_grad()
+    def _pissa_init(self) -> None:
+        """A and B from W0's top-r singular triplets (module docstring); B0, A0 kept frozen."""
+        w = self.base.weight
+        w = w.t() if self.fan_in_fan_out else w  # (out, in)
+        if w.is_meta:  # a shape-only skeleton (file checks): no values to decompose
+            A0, B0 = torch.empty_like(self.lora_A), torch.empty_like(self.lora_B)
+        else:
+            U, S, Vh = torch.linalg.svd(w.float(), full_matrices=False)  # float32 even for bf16 weights
+            root = (S[: self.r] / self.scale).sqrt()  # (r,)
+            B0 = (U[:, : self.r] * root).to(w.dtype)  # (out, r)
+            A0 = (root[:, None] * Vh[: self.r]).to(w.dtype)  # (r, in)
+        self.lora_A.copy_(A0)
+        self.lora_B.copy_(B0)
+        # Not persistent: recomputed from the same base on load, so files hold only A and B.
+        self.register_buffer(LORA_PREFIX + "A0", A0.clone(), persistent=False)
+        self.register_buffer(LORA_PREFIX + "B0", B0.clone(), persistent=False)
+
+    def _weight(self) -> torch.Tensor:
+        """The frozen weight the update is added to, (out, in): W0, or W0 - s B0 A0 under PiSSA."""
+        w = self.base.weight
+        w = w.t() if self.fan_in_fan_out else w
+        if self.init == "pissa":
+            w = torch.addmm(w, self.lora_B0, self.lora_A0, alpha=-self.scale)
+        return w
 
     in_features = property(lambda self: self.base.weight.shape[0 if self.fan_in_fan_out else 1])
     out_features = property(lambda self: self.base.weight.shape[1 if self.fan_in_fan_out else 0])
@@ -219,15 +276,17 @@ class LoRALinear(LoRALayer):
 
     def delta_weight(self) -> torch.Tensor:
         """The update s * B A in the base weight's layout ((out, in); (in, out) for Conv1D) and dtype."""
-        d = (self.lora_B @ self.lora_A).mul(self.scale).to(self.base.weight.dtype)
+        d = self.lora_B @ self.lora_A
+        if self.init == "pissa":
+            d = d - self.lora_B0 @ self.lora_A0  # exactly zero at initialisation
+        d = d.mul(self.scale).to(self.base.weight.dtype)
         return d.t() if self.fan_in_fan_out else d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        w, b = self.base.weight, self.base.bias
-        if self.fan_in_fan_out:
-            w = w.t()  # a view: (out, in), the layout the formulas below use
+        b = self.base.bias
+        w = self._weight()  # (out, in): a view of W0 (transposed for Conv1D), or PiSSA's residual
         A, B, s = self.lora_A, self.lora_B, self.scale
         if self.dropout_p > 0 and self.training:
             # Plain path: a fresh mask per token means the update cannot fold into W.
@@ -247,4 +306,5 @@ class LoRALinear(LoRALayer):
         return F.linear(x, torch.addmm(w, B, A, alpha=s), b)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", fan_in_fan_out" if self.fan_in_fan_out else "")
+        init = f", init={self.init}" if self.init != "lora" else ""
+        return super().extra_repr() + (", fan_in_fan_out" if self.fan_in_fan_out else "") + init

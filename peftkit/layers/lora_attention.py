@@ -71,6 +71,10 @@ class LoRAMultiheadAttention(LoRALayer):
         nn.init.kaiming_uniform_(self.lora_out_A, a=math.sqrt(5))
         self.register_forward_pre_hook(_keep_fused_paths_off)
 
+    def lr_multipliers(self) -> dict[str, float]:
+        """LoRA+ speeds up both B factors: in_proj's and out_proj's."""
+        return {LORA_PREFIX + n: self.lr_ratio for n in ("B", "out_B")} if self.lr_ratio != 1.0 else {}
+
     def _weights(self) -> dict[str, torch.Tensor]:
         b, s = self.base, self.scale
         return {"in_proj_weight": torch.addmm(b.in_proj_weight, self.lora_B, self.lora_A, alpha=s),

@@ -51,6 +51,8 @@ class LoRAEmbedding(LoRALayer):
         setattr(self, LORA_PREFIX + "embedding_B", nn.Parameter(torch.empty(w.shape[1], r, **kw)))
         nn.init.normal_(self.lora_embedding_B)
 
+    _B_NAME = LORA_PREFIX + "embedding_B"
+
     def _embed_scale(self):
         scale = getattr(self.base, "embed_scale", None)
         return scale if isinstance(scale, (int, float, torch.Tensor)) else None

@@ -7,6 +7,9 @@ Freezing, counting, saving and loading all decide "is this an adapter tensor?" b
 LORA_PREFIX = "lora_"        # LoRALinear.lora_A, LoRALinear.lora_B
 ADAPTER_PREFIX = "adapter_"  # AdapterLinear.adapter_branch.*
 PREFIXES = (LORA_PREFIX, ADAPTER_PREFIX)
+# The adapter name a PEFT-backed method (core.peft_method) gives PEFT: PEFT files every tensor it
+# adds under it (query.vera_lambda_b.adapter_peft), so they fall under ADAPTER_PREFIX too.
+PEFT_ADAPTER = ADAPTER_PREFIX + "peft"
 
 
 def is_adapter_param(name: str) -> bool:

@@ -183,6 +183,10 @@ class Deployer:
                 "(written by save_adapter or experiments.compare). Pickle files (.pt, .bin) are never "
                 "loaded, since unpickling runs arbitrary code.")
         adapter = read_adapter(d)
+        if self.merged and getattr(adapter.method, "peft_type", None):
+            raise AdapterFileError(f"{d} holds a PEFT-backed method ({adapter.method.describe()}); a merged Deployer folds "
+                                   "peftkit's LoRA into the base and cannot swap PEFT's layers. Serve it with an unmerged "
+                                   "Deployer (merged=False).")
         if adapter.method.trains_base:
             raise AdapterFileError(f"{d} holds a full fine-tune ({adapter.method.name}): it replaces every base "
                                    "weight, so it cannot be hot-swapped on a shared base. Serve it as a model of its own.")
@@ -264,6 +268,10 @@ class Deployer:
     def set_merged(self, merged: bool) -> None:
         """Fold (True) or unfold (False) the active LoRA into the base weights."""
         with self._lock:
+            peft_backed = sorted(n for n, e in self._adapters.items() if getattr(e.method, "peft_type", None))
+            if merged and peft_backed:
+                raise ValueError(f"{peft_backed} are PEFT-backed methods, which a merged Deployer cannot swap; "
+                                 "unregister them first, or stay unmerged.")
             self.merged = bool(merged)
             with torch.no_grad():
                 for m in lora_layers(self.model):
@@ -383,8 +391,21 @@ class Deployer:
                 f"so one batch cannot serve {asked}. For mixed batches use an unmerged Deployer "
                 "(dep.set_merged(False), or Deployer(..., merged=False)); or call predict once per adapter.")
 
+    def _refuse_unmixable(self, names) -> None:
+        # Mixed batches add s B A x per row on the plain W0; DoRA rescales each output by its
+        # magnitude, PiSSA's factors act on a residual, and a PEFT method is PEFT's own model.
+        odd = sorted({n for n in names if n != BASE and (getattr(self._get(n).method, "dora", False)
+                      or getattr(self._get(n).method, "init", "lora") != "lora"
+                      or getattr(self._get(n).method, "mixes", True) is False)})
+        if odd:
+            raise MixedBatchError(
+                f"{odd} cannot share a mixed batch: a mixed batch adds each row's s B A x to the plain base, and "
+                "DoRA (a magnitude per output), PiSSA (factors on a residual) and PEFT-backed methods do not "
+                "compute that way. Call predict(texts, adapter=<name>) once per adapter for them.")
+
     def _predict_mixed(self, texts: list[str], names: list[str], batch_size: int) -> pd.DataFrame:
         self._refuse_merged(names)
+        self._refuse_unmixable(names)
         if not texts:
             return self._frame([], np.zeros((0, self.num_labels)), [], [], [], [])
         ids, tokens, truncated, unk = self.encode(texts)

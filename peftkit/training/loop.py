@@ -187,6 +187,33 @@ def _iterate(loader):
     return it
 
 
+def lr_multipliers(model: torch.nn.Module) -> dict[int, float]:
+    """id(parameter) -> learning-rate multiplier, from every module that answers the duck-typed
+    hook `lr_multipliers()` ({local parameter name: multiplier}; LoRA+'s B, for one). The loop
+    reads the hook and knows nothing of the method behind it."""
+    out = {}
+    for module in model.modules():
+        hook = getattr(type(module), "lr_multipliers", None)
+        if callable(hook):
+            for name, mult in module.lr_multipliers().items():
+                if not (isinstance(mult, (int, float)) and math.isfinite(mult) and mult > 0):
+                    raise ValueError(f"{type(module).__name__}.lr_multipliers() gave {name}: {mult!r}; a learning-rate "
+                                     "multiplier must be a positive number.")
+                out[id(module.get_parameter(name))] = float(mult)
+    return out
+
+
+def param_groups(model: torch.nn.Module, named: dict, lr: float, weight_decay: float) -> list[dict]:
+    """AdamW's groups: weight decay on matrices only, and one group per learning-rate multiplier
+    (group 0 holds the base rate's matrices, so history's "lr" is the base rate)."""
+    mult = lr_multipliers(model)
+    groups: dict[tuple, list] = {(False, 1.0, False): [], (False, 1.0, True): []}  # the two groups of old checkpoints
+    for p in named.values():
+        groups.setdefault((mult.get(id(p), 1.0) != 1.0, mult.get(id(p), 1.0), p.ndim < 2), []).append(p)
+    return [{"params": ps, "lr": lr * m, "weight_decay": 0.0 if vec else weight_decay}
+            for (_, m, vec), ps in sorted(groups.items(), key=lambda kv: kv[0])]
+
+
 def fit(model, train_loader, val_loader=None, cfg: TrainConfig | None = None, resume: bool | str = False,
         on_eval=None, spec: dict | None = None) -> pd.DataFrame:
     """Train `model` in place; returns the history (step, epoch, loss, lr, val_*, elapsed).
@@ -233,10 +260,7 @@ def fit(model, train_loader, val_loader=None, cfg: TrainConfig | None = None, re
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accumulation)
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
 
-    decay = [p for p in named.values() if p.ndim >= 2]
-    no_decay = [p for p in named.values() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = torch.optim.AdamW(param_groups(model, named, cfg.lr, cfg.weight_decay), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, cfg.warmup_ratio))
     net = model
     if world > 1:
