@@ -69,6 +69,15 @@ FILES = {
              "layer's median from the same run; the last three columns divide medians: DoRA's over LoRA's in each "
              "library, and peftkit's DoRA over PEFT's.",
         command="python benchmarks/bench_layers.py --dora --repeats 30"),
+    "federated.csv": dict(
+        group="current", title="Federated adaptation: four domains as four clients, four strategies",
+        what="MiniLM, the four domains as four non-IID clients (256 training snippets each), every client in every "
+             "round, local steps through `fit`, LoRA r=8 on query and value (FedAvg: the full fine-tune), one seed. "
+             "Accuracy is the mean over the four domains' test snippets after the last round, with a 95% normal "
+             "interval over all those snippets; the aggregation error is the last round's "
+             "Frobenius norm, over all LoRA layers, of the server's update minus the exact average of the clients' "
+             "updates (`peftkit.studies.federated.aggregation_error`; 0 to rounding for FFA-LoRA and FLoRA); bytes are what every client sent and received over all rounds.",
+        command="python benchmarks/bench_federated.py"),
     "train_attn0.csv": dict(
         group="current", title="Training step on MiniLM: the padding-free encoder on and off",
         what="Seconds per training step (forward, backward, AdamW) and peak resident memory, batch 32 of "
@@ -509,6 +518,29 @@ def dora_section(name: str, meta: dict) -> list[str]:
         f"{values(df, 'other_load')}", ""]
 
 
+def federated_section(name: str, meta: dict) -> list[str]:
+    df = pd.read_csv(RESULTS / name)
+    info = json.loads((RESULTS / "federated.json").read_text())
+    n_eval = info["settings"]["n_eval"]
+    rows = []
+    for strategy, d in df.groupby("strategy", sort=False):
+        first, last = d[d["round"] == d["round"].min()], d[d["round"] == d["round"].max()]
+        acc, n = float(last["accuracy"].mean()), n_eval * len(last)
+        half = 1.96 * (acc * (1 - acc) / n) ** 0.5
+        err = last["aggregation_error"].dropna()
+        rows.append([strategy, int(d["round"].max()), num(float(first["accuracy"].mean()), 3), num(acc, 3),
+                     f"[{num(acc - half, 3)}, {num(acc + half, 3)}]", num(float(err.iloc[0]), 2) if len(err) else "",
+                     f"{(d['bytes_up'].sum() + d['bytes_down'].sum()) / 1e6:,.1f}"])
+    env = info.get("env", {})
+    return header(name, meta) + command_block(meta["command"]) + [
+        table(["strategy", "rounds", "accuracy before", "accuracy after", "95% interval", "aggregation error",
+               "MB on the wire"], rows, right=set(range(1, 7))), "",
+        "Measured with:", "", f"- CPU: {env.get('cpu', 'not recorded')}; threads: {env.get('threads', 'not recorded')}; "
+        f"torch {env.get('torch', 'not recorded')}, transformers {env.get('transformers', 'not recorded')}",
+        f"- settings: {', '.join(f'{k} {v}' for k, v in info['settings'].items())}",
+        f"- {info['note']}" if info.get("note") else "", ""]
+
+
 def dropout_section(name: str, meta: dict) -> list[str]:
     df = pd.read_csv(RESULTS / name)
     d = df[["shape", "implementation", "ms", "vs_torch"]].rename(columns={"vs_torch": "vs torch"})
@@ -796,13 +828,14 @@ AVX2, AVX-512, VNNI, BF16 and AMX flags, and are grouped by CPU family.
 
 
 def render() -> str:
-    known = set(FILES) | {"dora.md", "compress.md", "layers.md", "layer_kinds.md", "serve.md", "serve_1thread.md"} | {p.name for p in precision_files()}
+    known = set(FILES) | {"federated.json", "dora.md", "compress.md", "layers.md", "layer_kinds.md", "serve.md", "serve_1thread.md"} | {p.name for p in precision_files()}
     unknown = sorted(p.name for p in RESULTS.iterdir() if p.suffix in (".csv", ".json") and p.name not in known)
     if unknown:
         raise SystemExit(f"report.py does not know {unknown}: add each to FILES with what it measures and "
                          "the command that wrote it.")
     out = [INTRO, "## Current code", ""]
-    builders = {"layers.csv": layers_section, "layer_kinds.csv": layer_kinds_section, "dora.csv": dora_section, "dropout.csv": dropout_section,
+    builders = {"layers.csv": layers_section, "layer_kinds.csv": layer_kinds_section, "dora.csv": dora_section, "federated.csv": federated_section,
+                "dropout.csv": dropout_section,
                 "serve.csv": serve_section,
                 "serve_1thread.csv": serve_section, "serve_mixed.csv": serve_mixed_section,
                 "serve_latency.csv": serve_latency_section, "compress.json": compress_section,
