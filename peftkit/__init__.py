@@ -35,6 +35,8 @@ from .serving.deployer import Deployer
 from .serving.monitor import Monitor
 from .studies import article
 from .studies.experiments import compare
+from .studies.merge_study import learn_merge_weights
+from .studies.merging import merge_adapters
 from .studies.summary import summarize
 
 __all__ = [
@@ -42,6 +44,6 @@ __all__ = [
     "FullFineTune", "HeadOnly", "Hybrid", "LoRA", "LoRAConv", "LoRAEmbedding", "LoRALinear",
     "LoRAMultiheadAttention", "METHODS", "MLP", "MergeError", "Method", "ModelWithAdapters", "ModelWithLoRA",
     "Monitor", "TargetError", "__version__", "apply", "article", "compare", "export_peft", "import_peft",
-    "load_adapter", "load_base", "merge", "optimize_for_inference", "register", "report", "save_adapter", "summarize", "trainable_fraction",
+    "learn_merge_weights", "load_adapter", "load_base", "merge", "merge_adapters", "optimize_for_inference", "register", "report", "save_adapter", "summarize", "trainable_fraction",
     "unload", "unmerge", "use_fast_dropout",
 ]

@@ -215,3 +215,42 @@ def test_a_corrupt_in_memory_adapter_is_refused_before_the_model_changes(loras):
     with pytest.raises(AdapterFileError, match="NaN or inf"):
         pk.load_adapter(fresh, bad)
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+# -- learned weights (LoraHub) ---------------------------------------------------------------
+
+from peftkit.studies.merge_study import evaluate_adapters, examples_frame, learn_merge_weights  # noqa: E402
+
+EXAMPLES = [("a wonderful film", 1), ("dull and far too long", 0), ("I loved it", 1), ("awful acting", 0),
+            ("great fun", 1), ("a waste of time", 0)]
+
+
+def test_learned_weights_start_from_the_mean_and_never_score_worse(loras):
+    w, study = learn_merge_weights(loras[:2], EXAMPLES, budget=6, base="tiny", progress=False)
+    assert len(w) == 2 and all(0.0 <= x <= 1.5 for x in w)
+    assert len(study.trials) == 6
+    first = study.trials[0]
+    assert [first.params["w0"], first.params["w1"]] == [0.5, 0.5]
+    assert study.best_value <= first.value
+    assert {"accuracy", "loss"} <= set(study.best_trial.user_attrs)
+    again, _ = learn_merge_weights(loras[:2], EXAMPLES, budget=6, base="tiny", progress=False)
+    assert again == w  # seeded
+
+
+@pytest.mark.parametrize("examples, budget, match", [
+    (EXAMPLES[:3], 5, "give 5 to 512"),
+    ([(t, 2) for t, _ in EXAMPLES], 5, "must be 0 .negative. or 1"),
+    ([("", 1)] + EXAMPLES, 5, "non-empty string"),
+    (EXAMPLES, 0, "budget=0"),
+])
+def test_learned_weights_refuse_bad_input(examples, budget, match, loras):
+    with pytest.raises(MergeInputError, match=match):
+        learn_merge_weights(loras[:2], examples, budget=budget, base="tiny", progress=False)
+
+
+def test_evaluate_adapters_scores_a_merge_like_the_loaded_model(loras):
+    merged = merge_adapters(loras[:2])
+    df = evaluate_adapters({"mean": merged}, base="tiny", domains=["movies"], n_eval=20, progress=False)
+    assert list(df.columns[:3]) == ["adapter", "domain", "accuracy"] and len(df.correct.iloc[0]) == 20
+    assert df.accuracy.iloc[0] == pytest.approx(df.correct.iloc[0].count("1") / 20)
+    assert examples_frame(EXAMPLES).label.tolist() == [1, 0, 1, 0, 1, 0]
