@@ -240,6 +240,8 @@ def test_learned_weights_start_from_the_mean_and_never_score_worse(loras):
 @pytest.mark.parametrize("examples, budget, match", [
     (EXAMPLES[:3], 5, "give 5 to 512"),
     ([(t, 2) for t, _ in EXAMPLES], 5, "must be 0 .negative. or 1"),
+    ([(t, "pos") for t, _ in EXAMPLES], 5, "got 'pos'"),
+    ([(t, float("nan")) for t, _ in EXAMPLES], 5, "got nan"),
     ([("", 1)] + EXAMPLES, 5, "non-empty string"),
     (EXAMPLES, 0, "budget=0"),
 ])

@@ -52,10 +52,11 @@ def examples_frame(examples, what: str = "examples", low: int = 5, high: int = 5
                               "(LoraHub's setting is 5 to 50).")
     if not all(isinstance(t, str) and t.strip() for t in df.text):
         raise MergeInputError(f"every text of the {what} must be a non-empty string.")
-    if not all(isinstance(y, int) or (hasattr(y, "is_integer") and float(y).is_integer()) for y in df.label) \
-            or not df.label.between(0, 1).all():
-        raise MergeInputError(f"the labels of the {what} must be 0 (negative) or 1 (positive); got {sorted(set(df.label))[:5]}.")
-    return df.assign(label=df.label.astype(int))
+    labels = pd.to_numeric(df.label, errors="coerce")
+    if isinstance(df.label.iloc[0], bool) or not labels.isin([0, 1]).all():
+        bad = sorted({repr(y) for y, ok in zip(df.label, labels.isin([0, 1])) if not ok})[:5]
+        raise MergeInputError(f"the labels of the {what} must be 0 (negative) or 1 (positive); got {', '.join(bad)}.")
+    return df.assign(label=labels.astype(int))
 
 
 def _sampler(name: str, seed: int):
