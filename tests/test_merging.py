@@ -256,3 +256,13 @@ def test_evaluate_adapters_scores_a_merge_like_the_loaded_model(loras):
     assert list(df.columns[:3]) == ["adapter", "domain", "accuracy"] and len(df.correct.iloc[0]) == 20
     assert df.accuracy.iloc[0] == pytest.approx(df.correct.iloc[0].count("1") / 20)
     assert examples_frame(EXAMPLES).label.tolist() == [1, 0, 1, 0, 1, 0]
+
+
+def test_ties_and_dare_are_exact_by_default_and_truncate_to_a_given_rank(loras):
+    exact = merge_adapters(loras, how="dare", seed=1)
+    low = merge_adapters(loras, how="dare", seed=1, rank=3)
+    assert low.method.r == 3 and exact.method.r == 32  # tiny BERT: 32 x 32 projections
+    for k, d in dense(low).items():
+        full = dense(exact)[k]
+        s = torch.linalg.svdvals(full)
+        assert math.isclose(torch.linalg.matrix_norm(d - full).item(), s[3:].norm().item(), rel_tol=1e-4, abs_tol=1e-7)

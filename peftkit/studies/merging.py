@@ -19,7 +19,8 @@ mean nothing, and averaging them (what PEFT's "linear" does) is not the average 
 result's rank is the sum of the ranks. `svd` is exact when k reaches sum r_i (rank(sum) <=
 sum r_i), and otherwise the best rank-k approximation in Frobenius and spectral norm
 (Eckart-Young). TIES and DARE act entry by entry, so their result is a dense matrix: by default
-it is kept exactly (rank min(out, in)), and `rank=k` truncates it by SVD as `svd` does.
+it is kept exactly (rank min(out, in): D as one factor, the identity as the other), and `rank=k`
+truncates it by SVD as `svd` does.
 Every result has scale 1 (alpha = r, no rsLoRA): the scale is folded into B.
 
 **Bottleneck adapters** (x + up(act(down(x)))) can only be averaged parameter by parameter:
@@ -159,7 +160,12 @@ def _delta(t: AdapterFile, a: str, b: str) -> torch.Tensor:
 
 def _factors(D: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(A (k, in), B (out, k)) with B A the best rank-k approximation of D; the singular values
-    split evenly between the two factors (sqrt on each side), so neither dwarfs the other."""
+    split evenly between the two factors (sqrt on each side), so neither dwarfs the other. At
+    k = min(out, in), D itself with an identity: exact, and no SVD to pay for."""
+    out_dim, in_dim = D.shape
+    if k == min(out_dim, in_dim):
+        eye = torch.eye(k, dtype=D.dtype)
+        return (D, eye) if out_dim <= in_dim else (eye, D)
     U, S, Vh = torch.linalg.svd(D, full_matrices=False)
     k_eff = min(k, S.numel())
     root = S[:k_eff].sqrt()
@@ -204,8 +210,8 @@ def _merge_lora(adapters, how, w, density, seed, rank):
     elif how == "svd":
         r_out = rank or max(a.method.r for a in adapters)
     else:
-        shapes = [_delta(adapters[0], a, b).shape for a, b in pairs]
-        r_out = rank or max(min(s) for s in shapes)
+        t = adapters[0].tensors  # dW is (out, in...) = (B's rows, A's columns per rank)
+        r_out = rank or max(min(t[b].shape[0], t[a][0].numel()) for a, b in pairs)
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for a_name, b_name in pairs:  # sorted: DARE's draws follow one fixed order of layers
