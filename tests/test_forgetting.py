@@ -66,3 +66,16 @@ def test_refusals():
         forgetting_study(source="movies", target="movies")
     with pytest.raises(ValueError, match="unknown target domain"):
         forgetting_study(target="reddit")
+
+
+def test_figures_draw_one_curve_per_method_in_its_colour(study):
+    from peftkit.notebook import multi_domain as viz
+    from peftkit.style import method_colors
+    df, _ = study
+    lf = learning_forgetting(df)
+    fig = viz.forgetting_figure(lf)
+    assert [t.line.color for t in fig.data] == [method_colors()[m] for m in dict.fromkeys(lf.method)]
+    assert all(len(t.x) == 3 for t in fig.data)  # before, epoch 1, epoch 2
+    assert len(viz.forgetting_sentences(lf)) == 3
+    table = viz.spectrum_table(spectra_frame(df.attrs["spectra"]))
+    assert table.loc["lora", "effective_rank"] <= 2

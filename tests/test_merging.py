@@ -266,3 +266,22 @@ def test_ties_and_dare_are_exact_by_default_and_truncate_to_a_given_rank(loras):
         full = dense(exact)[k]
         s = torch.linalg.svdvals(full)
         assert math.isclose(torch.linalg.matrix_norm(d - full).item(), s[3:].norm().item(), rel_tol=1e-4, abs_tol=1e-7)
+
+
+def test_against_pairs_items_and_words_follow_the_interval():
+    import pandas as pd
+
+    from peftkit.notebook import multi_domain as viz
+    n = 400
+    scores = pd.DataFrame([
+        {"adapter": "ref", "domain": "movies", "accuracy": 0.5, "correct": "10" * (n // 2)},
+        {"adapter": "same", "domain": "movies", "accuracy": 0.5, "correct": "10" * (n // 2)},
+        {"adapter": "better", "domain": "movies", "accuracy": 1.0, "correct": "1" * n},
+    ])
+    d = viz.against(scores, {"movies": "ref"}).set_index("adapter")
+    assert d.loc["ref", "direction"] == "itself"
+    assert d.loc["same", "difference"] == 0 and d.loc["same", "direction"] == "cannot tell at this precision"
+    assert d.loc["better", "difference"] == pytest.approx(0.5) and d.loc["better", "direction"] == "higher"
+    text = "\n".join(viz.merge_sentences(d.reset_index(), "the reference"))
+    assert "**better** against the reference: 1 domain higher" in text
+    assert viz.merge_heatmap(d.reset_index(), "t").data[0].y == ("ref", "same", "better")

@@ -31,8 +31,9 @@ def against(scores: pd.DataFrame, reference: dict) -> pd.DataFrame:
 def merge_heatmap(diff: pd.DataFrame, title: str) -> go.Figure:
     """Adapters (rows) x domains (columns): accuracy minus the reference's, each cell labelled with
     the accuracy and the difference."""
-    z = diff.pivot(index="adapter", columns="domain", values="difference")
-    acc = diff.pivot(index="adapter", columns="domain", values="accuracy").loc[z.index, z.columns]
+    order = dict(index=list(dict.fromkeys(diff.adapter)), columns=list(dict.fromkeys(diff.domain)))
+    z = diff.pivot(index="adapter", columns="domain", values="difference").reindex(**order)
+    acc = diff.pivot(index="adapter", columns="domain", values="accuracy").reindex(**order)
     text = [[f"{a:.1%}<br>{d:+.1%}" for a, d in zip(ra, rd)] for ra, rd in zip(acc.values, z.values)]
     lim = max(0.01, float(np.nanmax(np.abs(z.values))))
     fig = go.Figure(go.Heatmap(z=z.values, x=list(z.columns), y=list(z.index), text=text, texttemplate="%{text}",
