@@ -1,7 +1,9 @@
 """Studies: what peftkit measures with everything below. Experiments (`run`, `compare`, the
 results cache), tuning (Optuna), choosing a method (`selection` by rules, `recommend` from
 measured evidence), the principles of notebook 01, the seed article's claims and API, and the
-compression and serving studies of notebooks 05 and 07.
+compression and serving studies of notebooks 05 and 07; merging adapters (`merging`: task
+arithmetic, TIES, DARE, cat, SVD, adapter averaging; `merge_study`: LoraHub-style learned weights,
+scoring adapters on every domain) and what fine-tuning forgets (`forgetting`), for notebook 10.
 
 May import: every layer below. Nothing below imports it.
 """
