@@ -45,14 +45,15 @@ from ..storage import runs_dir
 
 DEFAULT_METHODS = (LoRA(r=8, alpha=16), Adapter(), FullFineTune(), HeadOnly())
 DEFAULT_CACHE = runs_dir() / "forgetting.jsonl"
+VAL_ITEMS = 8  # fit calls on_eval after each epoch's validation, which decides nothing here: keep it tiny
 TARGET_LAYERS = ("query", "value")  # the layers whose dW spectra are compared (LoRA's default targets)
 
 
 def intruder_dimensions(w_before: torch.Tensor, w_after: torch.Tensor, k: int = 10, threshold: float = 0.5) -> int:
     """How many of the top-k left singular vectors of `w_after` have a cosine similarity below
     `threshold` with every left singular vector of `w_before` (Shuttleworth et al., 2024)."""
-    u0 = torch.linalg.svd(w_before.double(), full_matrices=False)[0]
-    u1 = torch.linalg.svd(w_after.double(), full_matrices=False)[0][:, :k]
+    u0 = torch.linalg.svd(w_before.float(), full_matrices=False)[0]
+    u1 = torch.linalg.svd(w_after.float(), full_matrices=False)[0][:, :k]
     best = (u1.T @ u0).abs().amax(dim=1)  # (k,): each new direction's closest old one
     return int((best < threshold).sum())
 
@@ -65,9 +66,9 @@ def _weights(model, layers=TARGET_LAYERS) -> dict[str, torch.Tensor]:
         if name.split(".")[-1] not in layers:
             continue
         if id(m) in loras:
-            out[name] = (m.base.weight + m.delta_weight()).detach().double().cpu()
+            out[name] = (m.base.weight + m.delta_weight()).detach().float().cpu()
         elif isinstance(m, torch.nn.Linear):
-            out[name] = m.weight.detach().double().cpu()
+            out[name] = m.weight.detach().float().cpu()
     return out
 
 
@@ -97,7 +98,7 @@ def forgetting_run(method: Method, source: str = "movies", target: str = "tweets
     model = copy.deepcopy(model)
     tests = {d: make_loaders(tok, {"test": data.sample_rows(s["test"], n_eval, split_seed)}, batch_size=64,
                              max_length=max_length)["test"] for d, s in splits.items()}
-    tgt = data.subset(splits[target], n_train, n_eval, split_seed, target)
+    tgt = data.subset(splits[target], n_train, VAL_ITEMS, split_seed, target)  # val: only fit's per-epoch hook
     loaders = make_loaders(tok, tgt, batch_size=batch_size, max_length=max_length, seed=seed)
     w_before = _weights(model) if spectra else None
     apply(model, method)
