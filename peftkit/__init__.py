@@ -38,6 +38,8 @@ from .studies import article
 from .studies.experiments import compare
 from .studies.federated import aggregate
 from .studies.federated_sim import simulate_federated
+from .studies.merge_study import learn_merge_weights
+from .studies.merging import merge_adapters
 from .studies.summary import summarize
 
 __all__ = [
@@ -45,7 +47,7 @@ __all__ = [
     "DoRA", "DoRALinear", "FullFineTune", "HeadOnly", "Hybrid", "LoRA", "LoRAConv", "LoRAEmbedding", "LoRALinear",
     "LoRAMultiheadAttention", "METHODS", "MLP", "MergeError", "Method", "ModelWithAdapters", "ModelWithLoRA",
     "Monitor", "PeftMethod", "TargetError", "__version__", "aggregate", "apply", "article", "compare", "export_peft",
-    "import_peft", "load_adapter", "load_base", "merge", "optimize_for_inference", "register", "report", "save_adapter",
-    "simulate_federated", "summarize", "trainable_fraction",
+    "import_peft", "learn_merge_weights", "load_adapter", "load_base", "merge", "merge_adapters", "optimize_for_inference",
+    "register", "report", "save_adapter", "simulate_federated", "summarize", "trainable_fraction",
     "unload", "unmerge", "use_fast_dropout",
 ]

@@ -242,15 +242,22 @@ def write_adapter_files(folder: Path, tensors: dict, meta: dict) -> None:
                                  "tensors_sha256": sha256_file(folder / WEIGHTS)})
 
 
-def save_adapter(model: nn.Module, directory) -> Path:
+def save_adapter(model, directory) -> Path:
     """Write adapter.safetensors and adapter.json as the folder `directory`: a new folder is
     written and swapped in whole. `directory` may be absent, empty, or an earlier adapter folder
-    (replaced whole); a folder holding other files is refused, so nothing of yours is deleted."""
-    done = applied(model)
-    state = adapter_state(model)
-    meta = {"format": "peftkit-adapter", "peftkit_version": __version__, "method": done.method.to_dict(),
-            "head": done.head, "base": fingerprint(model, _heads_arg(done), done.method),
-            **({"heads": list(done.heads)} if len(done.heads) > 1 else {})}
+    (replaced whole); a folder holding other files is refused, so nothing of yours is deleted.
+    `model` may also be an in-memory AdapterFile (a merge's result), checked as a file would be."""
+    if isinstance(model, AdapterFile):
+        adapter = as_adapter(model)
+        state = adapter.tensors
+        meta = {**{k: v for k, v in adapter.meta.items() if k not in ("tensors", "tensors_sha256")},
+                "format": "peftkit-adapter", "peftkit_version": __version__, "method": adapter.method.to_dict()}
+    else:
+        done = applied(model)
+        state = adapter_state(model)
+        meta = {"format": "peftkit-adapter", "peftkit_version": __version__, "method": done.method.to_dict(),
+                "head": done.head, "base": fingerprint(model, _heads_arg(done), done.method),
+                **({"heads": list(done.heads)} if len(done.heads) > 1 else {})}
     with atomic_folder(directory, marker=CONFIG, what="save_adapter") as tmp:
         write_adapter_files(tmp, state, meta)
     return Path(directory)
@@ -258,13 +265,33 @@ def save_adapter(model: nn.Module, directory) -> Path:
 
 @dataclass(frozen=True)
 class AdapterFile:
-    """An adapter folder read and checked for itself, not yet applied to any model."""
+    """An adapter read and checked for itself, not yet applied to any model: a folder's, or one
+    built in memory (path None; a merge's result), which load_adapter, save_adapter and
+    Deployer.register accept like a folder."""
 
-    path: Path
+    path: Path | None
     method: Method
     head: str | None
     tensors: dict  # unwrapped name -> CPU tensor
-    meta: dict     # adapter.json as written
+    meta: dict     # adapter.json as written (an in-memory one: format, method, head, base)
+
+    @property
+    def source(self) -> str:
+        """Where the tensors come from, for error messages."""
+        return str(self.path / WEIGHTS) if self.path is not None else "the in-memory adapter"
+
+
+def as_adapter(source) -> AdapterFile:
+    """An AdapterFile from a folder (read_adapter) or an in-memory one, checked either way: its
+    method's settings and every tensor floating-point, finite and within +-MAX_ABS."""
+    if not isinstance(source, AdapterFile):
+        return read_adapter(source)
+    if not isinstance(source.meta.get("base"), dict):
+        raise AdapterFileError("the in-memory adapter carries no base fingerprint ('base' in its meta), so no "
+                               "model can be checked against it; build it with merge_adapters or read_adapter.")
+    check_method(source.method, source.source)
+    check_values(source.tensors, source.source)
+    return source
 
 
 def read_adapter(directory) -> AdapterFile:
@@ -323,14 +350,15 @@ def check_base(model: nn.Module, adapter: AdapterFile) -> None:
 
 
 def load_adapter(model: nn.Module, directory) -> nn.Module:
-    """Apply the saved method to a fresh base `model` and load its tensors. Checks the base
-    fingerprint and every shape first; on any error the model is left as it was."""
-    adapter = read_adapter(directory)
+    """Apply the saved method to a fresh base `model` and load its tensors (`directory`: a folder
+    or an in-memory AdapterFile). Checks the base fingerprint and every shape first; on any error
+    the model is left as it was."""
+    adapter = as_adapter(directory)  # a folder, or an in-memory AdapterFile (a merge's result)
     if applied(model) is not None:
         raise ValueError("load_adapter needs a fresh base model, but this one already has "
                          f"{applied(model).method} applied. Load the base again with load_base().")
     check_base(model, adapter)
-    return apply_and_fill(model, adapter.method, adapter.head, adapter.tensors, str(adapter.path / WEIGHTS))
+    return apply_and_fill(model, adapter.method, adapter.head, adapter.tensors, adapter.source)
 
 
 def skeleton(model: nn.Module) -> nn.Module:

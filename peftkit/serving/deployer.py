@@ -48,7 +48,9 @@ from ..data.loaders import pad_batch
 from ..files.adapter_file import (
     CONFIG,
     WEIGHTS,
+    AdapterFile,
     AdapterFileError,
+    as_adapter,
     adapter_state,
     check_base,
     check_tensors,
@@ -176,13 +178,17 @@ class Deployer:
         if name in self._adapters and not replace:
             raise ValueError(f"an adapter named {name!r} is already registered (from "
                              f"{self._adapters[name].source}); pass replace=True to swap it, or pick another name.")
-        d = Path(adapter_dir)
-        if d.is_file():
-            raise AdapterFileError(
-                f"{d} is a file; register takes an adapter folder holding {CONFIG} and {WEIGHTS} "
-                "(written by save_adapter or experiments.compare). Pickle files (.pt, .bin) are never "
-                "loaded, since unpickling runs arbitrary code.")
-        adapter = read_adapter(d)
+        if isinstance(adapter_dir, AdapterFile):  # in memory (a merge's result): checked as a file is
+            adapter = as_adapter(adapter_dir)
+            d, where = adapter.source, adapter.source
+        else:
+            d = Path(adapter_dir)
+            if d.is_file():
+                raise AdapterFileError(
+                    f"{d} is a file; register takes an adapter folder holding {CONFIG} and {WEIGHTS} "
+                    "(written by save_adapter or experiments.compare). Pickle files (.pt, .bin) are never "
+                    "loaded, since unpickling runs arbitrary code.")
+            adapter, where = read_adapter(d), str(d / WEIGHTS)
         if self.merged and getattr(adapter.method, "peft_type", None):
             raise AdapterFileError(f"{d} holds a PEFT-backed method ({adapter.method.describe()}); a merged Deployer folds "
                                    "peftkit's LoRA into the base and cannot swap PEFT's layers. Serve it with an unmerged "
@@ -192,14 +198,14 @@ class Deployer:
                                    "weight, so it cannot be hot-swapped on a shared base. Serve it as a model of its own.")
         self._check_base(adapter)
         expected = self._expected_shapes(adapter.method, adapter.head, d)
-        check_tensors(expected, adapter.tensors, str(d / WEIGHTS))
+        check_tensors(expected, adapter.tensors, where)
         dtype = next(self.model.parameters()).dtype
         keys = tuple(sorted(expected))
         tensors = []
         for k in keys:
             t = adapter.tensors[k]
             if not torch.isfinite(t).all():
-                raise AdapterFileError(f"{d / WEIGHTS}: tensor {k} holds NaN or inf (a diverged training run?); "
+                raise AdapterFileError(f"{where}: tensor {k} holds NaN or inf (a diverged training run?); "
                                        "it would poison every prediction. Retrain or pick an earlier checkpoint.")
             t = t.to(dtype).contiguous().clone()  # owned memory, not a view of the file buffer
             tensors.append(t.pin_memory() if self.device.type == "cuda" else t)

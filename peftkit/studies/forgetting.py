@@ -1,0 +1,217 @@
+"""What fine-tuning forgets: accuracy gained on a target domain against accuracy lost on the others.
+
+Biderman et al. ("LoRA Learns Less and Forgets Less", TMLR 2024) found that LoRA learns a new
+domain less than a full fine-tune does and forgets the source domain less. Here, per method:
+
+1. "before": MiniLM with a head trained (head only, one epoch) on the source domain. Every method
+   of one seed starts from this same model, so their differences are the method's alone.
+2. The method (LoRA r=8, a bottleneck adapter, the full fine-tune, the head only) trains on the
+   target domain for `epochs` epochs from there (`training.fit`, at the registry's learning rate).
+3. After each epoch, every domain's test items are scored (the items `experiments.run` tests).
+
+The gain is the target's accuracy minus its accuracy before; the forgetting is the mean accuracy
+lost on the three other domains (their items pooled). Both are paired by seed and test item
+(`stats.paired_difference`), so the intervals carry the spread of seeds and items.
+
+**Spectra and intruder dimensions.** For the attention projections LoRA adapts (query and
+value), the update dW is W_after - W_before (the full fine-tune's) or s B A (LoRA's). Its singular
+values show how many directions a method moved (a LoRA update has at most r). Shuttleworth et al.
+("LoRA vs Full Fine-tuning: An Illusion of Equivalence", 2024) found that LoRA's fine-tuned
+weights hold "intruder dimensions": singular vectors among the top k of W_after whose largest
+cosine similarity with every singular vector of W_before stays below a threshold, i.e. new
+high-ranking directions that a full fine-tune rarely creates; they tie them to forgetting.
+`intruder_dimensions` counts them (k = 10 and threshold 0.5 here; the paper sweeps both).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .. import data
+from ..bases.models import load_base
+from ..core.methods import Adapter, FullFineTune, HeadOnly, LoRA, Method
+from ..core.surgery import apply, lora_layers
+from ..data.loaders import make_loaders
+from ..training.loop import TrainConfig, fit
+from ..training.metrics import evaluate
+from .experiments import append_cache, as_seeds, config_key, read_cache
+from .stats import correct_array, direction, paired_difference
+from ..storage import runs_dir
+
+DEFAULT_METHODS = (LoRA(r=8, alpha=16), Adapter(), FullFineTune(), HeadOnly())
+DEFAULT_CACHE = runs_dir() / "forgetting.jsonl"
+VAL_ITEMS = 8  # fit calls on_eval after each epoch's validation, which decides nothing here: keep it tiny
+TARGET_LAYERS = ("query", "value")  # the layers whose dW spectra are compared (LoRA's default targets)
+
+
+def intruder_dimensions(w_before: torch.Tensor, w_after: torch.Tensor, k: int = 10, threshold: float = 0.5) -> int:
+    """How many of the top-k left singular vectors of `w_after` have a cosine similarity below
+    `threshold` with every left singular vector of `w_before` (Shuttleworth et al., 2024)."""
+    u0 = torch.linalg.svd(w_before.float(), full_matrices=False)[0]
+    u1 = torch.linalg.svd(w_after.float(), full_matrices=False)[0][:, :k]
+    best = (u1.T @ u0).abs().amax(dim=1)  # (k,): each new direction's closest old one
+    return int((best < threshold).sum())
+
+
+def _weights(model, layers=TARGET_LAYERS) -> dict[str, torch.Tensor]:
+    """{layer name: its effective weight W (+ s B A for a LoRA layer)} for the named projections."""
+    loras = {id(m): m for m in lora_layers(model)}
+    out = {}
+    for name, m in model.named_modules():
+        if name.split(".")[-1] not in layers:
+            continue
+        if id(m) in loras:
+            out[name] = (m.base.weight + m.delta_weight()).detach().float().cpu()
+        elif isinstance(m, torch.nn.Linear):
+            out[name] = m.weight.detach().float().cpu()
+    return out
+
+
+def spectrum_row(before: dict, after: dict, top: int = 32, k: int = 10, threshold: float = 0.5) -> dict:
+    """Per layer: the top singular values of dW, its effective rank at 1% of the largest, and the
+    intruder dimensions of W_after against W_before."""
+    layers = {}
+    for name, w0 in before.items():
+        s = torch.linalg.svdvals(after[name] - w0)
+        layers[name] = {"sv": s[:top].tolist(), "rank_1pct": int((s > 0.01 * s[0]).sum()) if s[0] > 0 else 0,
+                        "intruders": intruder_dimensions(w0, after[name], k, threshold)}
+    return layers
+
+
+def _head_state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.classifier.state_dict().items()}
+
+
+def forgetting_run(method: Method, source: str = "movies", target: str = "tweets", seed: int = 0,
+                   n_train: int | None = 400, epochs: int = 2, n_eval: int | None = 200, split_seed: int = 0,
+                   base: str = "minilm", batch_size: int = 32, max_length: int = 128, spectra: bool = False,
+                   _before=None) -> dict:
+    """One method, one seed: accuracy on every domain before training on `target` and after each epoch."""
+    splits = {d: data.split(data.load_corpus(d), seed=split_seed) for d in data.FILES}
+    model, tok = _before if _before is not None else source_model(source, seed, n_train, split_seed, base,
+                                                                  batch_size, max_length)
+    model = copy.deepcopy(model)
+    tests = {d: make_loaders(tok, {"test": data.sample_rows(s["test"], n_eval, split_seed)}, batch_size=64,
+                             max_length=max_length)["test"] for d, s in splits.items()}
+    tgt = data.subset(splits[target], n_train, VAL_ITEMS, split_seed, target)  # val: only fit's per-epoch hook
+    loaders = make_loaders(tok, tgt, batch_size=batch_size, max_length=max_length, seed=seed)
+    w_before = _weights(model) if spectra else None
+    apply(model, method)
+
+    scores = []
+
+    def score(epoch):
+        for d, loader in tests.items():
+            m = evaluate(model, loader, num_labels=2, per_item=True)
+            scores.append({"epoch": epoch, "domain": d, "accuracy": m["accuracy"], "correct": m["correct"]})
+
+    score(0)
+    cfg = TrainConfig(epochs=epochs, lr=method.default_lr, batch_size=batch_size, seed=seed, progress=False)
+    fit(model, loaders["train"], loaders["val"], cfg, on_eval=lambda row: score(int(row["epoch"])))  # history epochs count from 1
+    row = {"method": method.name, "label": method.describe(), "spec": method.to_dict(), "seed": seed,
+           "source": source, "target": target, "epochs": epochs, "lr": cfg.lr, "n_train": len(tgt["train"]),
+           "scores": scores}
+    if spectra and method.name in ("lora", "full"):
+        row["spectra"] = spectrum_row(w_before, _weights(model))
+    return row
+
+
+def source_model(source: str, seed: int, n_train, split_seed: int = 0, base: str = "minilm",
+                 batch_size: int = 32, max_length: int = 128):
+    """(model, tokenizer): the base with its head trained, alone, for one epoch on `source`."""
+    model, tok = load_base(base, num_labels=2, seed=seed)
+    head = HeadOnly()
+    apply(model, head)
+    splits = data.subset(data.split(data.load_corpus(source), seed=split_seed), n_train, 64, split_seed, source)
+    loaders = make_loaders(tok, splits, batch_size=batch_size, max_length=max_length, seed=seed)
+    fit(model, loaders["train"], None, TrainConfig(epochs=1, lr=head.default_lr, batch_size=batch_size, seed=seed,
+                                                   progress=False))
+    fresh, _ = load_base(base, num_labels=2, seed=seed)
+    fresh.classifier.load_state_dict(_head_state(model))  # the trained head on an untouched base
+    return fresh.eval(), tok
+
+
+def forgetting_study(methods=DEFAULT_METHODS, source: str = "movies", target: str = "tweets", seeds=(0, 1, 2),
+                     n_train: int | None = 400, epochs: int = 2, n_eval: int | None = 200, split_seed: int = 0,
+                     base: str = "minilm", cache=DEFAULT_CACHE, progress: bool = True) -> pd.DataFrame:
+    """One row per method, seed, epoch and domain (accuracy, per-item `correct`, role); the first
+    seed's LoRA and full fine-tune also record their dW spectra (`df.attrs["spectra"]`). Runs are
+    cached in runs/forgetting.jsonl by their configuration."""
+    for d, what in ((source, "source"), (target, "target")):
+        if d not in data.FILES:
+            raise ValueError(f"unknown {what} domain {d!r}; choose from {list(data.FILES)}.")
+    if source == target:
+        raise ValueError(f"source and target are both {source!r}: forgetting needs a new domain to train on.")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs={epochs!r} must be a positive integer.")
+    seeds = as_seeds(seeds)
+    cached = read_cache(cache) if cache else {}
+    rows, befores = [], {}
+    jobs = [(m, s) for s in seeds for m in methods]
+    bar = tqdm(jobs, desc="forgetting", disable=not progress)
+    for method, seed in bar:
+        spectra = seed == seeds[0]
+        key = config_key({"study": "forgetting", "method": method.to_dict(), "source": source, "target": target,
+                          "seed": seed, "n_train": n_train, "epochs": epochs, "n_eval": n_eval,
+                          "split_seed": split_seed, "base": base, "spectra": spectra})
+        bar.set_postfix_str(f"{method.describe()} seed {seed}")
+        row = cached.get(key)
+        if row is None:
+            if seed not in befores:
+                befores = {seed: source_model(source, seed, n_train, split_seed, base)}
+            row = {"key": key, **forgetting_run(method, source, target, seed, n_train, epochs, n_eval, split_seed,
+                                                base, spectra=spectra, _before=befores[seed])}
+            if cache:
+                append_cache(row, cache)
+        rows.append(row)
+    return _frame(rows, target)
+
+
+def _frame(rows, target) -> pd.DataFrame:
+    out = [{"method": r["method"], "label": r["label"], "seed": r["seed"], **s,
+            "role": "target" if s["domain"] == target else "other"} for r in rows for s in r["scores"]]
+    df = pd.DataFrame(out)
+    df.attrs["spectra"] = {r["method"]: r["spectra"] for r in rows if r.get("spectra")}
+    return df
+
+
+def learning_forgetting(df: pd.DataFrame) -> pd.DataFrame:
+    """Per method and epoch: the gain on the target and the loss on the other domains against
+    epoch 0, each with its 95% interval (paired by seed and item) and a direction word."""
+    out = []
+    for (method, label), g in df.groupby(["method", "label"], sort=False):
+        seeds = sorted(g.seed.unique())
+        for epoch in sorted(g.epoch.unique()):
+            if epoch == 0:
+                continue
+            rec = {"method": method, "label": label, "epoch": int(epoch)}
+            for role, name, sign in (("target", "gain", 1), ("other", "forgetting", -1)):
+                def items(e):
+                    sel = g[(g.epoch == e) & (g.role == role)].sort_values(["seed", "domain"])
+                    return np.stack([np.concatenate([correct_array(c) for c in sel[sel.seed == s].correct])
+                                     for s in seeds])
+                after, before = items(epoch), items(0)
+                a, b = (after, before) if sign > 0 else (before, after)
+                iv, _ = paired_difference(a.mean(1), b.mean(1), a, b)
+                rec.update({name: iv.estimate, f"{name}_lo": iv.lo, f"{name}_hi": iv.hi,
+                            f"{name}_direction": direction(iv.lo, iv.hi)})
+            out.append(rec)
+    return pd.DataFrame(out)
+
+
+def spectra_frame(spectra: dict) -> pd.DataFrame:
+    """One row per method, layer and singular-value index (for the spectrum figure), with the
+    layer's effective rank and intruder count."""
+    rows = [{"method": m, "layer": layer, "index": i, "singular_value": v, "rank_1pct": d["rank_1pct"],
+             "intruders": d["intruders"]}
+            for m, layers in spectra.items() for layer, d in layers.items() for i, v in enumerate(d["sv"])]
+    return pd.DataFrame(rows)
+
+
+__all__ = ["DEFAULT_METHODS", "forgetting_run", "forgetting_study", "intruder_dimensions", "learning_forgetting",
+           "source_model", "spectra_frame", "spectrum_row"]

@@ -1,0 +1,81 @@
+"""The forgetting study on the tiny model: its invariants, the intervals' signs and the spectra."""
+
+import pytest
+import torch
+
+import peftkit as pk
+from peftkit.studies.forgetting import (forgetting_study, intruder_dimensions, learning_forgetting,
+                                        spectra_frame)
+
+
+def test_intruder_dimensions_by_hand():
+    n = 20
+    w0 = torch.diag(torch.arange(1.0, n + 1))  # singular vectors: the basis vectors
+    assert intruder_dimensions(w0, w0, k=5) == 0
+    assert intruder_dimensions(w0, w0 + 0.01 * torch.randn(n, n, generator=torch.Generator().manual_seed(0)), k=5) == 0
+    u = torch.ones(n) / n ** 0.5  # cosine 1/sqrt(20) = 0.22 with every basis vector
+    v = torch.zeros(n)
+    v[0] = 1.0
+    assert intruder_dimensions(w0, w0 + 100 * torch.outer(u, v), k=5) == 1  # a new top direction
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("f") / "forgetting.jsonl"
+    kw = dict(methods=(pk.LoRA(r=2, alpha=4), pk.HeadOnly(), pk.FullFineTune()), seeds=(0, 1), n_train=32,
+              epochs=2, n_eval=16, base="tiny", cache=cache, progress=False)
+    return forgetting_study(**kw), kw
+
+
+def test_every_method_of_a_seed_starts_from_the_same_model(study):
+    df, _ = study
+    assert len(df) == 3 * 2 * 3 * 4  # methods x seeds x (epochs + 1) x domains
+    start = df[df.epoch == 0]
+    for (_, _), g in start.groupby(["seed", "domain"]):
+        assert g.correct.nunique() == 1  # epoch 0: the source-trained head, identical for every method
+
+
+def test_the_cache_returns_the_same_rows(study):
+    df, kw = study
+    again = forgetting_study(**kw)
+    assert again.drop(columns=[]).equals(df)
+
+
+def test_gain_and_forgetting_are_paired_differences_against_epoch_zero(study):
+    df, _ = study
+    lf = learning_forgetting(df)
+    assert set(lf.method) == {"lora", "head_only", "full"} and set(lf.epoch) == {1, 2}
+    row = lf[(lf.method == "full") & (lf.epoch == 2)].iloc[0]
+    g = df[(df.method == "full")]
+    acc = lambda e, role: g[(g.epoch == e) & (g.role == role)].groupby("seed").accuracy.mean().mean()
+    assert row.gain == pytest.approx(acc(2, "target") - acc(0, "target"))
+    assert row.forgetting == pytest.approx(acc(0, "other") - acc(2, "other"))
+    assert (lf.gain_lo <= lf.gain).all() and (lf.gain <= lf.gain_hi).all()
+
+
+def test_spectra_lora_rank_is_at_most_r_and_full_moves_more(study):
+    df, _ = study
+    sp = spectra_frame(df.attrs["spectra"])
+    assert set(sp.method) == {"lora", "full"}
+    assert sp[sp.method == "lora"].rank_1pct.max() <= 2
+    assert (sp.intruders >= 0).all()
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="forgetting needs a new domain"):
+        forgetting_study(source="movies", target="movies")
+    with pytest.raises(ValueError, match="unknown target domain"):
+        forgetting_study(target="reddit")
+
+
+def test_figures_draw_one_curve_per_method_in_its_colour(study):
+    from peftkit.notebook import multi_domain as viz
+    from peftkit.style import method_colors
+    df, _ = study
+    lf = learning_forgetting(df)
+    fig = viz.forgetting_figure(lf)
+    assert [t.line.color for t in fig.data] == [method_colors()[m] for m in dict.fromkeys(lf.method)]
+    assert all(len(t.x) == 3 for t in fig.data)  # before, epoch 1, epoch 2
+    assert len(viz.forgetting_sentences(lf)) == 3
+    table = viz.spectrum_table(spectra_frame(df.attrs["spectra"]))
+    assert table.loc["lora", "effective_rank"] <= 2
