@@ -89,6 +89,9 @@ def fresh_jupyter_env(home: Path) -> dict:
     env = {**os.environ, **{k: str(v) for k, v in dirs.items()}}
     env.update(HOME=str(home), PEFTKIT_QUICK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
+    # The repository's result cache, as `make test`'s notebook pass and `make run` use: the quick runs
+    # trained here are the ones nbval then reuses, so the notebooks train once per test session.
+    env.setdefault("PEFTKIT_RUNS", str(ROOT / "runs"))
     env.pop("JUPYTER_PATH", None)
     return env
 
