@@ -25,6 +25,11 @@ def direction_word(lo: float, hi: float) -> str:
     return {stats.HIGHER: BEATS, stats.LOWER: TRAILS}.get(stats.direction(lo, hi), TIED)
 
 
+def change_word(lo: float, hi: float) -> str:
+    """"rose", "fell" or "did not change beyond noise", for the interval of a change over time."""
+    return {BEATS: "rose", TRAILS: "fell"}.get(direction_word(lo, hi), "did not change beyond noise")
+
+
 def speed_word(ratio: float, tolerance: float = SPEED_TOLERANCE) -> str:
     """FASTER, SLOWER or AS_FAST for a speed-up ratio (above 1 is faster)."""
     if ratio is None or not math.isfinite(ratio):
