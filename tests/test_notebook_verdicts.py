@@ -129,6 +129,9 @@ def check_notebook(path: Path) -> list[dict]:
     assert nb["metadata"]["peftkit"]["records"] == found
     said = " ".join("".join(o["data"]["text/markdown"]) for c in nb["cells"] if c["cell_type"] == "code"
                     for o in c.get("outputs", []) if "text/markdown" in o.get("data", {}))
+    shown = ["".join(o["data"]["text/plain"]) for c in nb["cells"] if c["cell_type"] == "code"
+             for o in c.get("outputs", []) if "text/plain" in o.get("data", {})]
+    assert not [t for t in shown if t.startswith("{'name': ")], f"{path.name} shows a record as text: end its cell otherwise"
     for r in found:
         want = _expected(r)
         if want is None:
