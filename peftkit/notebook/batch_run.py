@@ -22,6 +22,7 @@ import nbformat
 
 from ..storage import RUNS_ENV, runs_dir
 from ..studies.experiments import DEFAULT_CACHE, read_cache, results_frame
+from .params import RECORD_MIME
 from .plots import pareto_figure
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: peftkit/<layer>/<module>.py
@@ -96,7 +97,32 @@ def execute(path: Path, out_dir: Path, quick: bool, parameters: dict | None = No
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+    keep_records(out)  # the key results, also in the executed notebook's metadata
     return out
+
+
+def records(nb_path: Path) -> list[dict]:
+    """The key results a notebook recorded with `params.record`, in the order its cells ran."""
+    nb = nbformat.read(nb_path, as_version=4)
+    return [out["data"][RECORD_MIME] for cell in nb.cells if cell.cell_type == "code"
+            for out in cell.get("outputs", []) if RECORD_MIME in out.get("data", {})]
+
+
+def keep_records(nb_path: Path) -> list[dict]:
+    """Copy the records into the executed notebook's metadata (`metadata.peftkit.records`)."""
+    found = records(nb_path)
+    nb = nbformat.read(nb_path, as_version=4)
+    nb.metadata.setdefault("peftkit", {})["records"] = found
+    nbformat.write(nb, nb_path)
+    return found
+
+
+def _shown(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_shown(v)}" for k, v in value.items())
+    return str(value)
 
 
 def to_html(nb_path: Path) -> Path:
@@ -107,8 +133,9 @@ def to_html(nb_path: Path) -> Path:
     return out
 
 
-def write_report(out_dir: Path, timings: list[tuple[str, float]], cache=None) -> Path:
-    """index.html: timings, the summary table from the result cache, key figures, links."""
+def write_report(out_dir: Path, timings: list[tuple[str, float]], cache=None, kept: dict | None = None) -> Path:
+    """index.html: timings, each notebook's recorded key results, the summary table from the result
+    cache, key figures, links."""
 
     rows = list(read_cache(cache or DEFAULT_CACHE).values())
     parts = [f"<h1>peftkit run {html.escape(out_dir.name)}</h1>",
@@ -118,6 +145,16 @@ def write_report(out_dir: Path, timings: list[tuple[str, float]], cache=None) ->
         parts.append(f'<tr><td><a href="{stem}.html">{html.escape(stem)}</a> '
                      f'(<a href="{stem}.ipynb">ipynb</a>)</td><td>{secs:.0f}</td></tr>')
     parts.append("</table>")
+    if kept:
+        parts.append("<h2>Key results, as each notebook recorded them</h2><table><tr><th>notebook</th><th>result</th>"
+                     "<th>value</th><th>verdict</th><th>interval</th></tr>")
+        for name, found in kept.items():
+            for r in found:
+                iv = f"[{r['lo']:.4g}, {r['hi']:.4g}]" if isinstance(r.get("lo"), float) and isinstance(r.get("hi"), float) else ""
+                parts.append(f"<tr><td>{html.escape(Path(name).stem)}</td><td>{html.escape(r['name'])}</td>"
+                             f"<td>{html.escape(_shown(r['value']))}</td><td>{html.escape(str(r.get('verdict', '')))}</td>"
+                             f"<td>{iv}</td></tr>")
+        parts.append("</table>")
     if rows:
         df = results_frame(rows)
         cols = ["label", "base", "domain", "n_train", "epochs", "lr", "accuracy", "f1_macro", "trainable_pct",
@@ -164,15 +201,17 @@ def run_all(quick: bool = False, only: list[str] | None = None, out: str | None 
     paths = notebooks(only)
     out_dir = Path(out) if out else ROOT / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
-    timings, t_all = [], time.perf_counter()
+    timings, kept, t_all = [], {}, time.perf_counter()
     for path in paths:
         t0 = time.perf_counter()
         executed = execute(path, out_dir, quick, parameters)
+        kept[path.name] = records(executed)
         to_html(executed)
         timings.append((path.name, time.perf_counter() - t0))
         print(f"{path.name:32s} {timings[-1][1]:7.1f} s", flush=True)
     (out_dir / "timings.json").write_text(json.dumps({"quick": quick, "notebooks": dict(timings),
                                                       "total_seconds": time.perf_counter() - t_all}, indent=2))
-    index = write_report(out_dir, timings)
+    (out_dir / "records.json").write_text(json.dumps(kept, indent=2))
+    index = write_report(out_dir, timings, kept=kept)
     print(f"all {len(paths)} notebooks in {time.perf_counter() - t_all:.0f} s; report: {index}")
     return index
