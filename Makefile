@@ -38,10 +38,12 @@ run: $(STAMP) data
 chromium:
 	@test -x /usr/bin/chromium || (command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || echo "apt-get unavailable: the browser test will skip")
 
+# Every notebook runs twice, both in quick mode and sharing runs/ (each quick MiniLM run trains once):
+# under papermill (tests/test_notebooks.py, which also checks 02-08's words against their numbers)
+# and with Run All in JupyterLab in Chromium (tests/test_browser.py).
 test: $(STAMP) data chromium
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
-	PEFTKIT_QUICK=1 PEFTKIT_RUNS=$(CURDIR)/runs $(PY) -m pytest -q -p no:cacheprovider --nbval-lax notebooks/
 
 # The notebooks run in notebooks/; PEFTKIT_RUNS points their result cache at the repository's runs/.
 lab: $(STAMP)

@@ -90,7 +90,7 @@ def fresh_jupyter_env(home: Path) -> dict:
     env.update(HOME=str(home), PEFTKIT_QUICK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     # The repository's result cache, as `make test`'s notebook pass and `make run` use: the quick runs
-    # trained here are the ones nbval then reuses, so the notebooks train once per test session.
+    # trained here are the ones the papermill pass (tests/test_notebooks.py) reuses, and the other way round.
     env.setdefault("PEFTKIT_RUNS", str(ROOT / "runs"))
     env.pop("JUPYTER_PATH", None)
     return env

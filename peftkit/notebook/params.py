@@ -16,6 +16,8 @@ import torch
 import transformers
 from IPython.display import Markdown, display
 
+from ..style import fmt
+
 # Quick runs train the real MiniLM, small: 480 movie snippets in batches of 8 is 60 optimizer steps,
 # enough for LoRA and the adapter to leave chance (measured: LoRA about 0.72, head only about 0.54 on
 # 200 test snippets) in about 15 s a run on one core. Every quick notebook asks for runs with this
@@ -29,8 +31,6 @@ QUICK_RUN = {"base": "minilm", "n_train": 480, "batch_size": 8, "epochs": 1, "n_
 # keep the recipe's 480 snippets: on 96 (12 steps) every variant still sat at chance, which teaches nothing.
 QUICK_EXERCISE = {"eval_domains": False}
 RECORD_MIME = "application/vnd.peftkit.record+json"  # like scrapbook's: kept by papermill, drawn by nothing
-
-from ..style import fmt
 
 
 class ParameterError(ValueError):
