@@ -176,7 +176,7 @@ class DoRA(LoRA):
     Conv1D; it merges exactly."""
 
     label: ClassVar[str] = "DoRA"
-    color: ClassVar[str] = "#8c564b"
+    color: ClassVar[str] = "#08519c"  # LoRA's blue, darker: a LoRA variant
     dora: ClassVar[bool] = True
     lr_reason: ClassVar[str] = "LoRA's rate: DoRA's paper trains it with LoRA's hyperparameters"
     variants: ClassVar[dict[str, dict]] = {"": {}}

@@ -121,7 +121,7 @@ class PeftMethod(Method):
     """Any Hugging Face PEFT tuner (VeRA, IA3, LoHa, LoKr, AdaLoRA, OFT, ...), applied by PEFT."""
 
     label: ClassVar[str] = "PEFT"
-    color: ClassVar[str] = "#e377c2"
+    color: ClassVar[str] = "#252525"  # near black: every PEFT-backed method (no registry colour repeats a quantity's)
     default_lr: ClassVar[float] = 5e-3
     lr_reason: ClassVar[str] = ("LoRA's rate, a starting point only: PEFT's methods differ (VeRA's paper trains "
                                 "its vectors at about 10x LoRA's), so compare them with lr='val' or a rate of their own")
