@@ -20,19 +20,18 @@ Mixed batches: `predict(texts, adapters=[...])` takes one adapter name per text 
 the base model alone) and runs each batch as one forward through the shared base, every row with
 its own adapter's LoRA factors, bottleneck adapters and head (mixed.py says how). Every row's
 answer equals that adapter served alone, up to float rounding. A merged Deployer cannot mix: its
-base weights hold one LoRA folded in; it says so and what to do (MixedBatchError). Files are safetensors
-and JSON only (see io.py); nothing is unpickled. Switch timings, resident memory and a
-simulated request stream are in serve_eval.py; saving and loading a whole deployment in
-serve_store.py.
+base weights hold one LoRA folded in; it says so and what to do (MixedBatchError).
+
+Beside it: registry.py checks and holds each registered adapter (files are safetensors and JSON
+only, see files/adapter_file.py; nothing is unpickled); requests.py checks what predict takes and
+builds what it returns; store.py saves and loads a whole deployment. Switch timings and a
+simulated request stream are in studies/serving_study.py.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,60 +44,34 @@ from ..compress.timing import default_calibration
 from ..core.methods import Method
 from ..core.surgery import apply, find_head, lora_layers, remove
 from ..data.loaders import pad_batch
-from ..files.adapter_file import (
-    CONFIG,
-    WEIGHTS,
-    AdapterFile,
-    AdapterFileError,
-    as_adapter,
-    adapter_state,
-    check_base,
-    check_tensors,
-    planned,
-    read_adapter,
-    skeleton,
-)
+from ..files.adapter_file import adapter_state, check_base, planned, skeleton
 from ..layers.names import under
 from ..runtime import resolve_device
 from .mixed import BASE, MixedModel, shared_copy
+from .registry import (  # noqa: F401  (NAME_RE, UnknownAdapterError, Registered: importable from here as before)
+    NAME_RE,
+    ROW_COLUMNS,
+    Registered,
+    UnknownAdapterError,
+    check_name,
+    held_tensors,
+    lookup,
+    plan_key,
+    read_servable,
+    summary_row,
+)
+from .requests import (  # noqa: F401  (COLUMNS, MixedBatchError, check_texts: importable from here as before)
+    COLUMNS,
+    MixedBatchError,
+    batches,
+    check_row_names,
+    check_texts,
+    refuse_merged,
+    refuse_unmixable,
+    result_frame,
+)
 from .store import load_deployment, save_deployment
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a name is also a folder in save()
-COLUMNS = ["text", "label", "probability", "truncated", "tokens", "unk_rate", "adapter"]
-
-
-class MixedBatchError(ValueError):
-    """A batch asked for several adapters (or the bare base) where this Deployer cannot mix them."""
-
-
-class UnknownAdapterError(KeyError):
-    """No adapter is registered under the requested name."""
-
-    def __str__(self):  # KeyError would print the message in quotes
-        return str(self.args[0])
-
-
-@dataclass(frozen=True)
-class Registered:
-    """One adapter held in memory: what it is, where it came from, and its CPU tensors."""
-
-    name: str
-    method: Method
-    head: str | None
-    keys: tuple  # tensor names, sorted: the order in which a switch copies them
-    tensors: tuple  # the CPU tensors, in `keys` order
-    meta: dict
-    source: str
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors)
-
-
-
-def _plan_key(method: Method, head) -> tuple:
-    """A hashable key for (method, head), whatever a file's spec held (lists, nested specs)."""
-    return json.dumps(method.to_dict(), sort_keys=True, default=str), head if not isinstance(head, list) else tuple(head)
 
 class Deployer:
     """One base model in memory, many adapters, one of them live at a time.
@@ -170,46 +143,16 @@ class Deployer:
         Refuses (AdapterFileError) a missing, corrupt or pickled file, a checksum that does not
         match, an adapter trained on another base, tensors that do not fit the method exactly,
         non-float, NaN, inf or absurdly large values, and unsafe target regexes, all before
-        anything changes (see files/adapter_file.py). Returns a summary row.
+        anything changes (see files/adapter_file.py and registry.py, which lists the checks in
+        order). Returns a summary row.
         """
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise ValueError(f"adapter name {name!r} must be 1-64 letters, digits, '_', '.' or '-', "
-                             "starting with a letter or digit (it also names a folder in save()).")
-        if name in self._adapters and not replace:
-            raise ValueError(f"an adapter named {name!r} is already registered (from "
-                             f"{self._adapters[name].source}); pass replace=True to swap it, or pick another name.")
-        if isinstance(adapter_dir, AdapterFile):  # in memory (a merge's result): checked as a file is
-            adapter = as_adapter(adapter_dir)
-            d, where = adapter.source, adapter.source
-        else:
-            d = Path(adapter_dir)
-            if d.is_file():
-                raise AdapterFileError(
-                    f"{d} is a file; register takes an adapter folder holding {CONFIG} and {WEIGHTS} "
-                    "(written by save_adapter or experiments.compare). Pickle files (.pt, .bin) are never "
-                    "loaded, since unpickling runs arbitrary code.")
-            adapter, where = read_adapter(d), str(d / WEIGHTS)
-        if self.merged and getattr(adapter.method, "peft_type", None):
-            raise AdapterFileError(f"{d} holds a PEFT-backed method ({adapter.method.describe()}); a merged Deployer folds "
-                                   "peftkit's LoRA into the base and cannot swap PEFT's layers. Serve it with an unmerged "
-                                   "Deployer (merged=False).")
-        if adapter.method.trains_base:
-            raise AdapterFileError(f"{d} holds a full fine-tune ({adapter.method.name}): it replaces every base "
-                                   "weight, so it cannot be hot-swapped on a shared base. Serve it as a model of its own.")
+        check_name(name, self._adapters, replace)
+        adapter, d, where = read_servable(adapter_dir, self.merged)
         self._check_base(adapter)
         expected = self._expected_shapes(adapter.method, adapter.head, d)
-        check_tensors(expected, adapter.tensors, where)
-        dtype = next(self.model.parameters()).dtype
-        keys = tuple(sorted(expected))
-        tensors = []
-        for k in keys:
-            t = adapter.tensors[k]
-            if not torch.isfinite(t).all():
-                raise AdapterFileError(f"{where}: tensor {k} holds NaN or inf (a diverged training run?); "
-                                       "it would poison every prediction. Retrain or pick an earlier checkpoint.")
-            t = t.to(dtype).contiguous().clone()  # owned memory, not a view of the file buffer
-            tensors.append(t.pin_memory() if self.device.type == "cuda" else t)
-        entry = Registered(name, adapter.method, adapter.head, keys, tuple(tensors), adapter.meta, str(d))
+        keys, tensors = held_tensors(adapter, expected, where, next(self.model.parameters()).dtype,
+                                     pin=self.device.type == "cuda")
+        entry = Registered(name, adapter.method, adapter.head, keys, tensors, adapter.meta, str(d))
         with self._lock:
             self._adapters[name] = entry
             if self._active == name:
@@ -234,18 +177,13 @@ class Deployer:
     def adapters(self) -> pd.DataFrame:
         """One row per registered adapter: name, method, tensors, bytes, source, active."""
         rows = [self._row(e) for e in self._adapters.values()]
-        return pd.DataFrame(rows, columns=["name", "method", "tensors", "bytes", "source", "active"])
+        return pd.DataFrame(rows, columns=ROW_COLUMNS)
 
     def _row(self, e: Registered) -> dict:
-        return {"name": e.name, "method": e.method.describe(), "tensors": len(e.keys), "bytes": e.nbytes,
-                "source": e.source, "active": e.name == self._active}
+        return summary_row(e, self._active)
 
     def _get(self, name) -> Registered:
-        if name not in self._adapters:
-            known = sorted(self._adapters) or "none yet"
-            raise UnknownAdapterError(f"no adapter named {name!r}; registered: {known}. "
-                                      "Add one with register(name, adapter_dir).")
-        return self._adapters[name]
+        return lookup(self._adapters, name)
 
     def _check_base(self, adapter) -> None:
         # The fingerprint reads names, shapes and the non-Linear values, which no served method
@@ -254,7 +192,7 @@ class Deployer:
             check_base(self.model, adapter)  # raises AdapterFileError
 
     def _expected_shapes(self, method: Method, head, source) -> dict:
-        key = _plan_key(method, head)
+        key = plan_key(method, head)
         if key not in self._expected:  # on the meta skeleton: no allocation, whatever the rank
             self._applied[key], self._expected[key] = planned(self._skeleton, method, head, source)
         return self._expected[key]
@@ -335,7 +273,7 @@ class Deployer:
             if adapter is not None:
                 raise ValueError("pass adapter=<name> (one adapter for every text) or adapters=[...] (one per "
                                  "text), not both.")
-            names = self._row_names(adapters, len(texts))
+            names = check_row_names(adapters, len(texts), self._adapters)
             if len(set(names)) == 1 and names[0] != BASE:
                 adapter = names[0]  # one adapter after all: the ordinary path, the same answers bit for bit
             else:
@@ -352,7 +290,7 @@ class Deployer:
         ids, tokens, truncated, unk = self.encode(texts)
         probs = np.zeros((len(texts), self.num_labels), dtype=np.float32)
         pad = self.tokenizer.pad_token_id or 0
-        for rows in self._batches(ids, batch_size):
+        for rows in batches(ids, batch_size):
             input_ids, mask = pad_batch([ids[i] for i in rows], pad)
             input_ids, mask = input_ids.to(self.device), mask.to(self.device)
             with self._lock:  # the adapter must stay live for the whole forward
@@ -362,67 +300,20 @@ class Deployer:
                     probs[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return self._frame(texts, probs, truncated, tokens, unk, adapter)
 
-    @staticmethod
-    def _batches(ids, batch_size: int):
-        """Row indices of each batch: by length (similar lengths pad less), batch_size at a time."""
-        order = np.argsort([len(x) for x in ids], kind="stable")
-        for start in range(0, len(order), batch_size):
-            yield order[start:start + batch_size]
-
-    def _row_names(self, adapters, n: int) -> list[str]:
-        """`adapters` checked: a list of n registered names (or "__base__")."""
-        if isinstance(adapters, (str, bytes)):
-            raise TypeError(f"adapters takes one name per text, got the single string {adapters!r}; for one "
-                            "adapter on every text pass adapter=<name>.")
-        try:
-            names = list(adapters)
-        except TypeError:
-            raise TypeError(f"adapters takes a list of names, one per text, got {type(adapters).__name__}.") from None
-        if len(names) != n:
-            raise ValueError(f"adapters has {len(names)} names for {n} texts; give one adapter name per text.")
-        known = set(self._adapters)
-        for i, name in enumerate(names):
-            if not isinstance(name, str):
-                raise TypeError(f"adapters[{i}] is {type(name).__name__} ({name!r:.40}), not an adapter name.")
-            if name != BASE and name not in known:
-                raise UnknownAdapterError(f"adapters[{i}]: no adapter named {name!r}; registered: "
-                                          f"{sorted(known) or 'none yet'} (and {BASE!r} for the base alone).")
-        return names
-
-    def _refuse_merged(self, names) -> None:
-        if self.merged:
-            asked = sorted(set(names))
-            raise MixedBatchError(
-                f"this Deployer runs merged (merged=True): its base weights hold the active LoRA folded in, "
-                f"so one batch cannot serve {asked}. For mixed batches use an unmerged Deployer "
-                "(dep.set_merged(False), or Deployer(..., merged=False)); or call predict once per adapter.")
-
-    def _refuse_unmixable(self, names) -> None:
-        # Mixed batches add s B A x per row on the plain W0; DoRA rescales each output by its
-        # magnitude, PiSSA's factors act on a residual, and a PEFT method is PEFT's own model.
-        odd = sorted({n for n in names if n != BASE and (getattr(self._get(n).method, "dora", False)
-                      or getattr(self._get(n).method, "init", "lora") != "lora"
-                      or getattr(self._get(n).method, "mixes", True) is False)})
-        if odd:
-            raise MixedBatchError(
-                f"{odd} cannot share a mixed batch: a mixed batch adds each row's s B A x to the plain base, and "
-                "DoRA (a magnitude per output), PiSSA (factors on a residual) and PEFT-backed methods do not "
-                "compute that way. Call predict(texts, adapter=<name>) once per adapter for them.")
-
     def _predict_mixed(self, texts: list[str], names: list[str], batch_size: int) -> pd.DataFrame:
-        self._refuse_merged(names)
-        self._refuse_unmixable(names)
+        refuse_merged(self.merged, names)
+        refuse_unmixable(names, lambda n: self._get(n).method)
         if not texts:
             return self._frame([], np.zeros((0, self.num_labels)), [], [], [], [])
         ids, tokens, truncated, unk = self.encode(texts)
         probs = np.zeros((len(texts), self.num_labels), dtype=np.float32)
         pad = self.tokenizer.pad_token_id or 0
-        for rows in self._batches(ids, batch_size):
+        for rows in batches(ids, batch_size):
             rows = rows[np.argsort([names[i] for i in rows], kind="stable")]  # each adapter's rows adjacent
             input_ids, mask = pad_batch([ids[i] for i in rows], pad)
             input_ids, mask = input_ids.to(self.device), mask.to(self.device)
             with self._lock:
-                self._refuse_merged(names)  # set_merged may have run since the first check
+                refuse_merged(self.merged, names)  # set_merged may have run since the first check
                 for n in set(names[i] for i in rows) - {BASE}:
                     self._get(n)  # unregistered meanwhile: refuse rather than serve stale tensors
                 mixed = self._mixed_model()
@@ -435,7 +326,7 @@ class Deployer:
         """Under self._lock: the mixed-batch model, holding exactly the registered adapters."""
         if self._mixed is None:
             self._mixed = MixedModel(self._plain, self._head, self._head0, self.device)
-        self._mixed.sync(self._adapters, lambda e: self._applied[_plan_key(e.method, e.head)])
+        self._mixed.sync(self._adapters, lambda e: self._applied[plan_key(e.method, e.head)])
         return self._mixed
 
     def encode(self, texts: list[str]):
@@ -458,14 +349,7 @@ class Deployer:
         return ids, tokens, truncated, unk
 
     def _frame(self, texts, probs, truncated, tokens, unk, adapter) -> pd.DataFrame:
-        label = probs.argmax(-1) if len(probs) else np.zeros(0, dtype=int)
-        df = pd.DataFrame({"text": list(texts), "label": label.astype(int),
-                           "probability": probs.max(-1) if len(probs) else np.zeros(0),
-                           "truncated": np.asarray(truncated, dtype=bool), "tokens": np.asarray(tokens, dtype=int),
-                           "unk_rate": np.asarray(unk, dtype=float), "adapter": adapter}, columns=COLUMNS)
-        if self.label_names is not None:
-            df.insert(2, "label_name", [self.label_names[i] for i in df["label"]])
-        return df
+        return result_frame(texts, probs, truncated, tokens, unk, adapter, self.label_names)
 
     # -- files --------------------------------------------------------------------------------
 
@@ -487,17 +371,3 @@ class Deployer:
         return (f"Deployer(base={self.base!r}, device={str(self.device)!r}, adapters={self.names()}, "
                 f"active={self._active!r}, merged={self.merged})")
 
-
-def check_texts(texts) -> list[str]:
-    """A list of strings, or a TypeError that says which item is wrong."""
-    if isinstance(texts, (str, bytes)):
-        raise TypeError("predict takes a list of texts, got a single string; wrap it: predict([text]).")
-    try:
-        texts = list(texts)
-    except TypeError:
-        raise TypeError(f"predict takes a list of texts, got {type(texts).__name__}.") from None
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] is {type(t).__name__} ({t!r:.40}), not a string; every item must be "
-                            "text (convert numbers with str(), drop missing values).")
-    return texts
