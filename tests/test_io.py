@@ -54,7 +54,7 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
     model = trained("lora", "tiny")
     pk.save_adapter(model, tmp_path)
     good = (tmp_path / "adapter.safetensors").read_bytes()
-    import peftkit.files.adapter_file as pio
+    import peftkit.files.safe_io as pio  # where write_tensors calls save_file
 
     def boom(*a, **k):
         raise OSError("disk full")

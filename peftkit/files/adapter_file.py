@@ -23,15 +23,16 @@ every parameter and `requires_grad` flag as it was:
     model, which allocates nothing: a rank of 2**40 in adapter.json is refused as a shape mismatch
     before a single byte is allocated, and no shape is ever broadcast;
   - target patterns, by core.targets (regexes that could backtrack for ever are refused).
+
+The file reading and writing themselves (atomic writes, bounded JSON, checksummed safetensors,
+AdapterFileError) are in safe_io.py; the base fingerprint is in fingerprint.py.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import itertools
-import json
 import os
 import tempfile
 import warnings
@@ -39,91 +40,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_bytes
-from safetensors.torch import save_file
 from torch import nn
 
 from .._version import __version__
 from ..core.methods import Method
-from ..core.surgery import applied, apply, canonical_name, lora_layers, remove, wrapper_names
+from ..core.surgery import applied, apply, remove
 from ..layers.names import is_adapter_param, under_any
-from ..storage import atomic_folder, is_sha256, sha256_bytes, sha256_file
+from ..storage import atomic_folder, is_sha256, sha256_file
+from .fingerprint import base_items, fingerprint, unwrapped_names  # noqa: F401  (base_items: importable from here as before)
+from .safe_io import (  # noqa: F401  (each importable from here as before)
+    MAX_JSON_BYTES,
+    AdapterFileError,
+    read_json,
+    read_tensors,
+    write_json,
+    write_tensors,
+)
 
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter.json"
 MAX_ABS = 1e6  # no trained weight comes near it; a flipped exponent bit lands far beyond it
-MAX_JSON_BYTES = 16 * 2**20  # an adapter.json is a few KB
-
-
-class AdapterFileError(ValueError):
-    """An adapter file is missing, corrupt, or does not fit this model. The model is unchanged."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj) -> None:
-    _atomic_write(Path(path), lambda t: Path(t).write_text(json.dumps(obj, indent=2, sort_keys=True)))
-
-
-def write_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
-    # safetensors writes the header's metadata map in hash order, so two or more keys make the
-    # bytes differ from run to run. Callers pass at most one key; everything else goes to JSON.
-    if metadata is not None and len(metadata) > 1:
-        raise ValueError("write_tensors keeps files byte-reproducible: pass at most one metadata key")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(Path(path), lambda t: save_file(tensors, t, metadata=metadata))
-
-
-def read_json(path: Path, what: str) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise AdapterFileError(f"{path} not found: {what} needs it. Was the folder written by "
-                               "save_adapter/export_peft, and is the path right?")
-    try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise AdapterFileError(f"{path} is {path.stat().st_size:,} bytes, far more than any peftkit JSON "
-                                   "file; it is not one. Save the adapter again.")
-        obj = json.loads(path.read_bytes().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
-        if isinstance(e, AdapterFileError):
-            raise
-        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-        raise AdapterFileError(f"{path} is not valid JSON ({why}); the file is corrupt. Save the adapter again.") from None
-    except OSError as e:
-        raise AdapterFileError(f"{path} cannot be read ({e.strerror}); {what} needs a readable file.") from None
-    if not isinstance(obj, dict):
-        raise AdapterFileError(f"{path} should hold a JSON object, found {type(obj).__name__}. Save the adapter again.")
-    return obj
-
-
-def read_tensors(path: Path, sha256: str | None = None, described_in=None) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, read once; with `sha256`, only if its bytes hash to it."""
-    path = Path(path)
-    if not path.exists():
-        pickled = [p.name for p in path.parent.glob("*.bin")] + [p.name for p in path.parent.glob("*.pt")]
-        hint = (f" Found {pickled}: pickle files are never loaded, since unpickling runs arbitrary "
-                "code; convert them to safetensors in a trusted environment." if pickled else "")
-        raise AdapterFileError(f"{path} not found.{hint}")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise AdapterFileError(f"{path} cannot be read ({e.strerror}).") from None
-    if sha256 is not None and sha256_bytes(data) != sha256:
-        raise AdapterFileError(f"{path} does not match the SHA-256 recorded in {described_in}: it is truncated "
-                               "or corrupt, or was changed after saving. Nothing was loaded; save the adapter again.")
-    try:
-        return load_bytes(data)
-    except Exception as e:  # parsing untrusted bytes: any failure is the file's, never a crash
-        raise AdapterFileError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it may be "
-                               "truncated or corrupt. Save the adapter again.") from None
 
 
 def check_method(method: Method, source: str) -> None:
@@ -157,66 +92,9 @@ def check_values(tensors: dict, source: str) -> None:
                                    "NaN. Save the adapter again from the trained model.")
 
 
-def _unwrapped_names(model: nn.Module):
-    """(parameter, its unwrapped names): each parameter once; a tied one has several names."""
-    wraps = wrapper_names(model)
-    groups: dict[int, tuple] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), (p, []))[1].append(canonical_name(name, wraps))
-    return groups.values()
-
-
-def base_items(model: nn.Module, skip_head):
-    """(unwrapped name, parameter) for every base parameter: no adapter tensors, none the head
-    holds under any of its names (a name, a tuple of names, or None)."""
-    for p, names in _unwrapped_names(model):
-        if not is_adapter_param(names[0]) and not any(under_any(n, skip_head) for n in names):
-            yield names[0], p
-
-
-def fingerprint(model: nn.Module, head: str | None, method: Method) -> dict:
-    """What identifies a base: architecture, parameter names and shapes, and a digest of the
-    values that no method except a full fine-tune changes (embeddings and norms, i.e. every
-    base parameter not held by a Linear layer)."""
-    items = sorted(base_items(model, head))
-    shapes = hashlib.sha256("".join(f"{n}:{tuple(p.shape)};" for n, p in items).encode()).hexdigest()
-    digest = None
-    if not method.trains_base:
-        wraps = wrapper_names(model)
-        stable = {canonical_name(f"{mn}.{pn}" if mn else pn, wraps)
-                  for mn, m in model.named_modules() if not isinstance(m, nn.Linear)
-                  for pn, _ in m.named_parameters(recurse=False) if not is_adapter_param(f"{mn}.{pn}")}
-        stable -= _merge_targets(model, head, method)
-        h = hashlib.sha256()
-        for n, p in items:
-            if n in stable:  # the first 256 values of each: enough to tell two bases apart
-                h.update(n.encode() + p.detach().flatten()[:256].float().cpu().numpy().tobytes())
-        digest = h.hexdigest() if stable else None
-    return {"architecture": type(model).__name__, "params_sha256": shapes,
-            "n_params": sum(p.numel() for _, p in items), "stable_values_sha256": digest}
-
-
 def _heads_arg(done):
     """The head as `apply` takes it: one name (as every file before several heads), or a tuple."""
     return done.heads if len(done.heads) > 1 else done.head
-
-
-def _merge_targets(model: nn.Module, head, method: Method) -> set[str]:
-    """Base weights a LoRA merge may have changed (beyond Linear ones): a wrapped model's LoRA
-    layers, or where the method would put them on a fresh one. Left out of the value digest, so
-    an adapter saved merged loads into its fresh base."""
-    wraps = wrapper_names(model)
-    if wraps:
-        loras = {id(m) for m in lora_layers(model)}
-        names = {n for n, m in model.named_modules() if id(m) in loras}
-        return {canonical_name(f"{n}.{pn}", wraps) for n in names
-                for pn, _ in model.get_submodule(n).base.named_parameters()}
-    heads = (head,) if isinstance(head, str) else tuple(head or ())
-    try:
-        targets = method.merges_into(model, exclude=heads)
-    except ValueError:  # a method that does not fit this model: the shapes check says so
-        return set()
-    return {f"{n}.{pn}" for n in targets for pn, _ in model.get_submodule(n).named_parameters()}
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -225,7 +103,7 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     if done is None:
         raise ValueError("this model has no peftkit method applied: apply(model, method) first.")
     state = {}
-    for p, names in _unwrapped_names(model):
+    for p, names in unwrapped_names(model):
         in_head = [n for n in names if under_any(n, done.heads)]
         if is_adapter_param(names[0]) or done.method.trains_base:
             state[names[0]] = p
