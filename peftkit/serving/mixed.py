@@ -204,7 +204,7 @@ def _unwrap(module: nn.Module):
 
 
 def entry_parts(entry, applied_skeleton: nn.Module, head: str | None, device) -> dict[str, Parts]:
-    """Site name -> Parts for one registered adapter (`entry`, a deployer.Registered), read from its
+    """Site name -> Parts for one registered adapter (`entry`, a registry.Registered), read from its
     tensors and from `applied_skeleton`, the meta-device base with its method applied (for each
     LoRA's scale and each adapter's module shape). Tensors move to `device` (no copy on CPU)."""
     tensors = {k: t.to(device) for k, t in zip(entry.keys, entry.tensors)}
