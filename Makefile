@@ -43,7 +43,7 @@ chromium:
 # and with Run All in JupyterLab in Chromium (tests/test_browser.py).
 test: $(STAMP) data chromium
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # The notebooks run in notebooks/; PEFTKIT_RUNS points their result cache at the repository's runs/.
 lab: $(STAMP)
