@@ -58,6 +58,7 @@ def test_spectra_lora_rank_is_at_most_r_and_full_moves_more(study):
     sp = spectra_frame(df.attrs["spectra"])
     assert set(sp.method) == {"lora", "full"}
     assert sp[sp.method == "lora"].rank_1pct.max() <= 2
+    assert sp[sp.method == "full"].rank_1pct.min() > 2  # W_before is a copy: the full fine-tune trains W in place
     assert (sp.intruders >= 0).all()
 
 
@@ -79,3 +80,33 @@ def test_figures_draw_one_curve_per_method_in_its_colour(study):
     assert len(viz.forgetting_sentences(lf)) == 3
     table = viz.spectrum_table(spectra_frame(df.attrs["spectra"]))
     assert table.loc["lora", "effective_rank"] <= 2
+
+
+def _saved(tmp_path, method):
+    model, _ = pk.load_base("tiny", num_labels=2, seed=0)
+    pk.apply(model, method)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    return pk.save_adapter(model, tmp_path / method.name)
+
+
+def test_a_source_adapter_is_the_model_before_and_part_of_the_key(tmp_path, study):
+    df, kw = study
+    path = _saved(tmp_path, pk.LoRA(r=2, alpha=4))
+    kw = {**kw, "methods": kw["methods"][:2], "seeds": (0,), "cache": tmp_path / "f.jsonl"}
+    from_adapter = forgetting_study(**kw, source_adapter=path)
+    start = from_adapter[from_adapter.epoch == 0]
+    for _, g in start.groupby("domain"):
+        assert g.correct.nunique() == 1  # every method starts from the same merged model
+    own = df[(df.epoch == 0) & (df.seed == 0) & (df.method == "lora")].correct.tolist()
+    assert start[start.method == "lora"].correct.tolist() != own  # not the trained-on-the-source model
+    assert forgetting_study(**kw, source_adapter=path).equals(from_adapter)  # cached under the adapter's hash
+
+
+def test_a_bottleneck_source_adapter_is_refused_before_any_training(tmp_path):
+    path = _saved(tmp_path, pk.Adapter(size=4))
+    with pytest.raises(ValueError, match="give a LoRA adapter"):
+        forgetting_study(base="tiny", source_adapter=path, cache=tmp_path / "f.jsonl", progress=False)
+    assert not (tmp_path / "f.jsonl").exists()

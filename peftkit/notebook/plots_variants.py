@@ -33,10 +33,13 @@ def _trace(x, pts, name, color, dash=None, mode="lines+markers"):
 def rank_figure(rows: pd.DataFrame, ranks) -> go.Figure:
     """rsLoRA: test accuracy against rank at a fixed alpha, alpha/r against alpha/sqrt(r)."""
     fig = go.Figure()
+    shown = set()
     for rs, name, dash in ((False, "alpha/r (LoRA)", None), (True, "alpha/sqrt(r) (rsLoRA)", "dash")):
-        fig.add_trace(_trace(list(ranks), [_acc(rows, LoRA(r=r, alpha=ALPHA, rslora=rs)) for r in ranks],
-                             name, C["lora"], dash))
-    fig.update_xaxes(type="log", title="rank r", tickvals=list(ranks))
+        # every rank of the sweep, and any other rank these rows hold (LoRA+'s lambda=1 is r=8 under alpha/r)
+        have = sorted(set(ranks) | {r for r in (1, 2, 8, 16, 32, 64) if len(runs_of(rows, LoRA(r=r, alpha=ALPHA, rslora=rs)))})
+        shown |= set(have)
+        fig.add_trace(_trace(have, [_acc(rows, LoRA(r=r, alpha=ALPHA, rslora=rs)) for r in have], name, C["lora"], dash))
+    fig.update_xaxes(type="log", title="rank r", tickvals=sorted(shown))
     fig.update_layout(template=TEMPLATE, title=f"rsLoRA: accuracy against rank at alpha={ALPHA} (mean, 95% interval)",
                       yaxis_title="test accuracy (%)", height=380)
     return fig

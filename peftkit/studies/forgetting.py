@@ -3,8 +3,12 @@
 Biderman et al. ("LoRA Learns Less and Forgets Less", TMLR 2024) found that LoRA learns a new
 domain less than a full fine-tune does and forgets the source domain less. Here, per method:
 
-1. "before": MiniLM with a head trained (head only, one epoch) on the source domain. Every method
-   of one seed starts from this same model, so their differences are the method's alone.
+1. "before": a model that already knows the source domain. Either a saved source adapter
+   (`source_adapter`, e.g. notebook 04's movies LoRA) merged into the base with its head, or, with
+   none given, LoRA r=8 trained for one epoch on `source_n_train` source snippets and merged. Every
+   method starts from this same plain model (no wrappers left), so their differences are the
+   method's alone. (An earlier version trained the head alone on the target's few snippets: that
+   left a constant predictor, and every method ended on the same constant predictor too.)
 2. The method (LoRA r=8, a bottleneck adapter, the full fine-tune, the head only) trains on the
    target domain for `epochs` epochs from there (`training.fit`, at the registry's learning rate).
 3. After each epoch, every domain's test items are scored (the items `experiments.run` tests).
@@ -35,7 +39,8 @@ from tqdm.auto import tqdm
 from .. import data
 from ..bases.models import load_base
 from ..core.methods import Adapter, FullFineTune, HeadOnly, LoRA, Method
-from ..core.surgery import apply, lora_layers
+from ..core.surgery import apply, lora_layers, unload
+from ..files.adapter_file import as_adapter, load_adapter
 from ..data.loaders import make_loaders
 from ..training.loop import TrainConfig, fit
 from ..training.metrics import evaluate
@@ -66,9 +71,9 @@ def _weights(model, layers=TARGET_LAYERS) -> dict[str, torch.Tensor]:
         if name.split(".")[-1] not in layers:
             continue
         if id(m) in loras:
-            out[name] = (m.base.weight + m.delta_weight()).detach().float().cpu()
+            out[name] = (m.base.weight + m.delta_weight()).detach().float().cpu().clone()
         elif isinstance(m, torch.nn.Linear):
-            out[name] = m.weight.detach().float().cpu()
+            out[name] = m.weight.detach().float().cpu().clone()  # a copy: a full fine-tune trains it in place
     return out
 
 
@@ -90,10 +95,10 @@ def _head_state(model) -> dict:
 def forgetting_run(method: Method, source: str = "movies", target: str = "tweets", seed: int = 0,
                    n_train: int | None = 400, epochs: int = 2, n_eval: int | None = 200, split_seed: int = 0,
                    base: str = "minilm", batch_size: int = 32, max_length: int = 128, spectra: bool = False,
-                   _before=None) -> dict:
+                   _before=None, source_n_train: int | None = 1000) -> dict:
     """One method, one seed: accuracy on every domain before training on `target` and after each epoch."""
     splits = {d: data.split(data.load_corpus(d), seed=split_seed) for d in data.FILES}
-    model, tok = _before if _before is not None else source_model(source, seed, n_train, split_seed, base,
+    model, tok = _before if _before is not None else source_model(source, seed, source_n_train, split_seed, base,
                                                                   batch_size, max_length)
     model = copy.deepcopy(model)
     tests = {d: make_loaders(tok, {"test": data.sample_rows(s["test"], n_eval, split_seed)}, batch_size=64,
@@ -121,27 +126,42 @@ def forgetting_run(method: Method, source: str = "movies", target: str = "tweets
     return row
 
 
-def source_model(source: str, seed: int, n_train, split_seed: int = 0, base: str = "minilm",
+def source_model(source: str, seed: int, n_train: int | None = 1000, split_seed: int = 0, base: str = "minilm",
                  batch_size: int = 32, max_length: int = 128):
-    """(model, tokenizer): the base with its head trained, alone, for one epoch on `source`."""
+    """(model, tokenizer): the base fine-tuned on `source` (LoRA r=8 and the head, one epoch at LoRA's
+    registry rate, on `n_train` snippets), merged into a plain model."""
     model, tok = load_base(base, num_labels=2, seed=seed)
-    head = HeadOnly()
-    apply(model, head)
+    lora = LoRA(r=8, alpha=16)
+    apply(model, lora)
     splits = data.subset(data.split(data.load_corpus(source), seed=split_seed), n_train, 64, split_seed, source)
     loaders = make_loaders(tok, splits, batch_size=batch_size, max_length=max_length, seed=seed)
-    fit(model, loaders["train"], None, TrainConfig(epochs=1, lr=head.default_lr, batch_size=batch_size, seed=seed,
+    fit(model, loaders["train"], None, TrainConfig(epochs=1, lr=lora.default_lr, batch_size=batch_size, seed=seed,
                                                    progress=False))
-    fresh, _ = load_base(base, num_labels=2, seed=seed)
-    fresh.classifier.load_state_dict(_head_state(model))  # the trained head on an untouched base
-    return fresh.eval(), tok
+    return unload(model).eval(), tok
+
+
+def adapter_model(adapter, base: str = "minilm"):
+    """(model, tokenizer): a saved LoRA adapter (a folder or an AdapterFile) merged into its base, head
+    included, as a plain model."""
+    adapter = as_adapter(adapter)
+    if adapter.method.name not in ("lora", "dora"):
+        raise ValueError(f"source_adapter holds a {adapter.method.describe()}; the model before must be a plain "
+                         "model, so give a LoRA adapter (it merges exactly), or none to train one on the source.")
+    model, tok = load_base(base, num_labels=2, seed=0)
+    load_adapter(model, adapter)
+    return unload(model).eval(), tok
 
 
 def forgetting_study(methods=DEFAULT_METHODS, source: str = "movies", target: str = "tweets", seeds=(0, 1, 2),
                      n_train: int | None = 400, epochs: int = 2, n_eval: int | None = 200, split_seed: int = 0,
-                     base: str = "minilm", cache=DEFAULT_CACHE, progress: bool = True) -> pd.DataFrame:
+                     base: str = "minilm", cache=DEFAULT_CACHE, progress: bool = True, source_adapter=None,
+                     source_n_train: int | None = 1000, batch_size: int = 32) -> pd.DataFrame:
     """One row per method, seed, epoch and domain (accuracy, per-item `correct`, role); the first
     seed's LoRA and full fine-tune also record their dW spectra (`df.attrs["spectra"]`). Runs are
-    cached in runs/forgetting.jsonl by their configuration."""
+    cached in runs/forgetting.jsonl by their configuration, the model before included.
+
+    The model before is `source_adapter` (a saved LoRA trained on `source`) merged into the base, the
+    same for every seed; with none, a LoRA trained on `source_n_train` source snippets per seed."""
     for d, what in ((source, "source"), (target, "target")):
         if d not in data.FILES:
             raise ValueError(f"unknown {what} domain {d!r}; choose from {list(data.FILES)}.")
@@ -150,6 +170,12 @@ def forgetting_study(methods=DEFAULT_METHODS, source: str = "movies", target: st
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs={epochs!r} must be a positive integer.")
     seeds = as_seeds(seeds)
+    if source_adapter is not None:
+        adapter = as_adapter(source_adapter)  # read and checked once, before any training
+        before_id = {"adapter_sha256": adapter.meta.get("tensors_sha256") or config_key(
+            {k: v.flatten()[:64].tolist() for k, v in sorted(adapter.tensors.items())})}
+    else:
+        before_id = {"lora_r8_n_train": source_n_train}
     cached = read_cache(cache) if cache else {}
     rows, befores = [], {}
     jobs = [(m, s) for s in seeds for m in methods]
@@ -158,14 +184,17 @@ def forgetting_study(methods=DEFAULT_METHODS, source: str = "movies", target: st
         spectra = seed == seeds[0]
         key = config_key({"study": "forgetting", "method": method.to_dict(), "source": source, "target": target,
                           "seed": seed, "n_train": n_train, "epochs": epochs, "n_eval": n_eval,
-                          "split_seed": split_seed, "base": base, "spectra": spectra})
+                          "split_seed": split_seed, "base": base, "spectra": spectra, "before": before_id,
+                          "batch_size": batch_size})
         bar.set_postfix_str(f"{method.describe()} seed {seed}")
         row = cached.get(key)
         if row is None:
-            if seed not in befores:
-                befores = {seed: source_model(source, seed, n_train, split_seed, base)}
+            who = None if source_adapter is not None else seed  # one model before for all seeds, or one per seed
+            if who not in befores:
+                befores = {who: adapter_model(adapter, base) if who is None
+                           else source_model(source, seed, source_n_train, split_seed, base, batch_size)}
             row = {"key": key, **forgetting_run(method, source, target, seed, n_train, epochs, n_eval, split_seed,
-                                                base, spectra=spectra, _before=befores[seed])}
+                                                base, batch_size, spectra=spectra, _before=befores[who])}
             if cache:
                 append_cache(row, cache)
         rows.append(row)
@@ -213,5 +242,5 @@ def spectra_frame(spectra: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-__all__ = ["DEFAULT_METHODS", "forgetting_run", "forgetting_study", "intruder_dimensions", "learning_forgetting",
+__all__ = ["DEFAULT_METHODS", "adapter_model", "forgetting_run", "forgetting_study", "intruder_dimensions", "learning_forgetting",
            "source_model", "spectra_frame", "spectrum_row"]

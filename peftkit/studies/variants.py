@@ -7,6 +7,10 @@ and ends in one word computed from the interval (`WORDS`):
   with alpha/sqrt(r) it does. Measured: accuracy at the highest rank minus the lowest, both ways.
 - LoRA+ (Hayou et al., 2024): B's learning rate lambda x A's (lambda about 16) learns better than
   lambda = 1. Measured: accuracy and final training loss at lambda = 16 against 1.
+
+Both sweeps train at `Budget.sweep_lr` (1e-3): their effective step grows with sqrt(r) under
+alpha/sqrt(r) and with lambda, and at LoRA's registry rate (5e-3) rank 128 under alpha/sqrt(r) and
+lambda >= 8 diverged in at least one seed (a constant predictor), which says nothing about either claim.
 - PiSSA (Meng et al., 2024): starting from W0's principal singular vectors converges faster.
   Measured: the mean training loss over the first steps (up to 100), PiSSA minus LoRA, by seed.
 - DoRA (Liu et al., 2024): more accurate than LoRA at the same rank. Measured: accuracy, DoRA
@@ -53,13 +57,16 @@ class Budget:
     n_train: int = 480              # movies training snippets per run (15 steps of 32): the 6-minute budget
     n_eval: int = 256               # validation and test snippets
     seeds: tuple = (0, 1)           # every configuration runs once per seed
-    ranks: tuple = (4, 16, 128)     # the rsLoRA sweep
-    lambdas: tuple = (1, 2, 4, 8, 16, 32)  # the LoRA+ sweep
+    ranks: tuple = (4, 128)         # the rsLoRA sweep (r=8 under alpha/r comes with the LoRA+ sweep's lambda=1)
+    lambdas: tuple = (1, 4, 16)     # the LoRA+ sweep
     lora_ranks: tuple = (1, 2, 4, 8)       # beside VeRA
     vera_r: int = 256               # VeRA's shared rank (its paper's setting for RoBERTa-base)
-    pissa_n_train: int = 1600       # 100 steps of `pissa_batch`: PiSSA's first 100 steps
-    pissa_batch: int = 16           # the PiSSA pair's batch (both inits alike): 100 steps at half the cost
-    lr: float = 5e-3                # LoRA's registry rate; every LoRA variant trains at it (LoRA+: A's rate)
+    pissa_n_train: int = 800        # 100 steps of `pissa_batch`: PiSSA's first 100 steps
+    pissa_batch: int = 8            # the PiSSA pair's batch (both inits alike): 100 steps at a quarter of 32's cost
+    lr: float = 5e-3                # LoRA's registry rate: LoRA, DoRA, PiSSA and the ranks beside VeRA train at it
+    sweep_lr: float = 1e-3          # the rsLoRA and LoRA+ sweeps' rate (LoRA+: A's): LoRA's usual 1e-3, since the
+                                    # effective step grows with sqrt(r) under alpha/sqrt(r) and with lambda, and at
+                                    # 5e-3 rank 128 under alpha/sqrt(r) and lambda >= 8 diverged (a constant predictor)
     vera_lr: float = 2e-2           # VeRA trains vectors only: its paper uses about 10x LoRA's rate
     full_lr: float = 2e-4           # the full fine-tune's registry rate
 
@@ -67,7 +74,7 @@ class Budget:
 def budget(quick: bool, **override) -> Budget:
     """The full budget, or quick mode's: tiny subsets of the real corpus, MiniLM unchanged."""
     small = dict(n_train=96, n_eval=96, ranks=(4, 32), lambdas=(1, 16), lora_ranks=(4, 8), vera_r=64,
-                 pissa_n_train=96, pissa_batch=32) if quick else {}  # as the main run's: LoRA r=8's runs are shared
+                 pissa_n_train=96, pissa_batch=32, sweep_lr=5e-3) if quick else {}  # one rate: runs are shared
     return Budget(**{**small, **{k: v for k, v in override.items() if v is not None}})
 
 
@@ -75,14 +82,20 @@ def key(method: Method) -> str:
     return json.dumps(method.to_dict(), sort_keys=True)
 
 
-def methods(b: Budget) -> dict[str, Method]:
-    """Every configuration of the main run, by a readable name."""
-    m = {"LoRA r=8": LoRA(r=8, alpha=ALPHA)}
+def sweep_methods(b: Budget) -> dict[str, Method]:
+    """The rsLoRA and LoRA+ sweeps, trained at `b.sweep_lr`, by a readable name."""
+    m = {}
     for r in b.ranks:
         m[f"LoRA r={r} alpha/r"] = LoRA(r=r, alpha=ALPHA)
         m[f"LoRA r={r} alpha/sqrt(r)"] = LoRA(r=r, alpha=ALPHA, rslora=True)
     for lam in b.lambdas:
         m[f"LoRA+ lambda={lam:g}"] = LoRA(r=8, alpha=ALPHA, lr_ratio=float(lam))
+    return m
+
+
+def methods(b: Budget) -> dict[str, Method]:
+    """Every configuration trained at the registry's rates (`b.lr`, VeRA's `b.vera_lr`), by a readable name."""
+    m = {"LoRA r=8": LoRA(r=8, alpha=ALPHA)}
     m["DoRA r=8"] = DoRA(r=8, alpha=ALPHA)
     for r in b.lora_ranks:
         m[f"LoRA r={r}"] = LoRA(r=r, alpha=ALPHA)
@@ -99,16 +112,30 @@ def _rates(b: Budget, specs) -> dict:
 
 
 def run(b: Budget, cache, progress: bool = True, domain: str = "movies") -> tuple[pd.DataFrame, dict[str, Method]]:
-    """Train every configuration once per seed (cached), in this process; rows tagged `name`."""
+    """Train every configuration once per seed (cached), in this process. The rows' `study` column says
+    which part they belong to: "main" (the registry's rates) or "sweep" (the rsLoRA and LoRA+ sweeps)."""
     named = methods(b)
     unique = {key(s): s for s in named.values()}
+    sweep = {key(s): s for s in sweep_methods(b).values()}
     kw = dict(domain=domain, n_train=b.n_train, n_eval=b.n_eval, eval_domains=False, cache=cache, fresh_process=False,
               progress=progress, need_adapters=True, cfg=TrainConfig(lr=b.lr, progress=False))
     rows = compare(list(unique.values()), seeds=b.seeds, lr=_rates(b, unique.values()), **kw)
+    swept = compare(list(sweep.values()), seeds=b.seeds, lr=b.sweep_lr, **kw)
     # The full fine-tune only draws the magnitude/direction picture: one seed, at a third of LoRA's pace.
     named["Full fine-tune"] = FullFineTune()
     full = compare([named["Full fine-tune"]], seeds=b.seeds[:1], lr=b.full_lr, **kw)
-    return pd.concat([rows, full], ignore_index=True), named
+    return pd.concat([rows.assign(study="main"), swept.assign(study="sweep"), full.assign(study="main")],
+                     ignore_index=True), named
+
+
+def sweep_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rsLoRA and LoRA+ sweeps' rows (at `Budget.sweep_lr`)."""
+    return rows[rows.study == "sweep"] if "study" in rows else rows
+
+
+def main_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows at the registry's rates."""
+    return rows[rows.study == "main"] if "study" in rows else rows
 
 
 def run_pissa(b: Budget, cache, progress: bool = True, domain: str = "movies") -> pd.DataFrame:
@@ -162,9 +189,10 @@ def loss_window(rows: pd.DataFrame, steps: int = 100) -> pd.DataFrame:
 def claims(rows: pd.DataFrame, pissa_rows: pd.DataFrame, b: Budget) -> pd.DataFrame:
     """One row per claim: what the paper says, what was measured (with its interval), one word."""
     out = []
+    rows, sweep = main_rows(rows), sweep_rows(rows)
     lo_r, hi_r = min(b.ranks), max(b.ranks)
-    plain = _diff(rows, LoRA(r=hi_r, alpha=ALPHA), LoRA(r=lo_r, alpha=ALPHA))
-    rs = _diff(rows, LoRA(r=hi_r, alpha=ALPHA, rslora=True), LoRA(r=lo_r, alpha=ALPHA, rslora=True))
+    plain = _diff(sweep, LoRA(r=hi_r, alpha=ALPHA), LoRA(r=lo_r, alpha=ALPHA))
+    rs = _diff(sweep, LoRA(r=hi_r, alpha=ALPHA, rslora=True), LoRA(r=lo_r, alpha=ALPHA, rslora=True))
     a = stats.direction(plain.lo, plain.hi) if plain else stats.CANNOT_TELL
     c = stats.direction(rs.lo, rs.hi) if rs else stats.CANNOT_TELL
     if a != stats.HIGHER and c == stats.HIGHER:
@@ -175,12 +203,13 @@ def claims(rows: pd.DataFrame, pissa_rows: pd.DataFrame, b: Budget) -> pd.DataFr
         word = NOT_REPRODUCED
     else:
         word = PARTLY
-    out.append(("rsLoRA", f"at alpha={ALPHA}, r={hi_r} learns no better than r={lo_r} under alpha/r, and better under alpha/sqrt(r)",
+    out.append(("rsLoRA", f"at alpha={ALPHA} and one rate, r={hi_r} learns no better than r={lo_r} under alpha/r, "
+                "and better under alpha/sqrt(r)",
                 f"r={hi_r} minus r={lo_r}: alpha/r {_pts(plain)}; alpha/sqrt(r) {_pts(rs)}", word))
     if 16 in b.lambdas and 1 in b.lambdas:
         plus, base = LoRA(r=8, alpha=ALPHA, lr_ratio=16.0), LoRA(r=8, alpha=ALPHA, lr_ratio=1.0)
-        acc = _diff(rows, plus, base)
-        lp, lb = runs_of(rows, plus).set_index("seed"), runs_of(rows, base).set_index("seed")
+        acc = _diff(sweep, plus, base)
+        lp, lb = runs_of(sweep, plus).set_index("seed"), runs_of(sweep, base).set_index("seed")
         common = sorted(set(lp.index) & set(lb.index))
         loss = stats.paired_difference(lp.loc[common, "final_loss"], lb.loc[common, "final_loss"])[0] if common else None
         w_acc, w_loss = direction_word(acc), direction_word(loss, stats.LOWER)
