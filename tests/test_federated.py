@@ -278,3 +278,19 @@ def test_simulated_flora_stacks_clients_of_different_ranks():
         simulate_federated("fedit", **{**SIM, "ranks": {"movies": 2}})
     with pytest.raises(F.FederatedError, match="not in this federation"):
         simulate_federated("flora", **{**SIM, "ranks": {"amazon": 2}})
+
+
+def test_a_cached_simulation_returns_the_same_rows_without_training(tmp_path, monkeypatch):
+    from peftkit.studies import federated_sim
+    cache = tmp_path / "federated.jsonl"
+    first = simulate_federated("fedit", **SIM, cache=cache)
+    assert first.attrs["cached"] is False and "federation" in first.attrs
+
+    def no_training(*a, **k):
+        raise AssertionError("a cached simulation must not build a federation")
+    monkeypatch.setattr(federated_sim, "Federation", no_training)
+    again = simulate_federated("fedit", **SIM, cache=cache)
+    pd.testing.assert_frame_equal(again, first)
+    assert again.attrs["cached"] is True and again.attrs["rounds"] == SIM["rounds"]
+    with pytest.raises(AssertionError, match="must not build"):  # another setting is another key
+        simulate_federated("fedit", **{**SIM, "local_steps": 3}, cache=cache)

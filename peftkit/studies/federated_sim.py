@@ -38,6 +38,7 @@ from ..data.loaders import make_loaders
 from ..files.adapter_file import adapter_state, apply_and_fill
 from ..training.loop import TrainConfig, fit
 from ..training.metrics import evaluate
+from .experiments import append_cache, config_key, read_cache
 from .federated import (STRATEGIES, ClientState, FederatedError, aggregate, aggregation_error, client_state,
                         flora_method, payload_bytes)
 
@@ -192,7 +193,7 @@ def simulate_federated(strategy: str, rounds: int = 5, local_steps: int = 10, cl
                        dropout: float = 0.0, seed: int = 0, base: str = "minilm", n_train: int | None = 256,
                        n_eval: int | None = 200, method: Method | None = None, lr: float | None = None,
                        batch_size: int = 16, max_length: int = 128, ranks: dict | None = None,
-                       progress: bool = True) -> pd.DataFrame:
+                       progress: bool = True, cache=None) -> pd.DataFrame:
     """Run a federation of the domain `clients` in this process; one row per round and client.
 
     Columns: strategy, round (0: before training), client, sampled, dropped, trained (its update
@@ -201,14 +202,28 @@ def simulate_federated(strategy: str, rounds: int = 5, local_steps: int = 10, cl
     aggregation_error (`federated.aggregation_error`; NaN when no update arrived). ranks (FLoRA
     only): {client: rank}, e.g. {"tweets": 4}; the others keep the method's. `df.attrs`
     holds the settings and the final global state (`federation`).
+
+    cache: a JSON-lines file (e.g. runs/federated.jsonl) that keeps each simulation's rows under a
+    key of every setting above, so that a second run with the same settings trains nothing. A cached
+    result has the same rows and settings, `attrs["cached"]` True and no `federation` (the model
+    state is not kept; run without a cache to get it).
     """
     clients = tuple(clients)
     _check_args(rounds, local_steps, clients, sample, dropout)
     unknown = sorted(set(ranks or {}) - set(clients))
     if unknown:
         raise FederatedError(f"ranks names clients {unknown} that are not in this federation {list(clients)}.")
-    fed = Federation(strategy, method or default_method(strategy), base, seed, lr, batch_size, max_length,
-                     ranks=dict(ranks or {}))
+    method = method or default_method(strategy)
+    key = config_key({"study": "federated", "strategy": strategy, "method": method.to_dict(), "rounds": rounds,
+                      "local_steps": local_steps, "clients": list(clients), "sample": sample, "dropout": dropout,
+                      "seed": seed, "base": base, "n_train": n_train, "n_eval": n_eval, "lr": lr,
+                      "batch_size": batch_size, "max_length": max_length, "ranks": dict(ranks or {})})
+    hit = read_cache(cache).get(key) if cache else None
+    if hit is not None:
+        df = pd.DataFrame(hit["rows"])
+        df.attrs.update(hit["attrs"], cached=True)
+        return df
+    fed = Federation(strategy, method, base, seed, lr, batch_size, max_length, ranks=dict(ranks or {}))
     loaders = {c: client_loaders(fed.tokenizer, c, n_train, n_eval, seed, batch_size, max_length) for c in clients}
     rows = []
 
@@ -241,7 +256,10 @@ def simulate_federated(strategy: str, rounds: int = 5, local_steps: int = 10, cl
     df["round_bytes"] = df.groupby("round")["bytes_up"].transform("sum") + df["bytes_down"] * len(clients)
     df.attrs.update(strategy=strategy, method=fed.method.to_dict(), rounds=rounds, local_steps=local_steps,
                     sample=sample, dropout=dropout, seed=seed, base=base, n_train=n_train, n_eval=n_eval,
-                    lr=fed.lr, federation=fed)
+                    lr=fed.lr)
+    if cache:
+        append_cache({"key": key, "rows": df.to_dict("records"), "attrs": dict(df.attrs)}, cache)
+    df.attrs.update(federation=fed, cached=False)
     return df
 
 
