@@ -1,8 +1,9 @@
 """Experiments: one method trained and measured (`run`), many side by side (`compare`).
 
-`compare` runs each configuration in a fresh Python process, so peak-memory figures (ru_maxrss
-on CPU) belong to that run alone, and caches each result row in `runs/results.jsonl` under a
-hash of the full configuration: a later notebook asking for the same run reuses the row.
+`compare` runs each configuration in a fresh Python process (forked from a warm server on Linux:
+`forkserver`), so peak-memory figures (ru_maxrss on CPU) belong to that run alone, and caches each
+result row in `runs/results.jsonl` under a hash of the full configuration: a later notebook asking
+for the same run reuses the row.
 `runs/` is relative to the working directory (or $PEFTKIT_RUNS; see peftkit.storage.runs_dir).
 
 Seeds are an axis: `compare(..., seeds=(0, 1, 2))` runs each configuration once per seed (the
@@ -39,6 +40,7 @@ from ..runtime import environment, peak_memory_mib, resolve_device
 from ..storage import append_lines, read_jsonl, runs_dir
 from ..training.loop import TrainConfig, fit
 from ..training.metrics import evaluate
+from . import forkserver
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: peftkit/<layer>/<module>.py
 # runs/results.jsonl relative to the working directory (or under $PEFTKIT_RUNS), as the CLI's --cache
@@ -170,6 +172,12 @@ def append_cache(row: dict, path=DEFAULT_CACHE) -> None:
 
 
 def _run_in_subprocess(spec: dict, threads: int | None) -> dict:
+    """One run in a process of its own: forked from the warm server where fork is safe (Linux), else a new interpreter."""
+    if forkserver.available():
+        try:
+            return forkserver.server(threads).run(spec)
+        except forkserver.WorkerError as err:
+            raise RuntimeError(f"the run for {spec['method']} failed in its subprocess:\n{err}") from None
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -307,13 +315,16 @@ def results_frame(rows) -> pd.DataFrame:
     return df[first + [c for c in df.columns if c not in first]]
 
 
-def _worker() -> int:
-    spec = json.loads(sys.stdin.read())
+def run_spec(spec: dict) -> dict:
+    """`run` for a JSON spec (what a worker process receives): its result row."""
     cfg = TrainConfig(**spec["cfg"])
-    row = run(Method.from_dict(spec["method"]), spec["base"], spec["domain"], spec["n_train"],
-              cfg, spec["max_length"], spec["eval_domains"], out=spec.get("out"),
-              n_eval=spec.get("n_eval"), base_bits=spec.get("base_bits"), split_seed=spec.get("split_seed", cfg.seed))
-    print(json.dumps(row, default=str))
+    return run(Method.from_dict(spec["method"]), spec["base"], spec["domain"], spec["n_train"],
+               cfg, spec["max_length"], spec["eval_domains"], out=spec.get("out"),
+               n_eval=spec.get("n_eval"), base_bits=spec.get("base_bits"), split_seed=spec.get("split_seed", cfg.seed))
+
+
+def _worker() -> int:
+    print(json.dumps(run_spec(json.loads(sys.stdin.read())), default=str))
     return 0
 
 
