@@ -29,7 +29,9 @@ def test_forked_run_matches_a_new_interpreter(monkeypatch):
     monkeypatch.setenv("PEFTKIT_FORKSERVER", "0")
     fresh = E._run_in_subprocess(_spec(), 1)
     monkeypatch.setenv("PEFTKIT_FORKSERVER", "1")
-    forked = [E._run_in_subprocess(_spec(), 1) for _ in range(2)]  # the second reuses the warm server
+    starts = forkserver.STARTS
+    forked = [E._run_in_subprocess(_spec(), 1) for _ in range(2)]
+    assert forkserver.STARTS == starts + 1  # the second run reused the warm server
     for row in forked:
         for k in ("final_loss", "accuracy", "correct", "steps", "trainable", "adapter_bytes"):
             assert row[k] == fresh[k], k
@@ -48,8 +50,9 @@ def test_a_failing_run_is_reported_and_the_server_survives(monkeypatch):
     assert server.alive()
     assert E._run_in_subprocess(_spec(), 1)["steps"] == 4
     assert forkserver.server(1) is server  # the same warm process served both
+    monkeypatch.setenv("PEFTKIT_TEST_MARKER", "1")  # a new interpreter would see this: so must the next child
+    assert forkserver.server(1) is not server and not server.alive()
     forkserver.shutdown()
-    assert not server.alive()
 
 
 def _children(pid: int) -> list[int]:

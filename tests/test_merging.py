@@ -283,5 +283,5 @@ def test_against_pairs_items_and_words_follow_the_interval():
     assert d.loc["same", "difference"] == 0 and d.loc["same", "direction"] == "cannot tell at this precision"
     assert d.loc["better", "difference"] == pytest.approx(0.5) and d.loc["better", "direction"] == "higher"
     text = "\n".join(viz.merge_sentences(d.reset_index(), "the reference"))
-    assert "**better** against the reference: 1 domain higher" in text
+    assert "**better** against the reference: higher on 1 domain (mean difference +50.0 points)" in text
     assert viz.merge_heatmap(d.reset_index(), "t").data[0].y == ("ref", "same", "better")

@@ -44,19 +44,24 @@ def merge_heatmap(diff: pd.DataFrame, title: str) -> go.Figure:
 
 
 def merge_sentences(diff: pd.DataFrame, what: str) -> list[str]:
-    """One sentence per merge: on how many domains it is higher, lower, or cannot be told from `what`."""
+    """One sentence per merge: on how many domains it is higher, lower, or cannot be told from `what`
+    (differences in percentage points)."""
     out = []
     for name, g in diff[diff.direction != "itself"].groupby("adapter", sort=False):
         counts = g.direction.value_counts()
-        parts = [f"{counts.get(w, 0)} {'domain' if counts.get(w, 0) == 1 else 'domains'} {w}"
-                 for w in ("higher", "lower", CANNOT_TELL) if counts.get(w, 0)]
-        out.append(f"- **{name}** against {what}: {', '.join(parts)} (mean difference {g.difference.mean():+.1%}).")
+        n = {w: counts.get(w, 0) for w in ("higher", "lower", CANNOT_TELL)}
+        parts = [f"{label} on {n[w]} {'domain' if n[w] == 1 else 'domains'}"
+                 for w, label in (("higher", "higher"), ("lower", "lower"),
+                                  (CANNOT_TELL, "not told apart at this precision")) if n[w]]
+        out.append(f"- **{name}** against {what}: {', '.join(parts)} "
+                   f"(mean difference {100 * g.difference.mean():+.1f} points).")
     return out
 
 
 def forgetting_figure(lf: pd.DataFrame) -> go.Figure:
     """The learning-forgetting curve of each method: accuracy gained on the target (y) against
-    accuracy lost on the other domains (x), one point per epoch, with 95% intervals both ways."""
+    the change in accuracy on the other domains (x; negative: forgotten), one point per epoch, with 95%
+    intervals both ways."""
     colors = method_colors()
     fig = go.Figure()
     for (method, label), g in lf.groupby(["method", "label"], sort=False):
@@ -73,18 +78,25 @@ def forgetting_figure(lf: pd.DataFrame) -> go.Figure:
     fig.add_hline(y=0, line_color="#bbb")
     fig.add_vline(x=0, line_color="#bbb")
     return fig.update_layout(template=TEMPLATE, title="Learning against forgetting (95% intervals over seeds and items)",
-                             xaxis_title="accuracy lost on the other domains", yaxis_title="accuracy gained on the target",
+                             xaxis_title="change in accuracy on the other domains (left: forgotten)",
+                             yaxis_title="accuracy gained on the target",
                              xaxis_tickformat=".0%", yaxis_tickformat=".0%", height=480)
 
 
 def forgetting_sentences(lf: pd.DataFrame) -> list[str]:
-    """At the last epoch, per method: gain and forgetting with their intervals and direction words."""
+    """At the last epoch, per method: gain and forgetting with their intervals and direction words
+    (changes in percentage points; a negative change on the other domains is forgetting)."""
     last = lf[lf.epoch == lf.epoch.max()]
-    words = {"higher": "above", "lower": "below", CANNOT_TELL: "not distinguishable from"}
-    return [f"- **{r.label}**: target accuracy {r.gain:+.1%} [{r.gain_lo:+.1%}, {r.gain_hi:+.1%}] "
-            f"({words[r.gain_direction]} its accuracy before); accuracy lost on the other domains "
-            f"{r.forgetting:+.1%} [{r.forgetting_lo:+.1%}, {r.forgetting_hi:+.1%}] "
-            f"({words[r.forgetting_direction]} zero)." for r in last.itertuples()]
+    gain_words = {"higher": "above its accuracy before", "lower": "below its accuracy before",
+                  CANNOT_TELL: "not distinguishable from its accuracy before"}
+    other_words = {"higher": "a gain", "lower": "a loss: forgotten", CANNOT_TELL: "not distinguishable from no change"}
+
+    def pts(x):
+        return f"{100 * x:+.1f}"
+    return [f"- **{r.label}**: on the target {pts(r.gain)} points [{pts(r.gain_lo)}, {pts(r.gain_hi)}] "
+            f"({gain_words[r.gain_direction]}); on the other domains {pts(r.forgetting)} points "
+            f"[{pts(r.forgetting_lo)}, {pts(r.forgetting_hi)}] ({other_words[r.forgetting_direction]})."
+            for r in last.itertuples()]
 
 
 def spectrum_figure(sp: pd.DataFrame) -> go.Figure:

@@ -47,7 +47,8 @@ class WarmServer:
 
     def __init__(self, threads: int | None):
         self.threads = threads
-        env = dict(os.environ)
+        self.environ = dict(os.environ)  # what a new interpreter would inherit now; a change restarts the server
+        env = dict(self.environ)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
         self._log = tempfile.TemporaryFile(mode="w+")  # the server's stderr: read back only on failure
@@ -90,15 +91,20 @@ class WarmServer:
 
 
 _SERVER: WarmServer | None = None
+STARTS = 0  # servers started by this process (a test checks that runs reuse one)
 
 
 def server(threads: int | None) -> WarmServer:
-    """This process's warm server for `threads` (started on first use, restarted if it died or threads changed)."""
-    global _SERVER
-    if _SERVER is None or not _SERVER.alive() or _SERVER.threads != threads:
+    """This process's warm server for `threads`: started on first use, and restarted if it died, if
+    `threads` changed, or if the environment changed since it started (a child sees the environment
+    of its server, as a new interpreter would see this process's)."""
+    global _SERVER, STARTS
+    if (_SERVER is None or not _SERVER.alive() or _SERVER.threads != threads
+            or _SERVER.environ != dict(os.environ)):
         if _SERVER is not None:
             _SERVER.close()
         _SERVER = WarmServer(threads)
+        STARTS += 1
     return _SERVER
 
 
