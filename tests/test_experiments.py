@@ -75,6 +75,17 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "peftkit", *args], capture_output=True, text=True, cwd=ROOT)
 
 
+def _cli_here(capsys, *args):
+    """`python -m peftkit ARGS` without a new interpreter: (exit code, stdout, stderr)."""
+    from peftkit import cli
+    try:
+        code = cli.main(list(args))
+    except SystemExit as e:  # argparse's --help and usage errors
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def test_cli_train_writes_adapter_and_metrics(tmp_path):
     p = _cli("train", "--base", "tiny", "--method", "adapter", "--n-train", "48", "--epochs", "1",
              "--no-progress", "--no-cross-domain", "--cpu-bf16", "--out", str(tmp_path / "x"))
@@ -97,18 +108,27 @@ def test_cli_train_writes_adapter_and_metrics(tmp_path):
     (["compare", "--methods", "lora,nope"], "unknown method"),
     (["frobnicate"], "invalid choice"),
 ])
-def test_cli_bad_arguments_give_one_line_and_exit_2(args, match):
-    p = _cli(*args)
-    assert p.returncode == 2, p.stderr
-    lines = [line for line in p.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+def test_cli_bad_arguments_give_one_line_and_exit_2(args, match, capsys):
+    code, _, err = _cli_here(capsys, *args)
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
     assert match.lower() in lines[0].lower()
 
 
+def test_the_real_entry_point_refuses_in_one_line_too():
+    """The cases above call `cli.main` in this process (each new interpreter costs 5 s of imports);
+    this one goes through `python -m peftkit`, as a user's shell does."""
+    p = _cli("train", "--out", "x", "--domain", "reddit")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    lines = [line for line in p.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "unknown domain" in lines[0].lower(), p.stderr
+
+
 @pytest.mark.parametrize("cmd", ["train", "compare", "data", "demo"])
-def test_cli_help(cmd):
-    p = _cli(cmd, "--help")
-    assert p.returncode == 0 and "usage" in p.stdout
+def test_cli_help(cmd, capsys):
+    code, out, _ = _cli_here(capsys, cmd, "--help")
+    assert code == 0 and "usage" in out
 
 
 def test_trained_model_reuses_the_cached_adapter_and_evaluates_by_domain(tmp_path):

@@ -66,7 +66,7 @@ def test_a_child_killed_mid_run_is_an_error_not_a_hang():
 
     def go():
         try:
-            result["row"] = server.run(_spec(n_train=4000, n_eval=None))
+            result["row"] = server.run(_spec(n_train=3000, n_eval=None))  # valid and long: the kill comes first
         except forkserver.WorkerError as err:
             result["error"] = str(err)
 
