@@ -263,3 +263,27 @@ def test_accuracy_bars_start_at_zero():
     fig = E.int8_figure(study)
     assert fig.layout.yaxis.range[0] == 0 and fig.layout.yaxis.range[1] <= 1
     assert_coloured_and_unique(fig)
+
+
+def test_variant_figures_keep_accuracy_axes_within_0_and_100_percent(tmp_path):
+    """Two seeds' t interval spans far beyond 0..100 %; the axes of notebook 11's figures must not follow it."""
+    from peftkit.notebook import plots_variants as P
+    from peftkit.studies.experiments import compare
+    from peftkit.studies.variants import ALPHA
+    from peftkit.training.loop import TrainConfig
+    specs = [pk.LoRA(r=r, alpha=ALPHA, rslora=rs) for r in (4, 8) for rs in (False, True)]
+    specs.append(pk.LoRA(r=8, alpha=ALPHA, lr_ratio=16.0))
+    rows = compare(specs, base="tiny", domain="tweets", n_train=16, n_eval=16, seeds=(0, 1), eval_domains=False,
+                   cache=tmp_path / "r.jsonl", fresh_process=False, progress=False,
+                   cfg=TrainConfig(epochs=1, batch_size=8, progress=False))
+    vera = pk.LoRA(r=8, alpha=ALPHA, lr_ratio=16.0)  # any second configuration stands in for VeRA's point
+    figs = {"rank": P.rank_figure(rows, (4, 8)), "vera": P.vera_figure(rows, (4, 8), vera, "stand-in")}
+    lam = P.lambda_figure(rows, (1, 16))
+    for name, fig in figs.items():
+        lo, hi = fig.layout.yaxis.range
+        assert 0 <= lo < hi <= 100, (name, lo, hi)
+    lo, hi = lam.layout.yaxis.range
+    assert 0 <= lo < hi <= 100
+    # what the notebook's quick run drew (LoRA r=32 under alpha/sqrt(r): 55.0% [-51.6, 162.0] over two seeds)
+    lo, hi = P._percent_range([(0.55, -0.516, 1.62), (0.68, 0.561, 0.799)])
+    assert 0 <= lo < 55 and 68 < hi <= 100

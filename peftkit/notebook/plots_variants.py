@@ -12,7 +12,7 @@ from plotly.subplots import make_subplots
 from ..core.methods import METHODS
 from ..studies import summary as S
 from ..studies.variants import ALPHA, LoRA, runs_of
-from ..style import TEMPLATE
+from ..style import TEMPLATE, accuracy_range
 
 C = {name: cls.color for name, cls in METHODS.items()}
 
@@ -21,6 +21,13 @@ def _acc(rows, spec):
     r = runs_of(rows, spec)
     iv = S.accuracy_interval(r) if len(r) else None
     return (iv.estimate, iv.lo, iv.hi) if iv else (np.nan, np.nan, np.nan)
+
+
+def _percent_range(*pts_lists) -> list[float]:
+    """A test-accuracy axis in percent for these (estimate, lo, hi) points: never beyond 0..100 (two
+    seeds' t interval can reach past both ends; its bars are cut at the edge, the axis stays readable)."""
+    lo, hi = accuracy_range([v for pts in pts_lists for p in pts for v in p])
+    return [100 * lo, 100 * hi]
 
 
 def _trace(x, pts, name, color, dash=None, mode="lines+markers"):
@@ -33,15 +40,17 @@ def _trace(x, pts, name, color, dash=None, mode="lines+markers"):
 def rank_figure(rows: pd.DataFrame, ranks) -> go.Figure:
     """rsLoRA: test accuracy against rank at a fixed alpha, alpha/r against alpha/sqrt(r)."""
     fig = go.Figure()
-    shown = set()
+    shown, drawn = set(), []
     for rs, name, dash in ((False, "alpha/r (LoRA)", None), (True, "alpha/sqrt(r) (rsLoRA)", "dash")):
         # every rank of the sweep, and any other rank these rows hold (LoRA+'s lambda=1 is r=8 under alpha/r)
         have = sorted(set(ranks) | {r for r in (1, 2, 8, 16, 32, 64) if len(runs_of(rows, LoRA(r=r, alpha=ALPHA, rslora=rs)))})
         shown |= set(have)
-        fig.add_trace(_trace(have, [_acc(rows, LoRA(r=r, alpha=ALPHA, rslora=rs)) for r in have], name, C["lora"], dash))
+        pts = [_acc(rows, LoRA(r=r, alpha=ALPHA, rslora=rs)) for r in have]
+        drawn.append(pts)
+        fig.add_trace(_trace(have, pts, name, C["lora"], dash))
     fig.update_xaxes(type="log", title="rank r", tickvals=sorted(shown))
     fig.update_layout(template=TEMPLATE, title=f"rsLoRA: accuracy against rank at alpha={ALPHA} (mean, 95% interval)",
-                      yaxis_title="test accuracy (%)", height=380)
+                      yaxis_title="test accuracy (%)", yaxis_range=_percent_range(*drawn), height=380)
     return fig
 
 
@@ -49,7 +58,9 @@ def lambda_figure(rows: pd.DataFrame, lambdas) -> go.Figure:
     """LoRA+: accuracy and final training loss against lambda."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("test accuracy (%)", "final training loss"))
     specs = [LoRA(r=8, alpha=ALPHA, lr_ratio=float(v)) for v in lambdas]
-    fig.add_trace(_trace(list(lambdas), [_acc(rows, s) for s in specs], "accuracy", C["lora"]), 1, 1)
+    pts = [_acc(rows, s) for s in specs]
+    fig.add_trace(_trace(list(lambdas), pts, "accuracy", C["lora"]), 1, 1)
+    fig.update_yaxes(range=_percent_range(pts), row=1, col=1)
     loss = [runs_of(rows, s).final_loss.astype(float) for s in specs]
     fig.add_trace(go.Scatter(x=list(lambdas), y=[v.mean() for v in loss], name="final loss", mode="lines+markers",
                              line=dict(color=C["lora"], dash="dot"),
@@ -93,10 +104,11 @@ def vera_figure(rows: pd.DataFrame, lora_ranks, vera, vera_label: str) -> go.Fig
     fig = go.Figure()
     specs = [LoRA(r=r, alpha=ALPHA) for r in lora_ranks]
     n = [int(runs_of(rows, s).trainable.iloc[0]) for s in specs]
-    fig.add_trace(_trace(n, [_acc(rows, s) for s in specs], "LoRA r=" + ",".join(map(str, lora_ranks)), C["lora"]))
-    fig.add_trace(_trace([int(runs_of(rows, vera).trainable.iloc[0])], [_acc(rows, vera)], vera_label, C["peft"],
+    lora_pts, vera_pts = [_acc(rows, s) for s in specs], [_acc(rows, vera)]
+    fig.add_trace(_trace(n, lora_pts, "LoRA r=" + ",".join(map(str, lora_ranks)), C["lora"]))
+    fig.add_trace(_trace([int(runs_of(rows, vera).trainable.iloc[0])], vera_pts, vera_label, C["peft"],
                          mode="markers"))
     fig.update_xaxes(type="log", title="trainable parameters (the head's included)")
     fig.update_layout(template=TEMPLATE, title="VeRA against LoRA: accuracy against trainable parameters",
-                      yaxis_title="test accuracy (%)", height=380)
+                      yaxis_title="test accuracy (%)", yaxis_range=_percent_range(lora_pts, vera_pts), height=380)
     return fig
