@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import hashlib
@@ -63,8 +62,10 @@ _RENAME_EXCHANGE, _AT_FDCWD = 2, -100
 
 
 def _libc_renameat2():
+    # CDLL(None): the symbols already loaded into this process, libc's among them. find_library("c")
+    # would run `/sbin/ldconfig -p` in a subprocess at every import of peftkit.
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.renameat2
     except (OSError, AttributeError):
         return None

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+from pathlib import Path
 import signal
 import sys
 import threading
@@ -56,8 +57,18 @@ def test_a_failing_run_is_reported_and_the_server_survives(monkeypatch):
 
 
 def _children(pid: int) -> list[int]:
+    """The server's forked run children: same command line as the server. Anything else it starts
+    (a short-lived helper process during its imports, say) is not the run, and killing it would let
+    the run finish: under load that made this test flaky."""
+    def cmdline(p):
+        try:
+            return Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            return None
     with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(x) for x in f.read().split()]
+        kids = [int(x) for x in f.read().split()]
+    own = cmdline(pid)
+    return [k for k in kids if cmdline(k) == own]
 
 
 def test_a_child_killed_mid_run_is_an_error_not_a_hang():
