@@ -93,7 +93,13 @@ def test_no_result_is_typed_and_quick_mode_uses_minilm(path):
     assert "nbutil.record(" in source, f"{path.name} records no key result"
 
 
-@pytest.mark.parametrize("path", STORY, ids=lambda p: p.name)
+ALL = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+# 10's exercises answer in prose inside the list (no hint cells, no runnable solutions): a known gap
+EXERCISE_GAPS = {"10_multi_domain.ipynb"}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="solutions in prose, not cells"))
+                                  if p.name in EXERCISE_GAPS else p for p in ALL], ids=lambda p: p.name)
 def test_every_exercise_has_a_hidden_hint_and_solution(path):
     nb = json.loads(path.read_text())
     text = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
