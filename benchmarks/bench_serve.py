@@ -41,8 +41,10 @@ it on the tiny model with the service in a thread.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -237,6 +239,7 @@ def mixed_suite(base: str = "minilm", threads: int = 2, quick: bool = False, out
     rng = np.random.default_rng(0)
     load = [os.getloadavg()[0]]
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_mixed_"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # adapters and a deployment: gone when the run ends
     loras = make_adapters(tmp / "adapters", base)[:4]
     names = [f"a{i}" for i in range(4)]
     pool = texts(64 if quick else 192)

@@ -287,3 +287,15 @@ def test_variant_figures_keep_accuracy_axes_within_0_and_100_percent(tmp_path):
     # what the notebook's quick run drew (LoRA r=32 under alpha/sqrt(r): 55.0% [-51.6, 162.0] over two seeds)
     lo, hi = P._percent_range([(0.55, -0.516, 1.62), (0.68, 0.561, 0.799)])
     assert 0 <= lo < 55 and 68 < hi <= 100
+
+
+def test_magnitude_direction_figure_gives_each_method_its_own_panel_and_colour():
+    from peftkit.notebook.plots_variants import magnitude_direction_figure
+    rng = np.random.default_rng(0)
+    md = pd.concat([pd.DataFrame({"method": m, "dD": rng.random(50) * k, "dM": rng.random(50) * k})
+                    for m, k in (("LoRA r=8", 1e-3), ("DoRA r=8", 1e-3), ("full fine-tune", 1e-1))], ignore_index=True)
+    colors = {"LoRA r=8": pk.LoRA.color, "DoRA r=8": pk.DoRA.color, "full fine-tune": pk.FullFineTune.color}
+    fig = magnitude_direction_figure(md, colors)
+    assert [t.name for t in fig.data] == list(colors)
+    assert len({t.xaxis for t in fig.data}) == 3 and len({t.yaxis for t in fig.data}) == 3  # one panel each
+    assert [t.marker.color for t in fig.data] == list(colors.values())

@@ -5,7 +5,7 @@ import torch
 
 import peftkit as pk
 from peftkit.studies.forgetting import (forgetting_study, intruder_dimensions, learning_forgetting,
-                                        spectra_frame)
+                                        method_difference, spectra_frame)
 
 
 def test_intruder_dimensions_by_hand():
@@ -49,8 +49,38 @@ def test_gain_and_forgetting_are_paired_differences_against_epoch_zero(study):
     g = df[(df.method == "full")]
     acc = lambda e, role: g[(g.epoch == e) & (g.role == role)].groupby("seed").accuracy.mean().mean()
     assert row.gain == pytest.approx(acc(2, "target") - acc(0, "target"))
-    assert row.forgetting == pytest.approx(acc(0, "other") - acc(2, "other"))
+    assert row.forgetting == pytest.approx(acc(2, "other") - acc(0, "other"))  # the change: negative is forgotten
     assert (lf.gain_lo <= lf.gain).all() and (lf.gain <= lf.gain_hi).all()
+    assert (lf.forgetting_lo <= lf.forgetting).all() and (lf.forgetting <= lf.forgetting_hi).all()
+
+
+def test_a_loss_on_the_other_domains_reads_as_forgotten(study):
+    """The sign every sentence and the figure rely on: accuracy lost on the other domains is a
+    negative `forgetting`, worded "forgotten", never "a gain"."""
+    df, _ = study
+    worse = df.copy()
+    other_after = (worse.role == "other") & (worse.epoch > 0) & (worse.method == "full")
+    worse.loc[other_after, "correct"] = worse.loc[other_after, "correct"].map(lambda c: "0" * len(c))
+    worse.loc[other_after, "accuracy"] = 0.0
+    row = learning_forgetting(worse).query("method == 'full' and epoch == 2").iloc[0]
+    assert row.forgetting < 0 and row.forgetting_direction == "lower"
+    from peftkit.notebook import multi_domain as viz
+    said = [s for s in viz.forgetting_sentences(learning_forgetting(worse)) if f"**{row.label}**" in s]
+    assert len(said) == 1 and "a loss: forgotten" in said[0], said
+
+
+def test_method_difference_pairs_two_methods_by_seed_and_item(study):
+    df, _ = study
+    d = method_difference(df, "lora", "full")
+    assert list(d.epoch) == [1, 2] and (d.n_seeds == 2).all()
+    lf = learning_forgetting(df).set_index(["method", "epoch"])
+    for r in d.itertuples():  # same model before, so the difference of accuracies is the difference of changes
+        assert r.difference == pytest.approx(lf.loc[("lora", r.epoch)].forgetting - lf.loc[("full", r.epoch)].forgetting)
+        assert r.lo <= r.difference <= r.hi
+    with pytest.raises(ValueError, match="not in the study"):
+        method_difference(df, "lora", "dora")
+    with pytest.raises(ValueError, match="role="):
+        method_difference(df, "lora", "full", role="source")
 
 
 def test_spectra_lora_rank_is_at_most_r_and_full_moves_more(study):

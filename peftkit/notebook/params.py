@@ -6,8 +6,12 @@ is written there as None and resolved here, once `quick` is final.
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -108,6 +112,14 @@ def _plain(value):
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(f"record() keeps numbers, strings, booleans, lists and dicts of them; got {type(value).__name__}.")
+
+
+def workdir(prefix: str) -> Path:
+    """A new temporary folder for this notebook's files (saved adapters, exports), removed when the
+    kernel exits. (The notebooks used a bare mkdtemp, and every run left its adapters in /tmp.)"""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def record(name: str, value, **context) -> dict:

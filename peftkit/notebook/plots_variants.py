@@ -89,13 +89,20 @@ def loss_figure(pissa_rows: pd.DataFrame, steps: int = 100) -> go.Figure:
 
 
 def magnitude_direction_figure(md: pd.DataFrame, colors: dict[str, str]) -> go.Figure:
-    """DoRA's figure 2, per output unit: change in magnitude against change in direction."""
-    fig = go.Figure()
-    for label, d in md.groupby("method", sort=False):
+    """DoRA's figure 2, per output unit: change in magnitude against change in direction, one panel
+    per method, each on its own scale (the full fine-tune moves further than LoRA), as in the paper:
+    the slope's sign is the point. (One panel held them all before: thousands of overlapping points in
+    LoRA's and DoRA's two blues hid each other, and the full fine-tune's cloud lay under both.)"""
+    labels = list(dict.fromkeys(md.method))
+    fig = make_subplots(rows=1, cols=len(labels), subplot_titles=labels, horizontal_spacing=0.06)
+    for i, label in enumerate(labels, start=1):
+        d = md[md.method == label]
         fig.add_trace(go.Scattergl(x=d.dD, y=d.dM, mode="markers", name=label,
-                                   marker=dict(color=colors.get(label, "#7f7f7f"), size=3, opacity=0.4)))
+                                   marker=dict(color=colors.get(label, "#7f7f7f"), size=3, opacity=0.5)), row=1, col=i)
+        fig.update_xaxes(title_text="ΔD = 1 − cos(W_j, W0_j)", row=1, col=i)
+    fig.update_yaxes(title_text="ΔM = |‖W_j‖ − ‖W0_j‖|", row=1, col=1)
     fig.update_layout(template=TEMPLATE, title="Magnitude against direction, per output unit of every query and value weight",
-                      xaxis_title="ΔD = 1 − cos(W_j, W0_j)", yaxis_title="ΔM = |‖W_j‖ − ‖W0_j‖|", height=420)
+                      height=420)
     return fig
 
 

@@ -13,8 +13,9 @@ domain less than a full fine-tune does and forgets the source domain less. Here,
    target domain for `epochs` epochs from there (`training.fit`, at the registry's learning rate).
 3. After each epoch, every domain's test items are scored (the items `experiments.run` tests).
 
-The gain is the target's accuracy minus its accuracy before; the forgetting is the mean accuracy
-lost on the three other domains (their items pooled). Both are paired by seed and test item
+The gain is the target's accuracy minus its accuracy before; the forgetting is the change in mean
+accuracy on the three other domains (their items pooled), after minus before, so a negative value is
+accuracy forgotten. Both are paired by seed and test item
 (`stats.paired_difference`), so the intervals carry the spread of seeds and items.
 
 **Spectra and intruder dimensions.** For the attention projections LoRA adapts (query and
@@ -210,8 +211,10 @@ def _frame(rows, target) -> pd.DataFrame:
 
 
 def learning_forgetting(df: pd.DataFrame) -> pd.DataFrame:
-    """Per method and epoch: the gain on the target and the loss on the other domains against
-    epoch 0, each with its 95% interval (paired by seed and item) and a direction word."""
+    """Per method and epoch, against epoch 0: the gain on the target and the change on the other
+    domains (`forgetting`, after minus before: negative is forgotten), each with its 95% interval
+    (paired by seed and item) and a direction word. (Before 2026-12 `forgetting` was before minus
+    after while every sentence and figure read it as the change, so a loss read as "a gain".)"""
     out = []
     for (method, label), g in df.groupby(["method", "label"], sort=False):
         seeds = sorted(g.seed.unique())
@@ -219,17 +222,41 @@ def learning_forgetting(df: pd.DataFrame) -> pd.DataFrame:
             if epoch == 0:
                 continue
             rec = {"method": method, "label": label, "epoch": int(epoch)}
-            for role, name, sign in (("target", "gain", 1), ("other", "forgetting", -1)):
-                def items(e):
-                    sel = g[(g.epoch == e) & (g.role == role)].sort_values(["seed", "domain"])
-                    return np.stack([np.concatenate([correct_array(c) for c in sel[sel.seed == s].correct])
-                                     for s in seeds])
-                after, before = items(epoch), items(0)
-                a, b = (after, before) if sign > 0 else (before, after)
-                iv, _ = paired_difference(a.mean(1), b.mean(1), a, b)
+            for role, name in (("target", "gain"), ("other", "forgetting")):
+                after, before = _items(g, seeds, e=epoch, role=role), _items(g, seeds, e=0, role=role)
+                iv, _ = paired_difference(after.mean(1), before.mean(1), after, before)
                 rec.update({name: iv.estimate, f"{name}_lo": iv.lo, f"{name}_hi": iv.hi,
                             f"{name}_direction": direction(iv.lo, iv.hi)})
             out.append(rec)
+    return pd.DataFrame(out)
+
+
+def _items(g: pd.DataFrame, seeds, e: int, role: str) -> np.ndarray:
+    """Seeds x items: the per-item correctness of one method at epoch e on the role's domains."""
+    sel = g[(g.epoch == e) & (g.role == role)].sort_values(["seed", "domain"])
+    return np.stack([np.concatenate([correct_array(c) for c in sel[sel.seed == s].correct]) for s in seeds])
+
+
+def method_difference(df: pd.DataFrame, a: str, b: str, role: str = "other") -> pd.DataFrame:
+    """Per epoch after 0: method a's accuracy minus method b's on the role's items ("other": the
+    domains not trained on, "target": the new one), paired by seed and item, with its 95% interval and
+    a direction word. Every method starts from the same model, so on "other" this is a's forgetting
+    minus b's: positive means a kept more. a and b are `method` keys (e.g. "lora", "full")."""
+    missing = sorted({a, b} - set(df.method))
+    if missing:
+        raise ValueError(f"method {missing[0]!r} is not in the study; it has {sorted(set(df.method))}.")
+    if role not in ("other", "target"):
+        raise ValueError(f"role={role!r}: choose 'other' (the domains not trained on) or 'target'.")
+    ga, gb = df[df.method == a], df[df.method == b]
+    seeds = sorted(set(ga.seed) & set(gb.seed))
+    if not seeds:
+        raise ValueError(f"{a!r} and {b!r} share no seed, so nothing can be paired.")
+    out = []
+    for epoch in sorted(set(ga.epoch) & set(gb.epoch) - {0}):
+        x, y = _items(ga, seeds, e=epoch, role=role), _items(gb, seeds, e=epoch, role=role)
+        iv, _ = paired_difference(x.mean(1), y.mean(1), x, y)
+        out.append({"epoch": int(epoch), "difference": iv.estimate, "lo": iv.lo, "hi": iv.hi,
+                    "direction": direction(iv.lo, iv.hi), "n_seeds": len(seeds), "n_items": x.shape[1]})
     return pd.DataFrame(out)
 
 
@@ -243,4 +270,4 @@ def spectra_frame(spectra: dict) -> pd.DataFrame:
 
 
 __all__ = ["DEFAULT_METHODS", "adapter_model", "forgetting_run", "forgetting_study", "intruder_dimensions", "learning_forgetting",
-           "source_model", "spectra_frame", "spectrum_row"]
+           "method_difference", "source_model", "spectra_frame", "spectrum_row"]

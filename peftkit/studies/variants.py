@@ -196,8 +196,13 @@ def loss_window(rows: pd.DataFrame, steps: int = 100) -> pd.DataFrame:
                          "loss": [float(np.mean(h["loss"][:steps])) for h in rows.history]}).set_index("seed")
 
 
+CLAIM_COLUMNS = ["claim", "the paper says", "measured (95% interval)", "verdict"]
+
+
 def claims(rows: pd.DataFrame, pissa_rows: pd.DataFrame, b: Budget) -> pd.DataFrame:
-    """One row per claim: what the paper says, what was measured (with its interval), one word."""
+    """One row per claim: what the paper says, what was measured (with its interval), one word;
+    then the verdict's deciding interval as numbers (value, lo, hi: accuracy differences as shares,
+    losses, or DoRA's step-time ratio) for the notebook's records. Show `df[CLAIM_COLUMNS]`."""
     out = []
     rows, sweep = main_rows(rows), sweep_rows(rows)
     lo_r, hi_r = min(b.ranks), max(b.ranks)
@@ -215,7 +220,7 @@ def claims(rows: pd.DataFrame, pissa_rows: pd.DataFrame, b: Budget) -> pd.DataFr
         word = PARTLY
     out.append(("rsLoRA", f"at alpha={ALPHA} and one rate, r={hi_r} learns no better than r={lo_r} under alpha/r, "
                 "and better under alpha/sqrt(r)",
-                f"r={hi_r} minus r={lo_r}: alpha/r {_pts(plain)}; alpha/sqrt(r) {_pts(rs)}", word))
+                f"r={hi_r} minus r={lo_r}: alpha/r {_pts(plain)}; alpha/sqrt(r) {_pts(rs)}", word, rs))
     if 16 in b.lambdas and 1 in b.lambdas:
         plus, base = LoRA(r=8, alpha=ALPHA, lr_ratio=16.0), LoRA(r=8, alpha=ALPHA, lr_ratio=1.0)
         acc = _diff(sweep, plus, base)
@@ -226,7 +231,7 @@ def claims(rows: pd.DataFrame, pissa_rows: pd.DataFrame, b: Budget) -> pd.DataFr
         word = w_acc if w_acc == w_loss else PARTLY if REPRODUCED in (w_acc, w_loss) else \
             NOT_REPRODUCED if NOT_REPRODUCED in (w_acc, w_loss) else CANNOT_TELL
         out.append(("LoRA+", "lambda=16 learns better than lambda=1 (same rate for A)",
-                    f"accuracy {_pts(acc)}; final training loss {loss.fmt(1, 3) if loss else 'no runs'}", word))
+                    f"accuracy {_pts(acc)}; final training loss {loss.fmt(1, 3) if loss else 'no runs'}", word, acc))
     lora, pissa = (runs_of(pissa_rows, s) for s in (LoRA(r=8, alpha=ALPHA), LoRA(r=8, alpha=ALPHA, init="pissa")))
     wl, wp = loss_window(lora), loss_window(pissa)
     common = sorted(set(wl.index) & set(wp.index))
@@ -234,21 +239,23 @@ def claims(rows: pd.DataFrame, pissa_rows: pd.DataFrame, b: Budget) -> pd.DataFr
     iv = stats.paired_difference(wp.loc[common, "loss"], wl.loc[common, "loss"])[0] if common else None
     out.append(("PiSSA", "converges faster than LoRA's init",
                 f"mean training loss over the first {steps} steps, PiSSA minus LoRA: {iv.fmt(1, 3) if iv else 'no runs'}",
-                direction_word(iv, stats.LOWER)))
+                direction_word(iv, stats.LOWER), iv))
     dora = _diff(rows, DoRA(r=8, alpha=ALPHA), LoRA(r=8, alpha=ALPHA))
-    out.append(("DoRA", "more accurate than LoRA at the same rank", f"accuracy {_pts(dora)}", direction_word(dora)))
+    out.append(("DoRA", "more accurate than LoRA at the same rank", f"accuracy {_pts(dora)}", direction_word(dora), dora))
     cost = paired_ratio(runs_of(rows, DoRA(r=8, alpha=ALPHA)), runs_of(rows, LoRA(r=8, alpha=ALPHA)), "sec_per_step")
     v = stats.verdict(cost.lo, cost.hi, high=2.0) if cost else stats.CANNOT_TELL
     out.append(("DoRA's step", "(peftkit's aim, not the paper's) costs well under 2x LoRA's",
                 f"step time ratio {cost.fmt(1, 2, 'x') if cost else 'no runs'}",
-                {stats.HOLDS: REPRODUCED, stats.FAILS: NOT_REPRODUCED}.get(v, CANNOT_TELL)))
+                {stats.HOLDS: REPRODUCED, stats.FAILS: NOT_REPRODUCED}.get(v, CANNOT_TELL), cost))
     vera = next(s for s in methods(b).values() if isinstance(s, PeftMethod))
     d = _diff(rows, vera, LoRA(r=8, alpha=ALPHA))
     word = match_word(d)
     tv, tl = (int(runs_of(rows, s).trainable.iloc[0]) for s in (vera, LoRA(r=8, alpha=ALPHA)))
     out.append(("VeRA", f"matches LoRA (within {MATCH_MARGIN:.0%}) with far fewer trainable parameters",
-                f"VeRA minus LoRA r=8: {_pts(d)}; {tv:,} against {tl:,} trainable parameters", word))
-    return pd.DataFrame(out, columns=["claim", "the paper says", "measured (95% interval)", "verdict"])
+                f"VeRA minus LoRA r=8: {_pts(d)}; {tv:,} against {tl:,} trainable parameters", word, d))
+    iv = {"value": "estimate", "lo": "lo", "hi": "hi"}
+    return pd.DataFrame([(*r[:4], *(getattr(r[4], a) if r[4] is not None else math.nan for a in iv.values()))
+                         for r in out], columns=[*CLAIM_COLUMNS, *iv])
 
 
 @torch.no_grad()
