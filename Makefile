@@ -39,8 +39,9 @@ chromium:
 	@test -x /usr/bin/chromium || (command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || echo "apt-get unavailable: the browser test will skip")
 
 # Every notebook runs twice, both in quick mode and sharing runs/ (each quick MiniLM run trains once):
-# under papermill (tests/test_notebooks.py, which also checks 02-08's words against their numbers)
-# and with Run All in JupyterLab in Chromium (tests/test_browser.py).
+# first under papermill (tests/test_notebooks.py, which also checks each notebook's words against its
+# numbers), which trains the runs, then with Run All in JupyterLab in Chromium (tests/test_browser.py),
+# which finds them cached. tests/conftest.py puts the two passes last, in that order.
 test: $(STAMP) data chromium
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q --durations=25

@@ -27,7 +27,6 @@ from .bases.models import load_base
 from .core.methods import METHODS
 from .core.surgery import apply
 from .files.adapter_file import skeleton
-from .notebook.batch_run import NotebookFailed, run_all
 from .studies.experiments import DEFAULT_CACHE, compare, run
 from .studies.summary import format_summary, summarize
 from .training.loop import TrainConfig
@@ -259,6 +258,8 @@ def _run(a) -> int:
     only = [o for o in a.only.split(",") if o.strip()] if a.only else None
     if a.out is not None:
         check_out(a.out)
+    from .notebook.batch_run import NotebookFailed, run_all  # here: nbformat's import costs every other command a second
+
     try:
         run_all(quick=a.quick, only=only, out=a.out)
     except NotebookFailed as e:

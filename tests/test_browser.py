@@ -12,7 +12,8 @@ downloaded. One JupyterLab server and one browser serve every notebook; the serv
 
 Why Run All in the browser and not papermill first: the issue asks for the notebooks to run in the
 page as a reader runs them, and quick mode keeps the whole suite to a few minutes. Each notebook is
-bounded (RUN_ALL_TIMEOUT_S); `PEFTKIT_BROWSER_NOTEBOOKS=01,06` picks some.
+bounded (RUN_ALL_TIMEOUT_S); `PEFTKIT_BROWSER_NOTEBOOKS=01,06` picks some. In `make test` this pass runs
+last, after the papermill pass has trained and cached the quick runs (tests/conftest.py says why).
 A screenshot of each goes to runs/browser/<notebook>.png, and the `make run` report links them.
 """
 

@@ -125,6 +125,14 @@ def test_the_real_entry_point_refuses_in_one_line_too():
     assert len(lines) == 1 and "unknown domain" in lines[0].lower(), p.stderr
 
 
+def test_the_cli_and_the_package_leave_nbformat_and_sqlalchemy_unimported():
+    """Every `python -m peftkit` (the HTTP service, its restarts, the workers) pays for what the package
+    imports: nbformat (about 1 s) only `peftkit run` needs, sqlalchemy (a third of a second) only tuning."""
+    code = "import sys, peftkit, peftkit.cli; print(sorted(m for m in ('nbformat', 'sqlalchemy') if m in sys.modules))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert p.returncode == 0 and p.stdout.strip().splitlines()[-1] == "[]", p.stdout + p.stderr
+
+
 @pytest.mark.parametrize("cmd", ["train", "compare", "data", "demo"])
 def test_cli_help(cmd, capsys):
     code, out, _ = _cli_here(capsys, cmd, "--help")
