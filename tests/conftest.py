@@ -94,11 +94,12 @@ def clone(model):
 def pytest_collection_modifyitems(session, config, items):
     """The notebook passes last, the browser's after papermill's.
 
-    Both run every notebook in quick mode and share one result cache (runs/). The first pass trains
-    the quick runs, the second finds them cached. Training in the papermill kernel is the cheaper of the
-    two: under JupyterLab and Chromium the same runs trained about 1.2x slower (make test on bbc160a,
-    train_seconds of the 52 cached rows: 281 s in the browser pass against 227 s in `peftkit run --quick`),
-    so the browser pass comes second and opens every notebook warm, as a reader does after `make run`.
+    Both run every notebook in quick mode and share one result cache (runs/): the first pass trains
+    the quick runs, the second finds them cached. Training in the papermill kernel is the cheaper of
+    the two: notebook 04 cold, back to back on an AMD EPYC, took 105 and 111 s with Run All in
+    JupyterLab against 100 and 99 s under papermill (its 11 runs' train_seconds: 69.6 and 73.6 s
+    against 66.3 and 65.1 s). So the browser pass comes second and opens every notebook warm, as a
+    reader does after `make run`.
     """
     rank = {"test_notebooks.py": 1, "test_notebook_verdicts.py": 1, "test_browser.py": 2}
     items.sort(key=lambda item: rank.get(item.path.name, 0))  # stable: each file keeps its own order
