@@ -294,3 +294,19 @@ def test_a_cached_simulation_returns_the_same_rows_without_training(tmp_path, mo
     assert again.attrs["cached"] is True and again.attrs["rounds"] == SIM["rounds"]
     with pytest.raises(AssertionError, match="must not build"):  # another setting is another key
         simulate_federated("fedit", **{**SIM, "local_steps": 3}, cache=cache)
+
+
+def test_constant_answer_accuracy_is_the_better_labels_share_of_the_scored_items():
+    from peftkit.bases.models import load_tokenizer
+    from peftkit.studies.federated_sim import client_loaders, constant_answer_accuracy
+    clients, tok = SIM["clients"], load_tokenizer()
+    shares = []
+    for c in clients:  # the labels of the very items the simulator scores
+        labels = torch.cat([b["labels"] for b in client_loaders(tok, c, SIM["n_train"], SIM["n_eval"], 0, 8, 128)["test"]])
+        assert len(labels) == SIM["n_eval"]
+        shares.append(labels.float().mean().item())
+    pos = sum(shares) / len(shares)
+    got = constant_answer_accuracy(clients, SIM["n_eval"], seed=0)
+    assert got == pytest.approx(max(pos, 1 - pos)) and 0.5 <= got <= 1
+    with pytest.raises(F.FederatedError, match="distinct domains"):
+        constant_answer_accuracy(("movies", "reddit"))

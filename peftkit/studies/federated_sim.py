@@ -263,6 +263,17 @@ def simulate_federated(strategy: str, rounds: int = 5, local_steps: int = 10, cl
     return df
 
 
+def constant_answer_accuracy(clients=CLIENTS, n_eval: int | None = None, seed: int = 0) -> float:
+    """The accuracy of always answering the better of the two labels on the clients' test items (those
+    `simulate_federated` scores with the same n_eval and seed), averaged over clients as `per_round`
+    averages accuracy: the floor a server model must beat before its accuracy says it learned anything."""
+    _check_args(1, 1, clients, 1.0, 0.0)
+    positive = [float(data.subset(data.split(data.load_corpus(c), seed=seed), None, n_eval, seed, c)["test"]["label"].mean())
+                for c in clients]
+    share = sum(positive) / len(positive)
+    return max(share, 1 - share)
+
+
 def per_round(df: pd.DataFrame) -> pd.DataFrame:
     """One row per strategy and round: mean accuracy over the clients, cumulative bytes, error."""
     g = df.groupby(["strategy", "round"], sort=False)
@@ -272,5 +283,6 @@ def per_round(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-__all__ = ["CLIENTS", "Federation", "client_loaders", "client_seed", "default_method", "per_round", "round_plan",
+__all__ = ["CLIENTS", "Federation", "client_loaders", "client_seed", "constant_answer_accuracy", "default_method", "per_round",
+           "round_plan",
            "simulate_federated"]
