@@ -9,13 +9,14 @@ Markdown, and quick mode must train the real MiniLM, never the random tiny model
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import nbformat
 import pytest
 
 from peftkit.notebook import params, prose
-from peftkit.notebook.batch_run import keep_records, records
+from peftkit.notebook.batch_run import keep_records, records, to_html
 from peftkit.studies import stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +79,11 @@ def test_records_survive_into_the_metadata(tmp_path):
     nbformat.write(nb, path)
     assert keep_records(path) == [{"name": "a", "value": 1}]
     assert json.loads(path.read_text())["metadata"]["peftkit"]["records"] == [{"name": "a", "value": 1}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nbconvert warns about a mimetype it cannot draw
+        page = to_html(path).read_text()
+    assert ">1<" in page or "1</pre>" in page  # the other output is drawn
+    assert params.RECORD_MIME in path.read_text()  # the notebook keeps its record
 
 
 # --- the committed notebooks ----------------------------------------------------------------------

@@ -63,6 +63,20 @@ def _failing_cell(nb_path: Path) -> str:
     return "an unknown cell"
 
 
+def _local_kernel_manager():
+    """A kernel manager that talks to its kernel over Unix sockets (ZeroMQ's ipc transport) instead of TCP
+    on 127.0.0.1: the kernel is on this machine, the sockets' files are private to this user, and ipykernel
+    no longer warns on stderr, once per notebook, that its TCP ports are unencrypted."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class LocalKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            kwargs.setdefault("transport", "ipc")
+            super().__init__(**kwargs)
+
+    return LocalKernelManager
+
+
 def execute(path: Path, out_dir: Path, quick: bool, parameters: dict | None = None, timeout: int = 3600) -> Path:
     """Run one notebook with papermill into out_dir; raise NotebookFailed with the cell's error."""
     import papermill as pm  # heavy (it loads nbclient and a kernel manager): only batch runs need it
@@ -82,7 +96,8 @@ def execute(path: Path, out_dir: Path, quick: bool, parameters: dict | None = No
     pm_log.setLevel(logging.ERROR)
     try:
         pm.execute_notebook(str(path), str(out), parameters=params, cwd=str(path.parent), kernel_name="python3",
-                            progress_bar=False, execution_timeout=timeout, log_output=False)
+                            progress_bar=False, execution_timeout=timeout, log_output=False,
+                            kernel_manager_class=_local_kernel_manager())
     except pm.PapermillExecutionError as e:
         raise NotebookFailed(f"{path.name} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); "
                              f"the executed copy is kept at {out}.") from None
@@ -126,8 +141,14 @@ def _shown(value) -> str:
 
 
 def to_html(nb_path: Path) -> Path:
+    """The executed notebook as HTML, without its record outputs: index.html lists those, and nbconvert,
+    which has no way to draw their mimetype, warned once for each (stderr noise in every `make run`)."""
     from nbconvert import HTMLExporter  # heavy (jinja templates, mistune): only the report needs it
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(nb_path, as_version=4))
+    nb = nbformat.read(nb_path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.get("outputs", []) if RECORD_MIME not in o.get("data", {})]
+    body, _ = HTMLExporter().from_notebook_node(nb)
     out = nb_path.with_suffix(".html")
     out.write_text(body, encoding="utf-8")
     return out
