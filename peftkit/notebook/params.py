@@ -84,9 +84,9 @@ def quick_banner(quick: bool, shrunk: dict) -> Markdown | None:
         return None
     items = "; ".join(f"{k}: {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k}: {v}"
                       for k, v in shrunk.items())
-    return Markdown(f"> **Quick mode.** This run is shrunk so that it finishes in seconds ({items}). "
-                    "The model (the real all-MiniLM-L6-v2) and the steps are the full run's; the numbers below "
-                    "rest on fewer examples and steps, so they are noisier, and a conclusion of the full run may "
+    return Markdown(f"> **Quick mode.** This run is shrunk to a fraction of the full run's time ({items}). "
+                    "It trains the real all-MiniLM-L6-v2 with the full run's code; the numbers below rest on "
+                    "fewer examples, steps and seeds, so they are noisier, and a conclusion of the full run may "
                     "not show here (the sentences under each result say what this run shows). Run with "
                     "`quick = False` (or `make run`) for the full ones.")
 
