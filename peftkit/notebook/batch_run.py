@@ -66,13 +66,28 @@ def _failing_cell(nb_path: Path) -> str:
 def _local_kernel_manager():
     """A kernel manager that talks to its kernel over Unix sockets (ZeroMQ's ipc transport) instead of TCP
     on 127.0.0.1: the kernel is on this machine, the sockets' files are private to this user, and ipykernel
-    no longer warns on stderr, once per notebook, that its TCP ports are unencrypted."""
+    no longer warns on stderr, once per notebook, that its TCP ports are unencrypted.
+
+    Each kernel's socket files live in a private folder of their own. jupyter_client's default puts them in
+    the working directory as kernel-ipc-1, -2, ..., numbered by which names are free, so two kernels starting
+    at once in notebooks/ (two notebooks run side by side, or `make run` beside `make test`) took the same
+    names and one never answered."""
+    import tempfile
+
     from jupyter_client.manager import AsyncKernelManager
 
     class LocalKernelManager(AsyncKernelManager):
         def __init__(self, **kwargs):
             kwargs.setdefault("transport", "ipc")
+            if kwargs["transport"] == "ipc" and "ip" not in kwargs:
+                self._socket_dir = tempfile.mkdtemp(prefix="peftkit-kernel-")  # mode 0700
+                kwargs["ip"] = os.path.join(self._socket_dir, "ipc")
             super().__init__(**kwargs)
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart=restart)
+            if not restart and getattr(self, "_socket_dir", None):
+                shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     return LocalKernelManager
 
