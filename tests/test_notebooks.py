@@ -53,25 +53,29 @@ def test_kernels_started_at_once_each_get_their_own_sockets(tmp_path):
     """Two notebooks run side by side (or `make run` beside `make test`) start kernels in the same folder. With
     jupyter_client's default ipc names (kernel-ipc-1, -2, ... in the working directory) they took the same
     sockets and one kernel never answered; each now has a private folder, removed when it shuts down."""
-    import glob
-    import tempfile
     import threading
 
     import nbformat
     import papermill as pm
     from peftkit.notebook.batch_run import _local_kernel_manager
 
+    socket_dirs = []
+
+    class Recorded(_local_kernel_manager()):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            socket_dirs.append(Path(self._socket_dir))
+
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("import os\nprint(os.getpid())")]
     nbformat.write(nb, tmp_path / "a.ipynb")
-    before = set(glob.glob(f"{tempfile.gettempdir()}/peftkit-kernel-*"))
     failures = []
 
     def run(i):
         try:
             pm.execute_notebook(str(tmp_path / "a.ipynb"), str(tmp_path / f"out{i}.ipynb"), cwd=str(tmp_path),
                                 kernel_name="python3", progress_bar=False, start_timeout=30,
-                                kernel_manager_class=_local_kernel_manager())
+                                kernel_manager_class=Recorded)
         except Exception as e:  # noqa: BLE001 - reported below, with the thread's number
             failures.append((i, repr(e)))
 
@@ -81,10 +85,11 @@ def test_kernels_started_at_once_each_get_their_own_sockets(tmp_path):
     for t in threads:
         t.join()
     assert not failures
-    pids = {"".join(json.loads((tmp_path / f"out{i}.ipynb").read_text())["cells"][0]["outputs"][0]["text"]) for i in range(3)}
+    pids = {"".join(json.loads((tmp_path / f"out{i}.ipynb").read_text())["cells"][0]["outputs"][0]["text"])
+            for i in range(3)}
     assert len(pids) == 3  # three kernels, each answered
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ipynb", "out0.ipynb", "out1.ipynb", "out2.ipynb"]
-    assert set(glob.glob(f"{tempfile.gettempdir()}/peftkit-kernel-*")) == before  # the socket folders are gone
+    assert len(set(socket_dirs)) == 3 and not any(d.exists() for d in socket_dirs)  # private, and removed after
 
 
 def test_runner_writes_report(tmp_path):
