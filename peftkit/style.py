@@ -46,6 +46,43 @@ def color_for(label: str, default: str | None = None) -> str | None:
     return default
 
 
+_LORA = re.compile(r"^(lora|dora) r=(\d+)((?: rs| pissa)*)(?: lr_ratio=([\d.eE+-]+))?$")
+_ADAPTER = re.compile(r"^adapter (\w+) (\w+) m=(\S+)$")
+
+
+def readable(label: str) -> str:
+    """A method's label (`Method.describe()`, as result rows keep it) as a figure shows it to people:
+    "head_only" -> "Head only", "full" -> "Full fine-tune", "lora r=8 rs" -> "LoRA r=8, rsLoRA",
+    "lora r=8 lr_ratio=16" -> "LoRA+ r=8, lambda=16", "adapter pfeiffer simple m=d/16" -> "Adapter
+    (Pfeiffer, m=d/16)", "peft vera r=64" -> "PEFT VeRA r=64". A label it does not know (a name a
+    notebook chose, "LoRA r=8") comes back unchanged."""
+    text = str(label)
+    if text in METHODS:
+        return METHODS[text].label
+    if text.startswith("hybrid (") and text.endswith(")") and " + " in text:
+        lora, adapter = text[len("hybrid ("):-1].split(" + ", 1)
+        return f"Hybrid ({readable(lora)} + {readable(adapter)})"
+    m = _LORA.match(text)
+    if m:
+        family, r, flags, ratio = m.groups()
+        name = ("DoRA" if family == "dora" else "LoRA") + ("+" if ratio else "")
+        extras = (["rsLoRA"] if " rs" in flags else []) + (["PiSSA init"] if " pissa" in flags else [])
+        extras += [f"lambda={ratio}"] if ratio else []
+        return ", ".join([f"{name} r={r}", *extras])
+    m = _ADAPTER.match(text)
+    if m:
+        placement, variant, size = m.groups()
+        parts = [placement.capitalize() if placement != "custom" else "custom layers"]
+        parts += [variant] if variant != "simple" else []
+        return f"Adapter ({', '.join(parts + [f'm={size}'])})"
+    if text.startswith("peft "):
+        kind, _, rest = text[len("peft "):].partition(" ")
+        names = {"vera": "VeRA", "ia3": "IA3", "loha": "LoHa", "lokr": "LoKr", "adalora": "AdaLoRA", "oft": "OFT",
+                 "lora": "LoRA"}
+        return f"PEFT {names.get(kind, kind.upper())}{' ' + rest if rest else ''}"
+    return text
+
+
 def fmt(value, digits: int = 3) -> str:
     """A number as a person reads it: thousands separators for counts, `digits` significant
     figures otherwise (0.000443, 9.21, 1,234), "nan" and "inf" spelt out; anything else as str."""

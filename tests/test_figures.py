@@ -99,6 +99,22 @@ def test_color_for_names_methods_by_label_and_leaves_other_things_alone():
     assert not set(style.QUANTITY_COLORS) & set(style.method_colors().values())
 
 
+def test_readable_names_every_registered_method_for_people_and_keeps_other_names():
+    import peft
+    cases = {pk.HeadOnly(): "Head only", pk.FullFineTune(): "Full fine-tune", pk.LoRA(r=8): "LoRA r=8",
+             pk.LoRA(r=32, rslora=True): "LoRA r=32, rsLoRA", pk.LoRA(r=8, lr_ratio=16.0): "LoRA+ r=8, lambda=16",
+             pk.LoRA(r=8, init="pissa"): "LoRA r=8, PiSSA init", pk.DoRA(r=8): "DoRA r=8",
+             pk.Adapter(): "Adapter (Pfeiffer, m=d/16)", pk.Adapter(placement="houlsby", size=24): "Adapter (Houlsby, m=24)",
+             pk.Hybrid(): "Hybrid (LoRA r=8 + Adapter (Pfeiffer, m=d/16))",
+             pk.PeftMethod(peft.VeraConfig(r=64, target_modules=["query"])): "PEFT VeRA r=64"}
+    for method, shown in cases.items():
+        assert style.readable(method.describe()) == shown, method.describe()
+        assert style.color_for(shown) == style.color_for(method.describe())  # the same colour under either name
+    for key in pk.METHODS:  # every registered family's bare name (the `method` column) too
+        assert style.readable(key) == pk.METHODS[key].label
+    assert style.readable("trained on tweets") == "trained on tweets" and style.readable("LoRA r=8") == "LoRA r=8"
+
+
 def test_tables_show_whole_reasons_and_readable_floats():
     nbutil.tables_for_people()
     reason = "the rolling accuracy fell below the floor of 0.750 set by min_accuracy; switch the adapter " * 2

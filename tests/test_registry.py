@@ -74,8 +74,8 @@ def test_a_new_registered_method_shows_up_everywhere(new_method, tmp_path):
     assert style.method_colors()["lora_qkv"] == "#17becf"
     df = pd.DataFrame({"method": ["lora", "lora_qkv"], "label": ["a", "b"], "trainable": [10, 20],
                        "accuracy": [0.7, 0.8], "f1_macro": [0.7, 0.8], "trainable_pct": [1.0, 2.0]})
-    colours = {t.name: t.marker.color for t in pareto_figure(df).data if t.name in ("lora", "lora_qkv")}
-    assert colours == {"lora": pk.LoRA.color, "lora_qkv": "#17becf"}
+    colours = {t.name: t.marker.color for t in pareto_figure(df).data if t.name != "Pareto front"}
+    assert colours == {"LoRA": pk.LoRA.color, "LoRA q,k,v": "#17becf"}  # each under its registered label
     # the test matrix: it gets every invariant test, and applies
     assert "lora_qkv" in method_keys()
     model = pk.apply(fresh("tiny"), make_method("lora_qkv", "tiny"))

@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..studies.stats import CANNOT_TELL, correct_array, direction, paired_difference
-from ..style import TEMPLATE, method_colors
+from ..style import TEMPLATE, method_colors, readable
 
 
 def against(scores: pd.DataFrame, reference: dict) -> pd.DataFrame:
@@ -69,7 +69,7 @@ def forgetting_figure(lf: pd.DataFrame) -> go.Figure:
         x = np.r_[0.0, g.forgetting]
         y = np.r_[0.0, g.gain]
         fig.add_trace(go.Scatter(
-            x=x, y=y, mode="lines+markers+text", name=label, line=dict(color=colors.get(method)),
+            x=x, y=y, mode="lines+markers+text", name=readable(label), line=dict(color=colors.get(method)),
             text=["before"] + [f"epoch {e}" for e in g.epoch], textposition="top center",
             error_x=dict(type="data", symmetric=False, array=np.r_[0, g.forgetting_hi - g.forgetting],
                          arrayminus=np.r_[0, g.forgetting - g.forgetting_lo]),

@@ -17,7 +17,7 @@ from plotly.subplots import make_subplots
 from ..core.methods import METHODS
 from ..studies.recommend import pareto
 from ..studies.summary import summarize
-from ..style import NEUTRAL, QUANTITY_COLORS, TEMPLATE, accuracy_range, color_for, fmt, method_colors
+from ..style import NEUTRAL, QUANTITY_COLORS, TEMPLATE, accuracy_range, color_for, fmt, method_colors, readable
 
 
 def _summary(df: pd.DataFrame) -> pd.DataFrame:
@@ -75,9 +75,11 @@ def pareto_figure(df: pd.DataFrame, x: str = "trainable", y: str = "accuracy") -
     hover = {c: f for c, f in ((x, ":,.0f" if x == "trainable" else ":.3g"), (y, ":.3f"), ("f1_macro", ":.3f"),
                                ("trainable_pct", ":.3g"), ("seeds", True), ("interval", True),
                                ("_plus", False), ("_minus", False)) if c in df}
-    fig = px.scatter(df, x=x, y=y, color="method", color_discrete_map=method_colors(), hover_name="label",
+    df["configuration"] = [readable(v) for v in df["label"]]
+    fig = px.scatter(df, x=x, y=y, color="method", color_discrete_map=method_colors(), hover_name="configuration",
                      log_x=True, template=TEMPLATE, hover_data=hover,
                      labels={x: "trainable parameters (log)", y: y.replace("_", " ")}, **extra)
+    fig.for_each_trace(lambda t: t.update(name=METHODS[t.name].label) if t.name in METHODS else None)  # "Head only"
     front = pareto_front(df, x, y)
     fig.add_trace(go.Scatter(x=front[x], y=front[y], mode="lines", name="Pareto front",
                              line=dict(color=NEUTRAL, dash="dot"), hoverinfo="skip"))
@@ -113,9 +115,10 @@ def cost_figure(df: pd.DataFrame) -> go.Figure:
     df = _summary(df)
     colors = [method_colors().get(m, "#7f7f7f") for m in df["method"]]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("seconds per training step", "peak memory (MiB)"))
-    fig.add_trace(go.Bar(x=df["label"], y=df["sec_per_step"], name="s/step", marker_color=colors,
+    names = [readable(v) for v in df["label"]]
+    fig.add_trace(go.Bar(x=names, y=df["sec_per_step"], name="s/step", marker_color=colors,
                          hovertemplate="%{x}<br>%{y:.3g} s per step<extra></extra>", **_errors(df, "sec_per_step")), 1, 1)
-    fig.add_trace(go.Bar(x=df["label"], y=df["peak_mem_mib"], name="MiB", marker_color=colors,
+    fig.add_trace(go.Bar(x=names, y=df["peak_mem_mib"], name="MiB", marker_color=colors,
                          hovertemplate="%{x}<br>%{y:,.0f} MiB<extra></extra>", **_errors(df, "peak_mem_mib")), 1, 2)
     fig.update_layout(template=TEMPLATE, height=420, showlegend=False)
     fig.update_xaxes(tickangle=45)
@@ -155,9 +158,10 @@ def lr_search_figure(table: pd.DataFrame) -> go.Figure:
     colors = method_colors()
     for family, d in table.groupby("family", sort=False):
         d = d.sort_values("lr")
-        fig.add_trace(go.Scatter(x=d["lr"], y=d["val_accuracy"], mode="lines+markers", name=d["label"].iloc[0],
+        name = readable(d["label"].iloc[0])
+        fig.add_trace(go.Scatter(x=d["lr"], y=d["val_accuracy"], mode="lines+markers", name=name,
                                  line=dict(color=colors.get(family, NEUTRAL)),
-                                 hovertemplate="lr %{x:.2g}<br>%{y:.1%}<extra>" + str(d["label"].iloc[0]) + "</extra>",
+                                 hovertemplate="lr %{x:.2g}<br>%{y:.1%}<extra>" + name + "</extra>",
                                  error_y=dict(type="data", symmetric=False, array=(d["val_hi"] - d["val_accuracy"]).tolist(),
                                               arrayminus=(d["val_accuracy"] - d["val_lo"]).tolist())))
         c = d[d.chosen]
@@ -182,7 +186,7 @@ def ranking_figure(view: pd.DataFrame) -> go.Figure:
         plus = [r["hi at default"] - y[0], r["hi at chosen"] - y[1]]
         minus = [y[0] - r["lo at default"], y[1] - r["lo at chosen"]]
         ends += [*y, r["hi at default"], r["hi at chosen"], r["lo at default"], r["lo at chosen"]]
-        fig.add_trace(go.Scatter(x=where, y=y, mode="lines+markers", name=r["label"],
+        fig.add_trace(go.Scatter(x=where, y=y, mode="lines+markers", name=readable(r["label"]),
                                  line=dict(color=colors.get(r["family"], NEUTRAL)),
                                  hovertext=[f"{y[0]:.1%}: lr {r['default lr']:g}, seeds {r['seeds at default']}",
                                             f"{y[1]:.1%}: lr {r['chosen lr']:g}, seeds {r['seeds at chosen']}"],
@@ -287,9 +291,10 @@ def evidence_figure(evidence) -> go.Figure:
         if d.empty:
             continue
         feasible = bool(d.feasible.iloc[0])
-        hover = [f"{r.label}<br>accuracy {100 * r.accuracy:.1f}%<br>{fmt(100 * r.trainable_fraction)}% trainable"
+        hover = [f"{readable(r.label)}<br>accuracy {100 * r.accuracy:.1f}%<br>{fmt(100 * r.trainable_fraction)}% trainable"
                  + ("" if feasible else "<br>breaks: " + ", ".join(r.violates)) for r in d.itertuples()]
-        fig.add_trace(go.Scatter(x=d.trainable_fraction, y=d.accuracy, mode="markers+text", text=d.label,
+        fig.add_trace(go.Scatter(x=d.trainable_fraction, y=d.accuracy, mode="markers+text",
+                                 text=[readable(v) for v in d.label],
                                  textposition=["top center" if rank[i] % 2 else "bottom center" for i in d.index],
                                  hovertext=hover, hoverinfo="text", name=name,
                                  marker=dict(size=12, color=color, opacity=1 if feasible else 0.6), **_errors(d, "accuracy")))
