@@ -93,7 +93,7 @@ def forgetting_sentences(lf: pd.DataFrame) -> list[str]:
 
     def pts(x):
         return f"{100 * x:+.1f}"
-    return [f"- **{r.label}**: on the target {pts(r.gain)} points [{pts(r.gain_lo)}, {pts(r.gain_hi)}] "
+    return [f"- **{readable(r.label)}**: on the target {pts(r.gain)} points [{pts(r.gain_lo)}, {pts(r.gain_hi)}] "
             f"({gain_words[r.gain_direction]}); on the other domains {pts(r.forgetting)} points "
             f"[{pts(r.forgetting_lo)}, {pts(r.forgetting_hi)}] ({other_words[r.forgetting_direction]})."
             for r in last.itertuples()]

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from ..style import readable
 from . import stats
 from .experiments import results_frame
 
@@ -215,10 +216,10 @@ def format_summary(summary: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
     ref = next((r for r in summary.get("reference", pd.Series(dtype=object)).dropna()), None)
     rows = []
     for r in summary.to_dict("records"):
-        row = {"method": r["label"], "lr": f"{r['lr']:g}" if r.get("lr") == r.get("lr") and r.get("lr") else "",
+        row = {"method": readable(r["label"]), "lr": f"{r['lr']:g}" if r.get("lr") == r.get("lr") and r.get("lr") else "",
                "seeds": r["seeds"], "accuracy % [95%]": _pct(r["accuracy"], r["accuracy_lo"], r["accuracy_hi"], digits)}
         if ref is not None:
-            row[f"vs {ref} (points) [95%]"] = ("" if r.get("vs_reference") == "reference"
+            row[f"vs {readable(ref)} (points) [95%]"] = ("" if r.get("vs_reference") == "reference"
                                                else _pct(r.get("diff"), r.get("diff_lo"), r.get("diff_hi"), digits, sign=True))
             row["verdict"] = r.get("vs_reference", "")
             p = r.get("mcnemar_p")
