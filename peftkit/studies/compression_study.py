@@ -255,14 +255,17 @@ def int8_figure(study: dict):
     _, go, make_subplots, template = _figures()
     fig = make_subplots(rows=1, cols=3, subplot_titles=("test accuracy per domain", "speed-up vs fp32 (batch 32)",
                                                          "file size vs fp32"), column_widths=[0.5, 0.25, 0.25])
+    colour = {}  # one colour per variant in all three panels; a variant with no accuracy bar (bf16) is grey
     for i, (v, g) in enumerate(study["accuracy"].groupby("variant", sort=False)):
-        fig.add_trace(go.Bar(x=g.domain, y=g.accuracy, name=v, marker_color=QUANTITY_COLORS[i % len(QUANTITY_COLORS)],
+        colour[v] = QUANTITY_COLORS[i % len(QUANTITY_COLORS)]
+        fig.add_trace(go.Bar(x=g.domain, y=g.accuracy, name=v, marker_color=colour[v],
                              hovertemplate="%{x}: %{y:.1%}<extra>" + str(v) + "</extra>"), 1, 1)
     sp = study["speed"]
-    fig.add_trace(go.Bar(x=sp.model, y=sp["speedup vs fp32"], showlegend=False, marker_color="#555",
+    fig.add_trace(go.Bar(x=sp.model, y=sp["speedup vs fp32"], showlegend=False,
+                         marker_color=[colour.get(m, NEUTRAL) for m in sp.model],
                          text=[f"{v:.2f}x" for v in sp["speedup vs fp32"]], hovertemplate="%{x}: %{y:.2f}x<extra></extra>"), 1, 2)
     sz = study["size"]
-    fig.add_trace(go.Bar(x=sz.variant, y=sz["vs fp32"], showlegend=False, marker_color="#999",
+    fig.add_trace(go.Bar(x=sz.variant, y=sz["vs fp32"], showlegend=False, marker_color=[colour.get(m, NEUTRAL) for m in sz.variant],
                          text=[f"{v:.2f}x" for v in sz["vs fp32"]], hovertemplate="%{x}: %{y:.2f}x<extra></extra>"), 1, 3)
     fig.update_yaxes(tickformat=".0%", range=accuracy_range(study["accuracy"].accuracy, bars=True), row=1, col=1)
     fig.update_layout(template=template, height=420, barmode="group")
