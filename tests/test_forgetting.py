@@ -65,7 +65,8 @@ def test_a_loss_on_the_other_domains_reads_as_forgotten(study):
     row = learning_forgetting(worse).query("method == 'full' and epoch == 2").iloc[0]
     assert row.forgetting < 0 and row.forgetting_direction == "lower"
     from peftkit.notebook import multi_domain as viz
-    said = [s for s in viz.forgetting_sentences(learning_forgetting(worse)) if f"**{row.label}**" in s]
+    from peftkit.style import readable
+    said = [s for s in viz.forgetting_sentences(learning_forgetting(worse)) if f"**{readable(row.label)}**" in s]
     assert len(said) == 1 and "a loss: forgotten" in said[0], said
 
 

@@ -17,8 +17,8 @@ import peftkit as pk
 from peftkit import data
 from peftkit.data.loaders import make_loaders
 from peftkit.training.loop import TrainConfig, fit
-from peftkit.studies.tuning import (SpaceError, StorageError, best_config, build, default_space, parse_space,
-                          resolve_storage, trials_frame, tune)
+from peftkit.studies.tuning import (SpaceError, StorageError, best_config, build, default_space, default_start,
+                                    parse_space, resolve_storage, trials_frame, tune)
 
 ROOT = Path(__file__).resolve().parents[1]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -150,6 +150,32 @@ def test_a_study_continues_where_it_stopped_and_refuses_another_set_up(tmp_path)
     assert method.r == study.best_params["r"] and cfg.lr == study.best_params["lr"] and cfg.epochs == 2
     frame = trials_frame(study)
     assert {"number", "state", "value", "r", "lr", "worker"} <= set(frame.columns)
+
+
+def test_default_start_is_the_registry_recipe_inside_the_space():
+    assert default_start("lora") == {"lr": pk.LoRA.default_lr, "batch_size": 32, "r": 8, "alpha": 16.0, "dropout": 0.0}
+    quick = {**default_space("lora"), "lr": (2e-3, 1e-2, "log"), "batch_size": [8, 16]}
+    assert default_start("lora", quick, batch_size=8)["batch_size"] == 8
+    assert "batch_size" not in default_start("lora", quick)  # 32 is not a choice: the sampler draws it
+    assert default_start("hybrid")["r"] == 8 and default_start("full") == {"lr": pk.FullFineTune.default_lr, "batch_size": 32}
+    assert "adapter_size" not in default_start("adapter")  # its default is a reduction, not a size: drawn
+
+
+def test_a_new_study_starts_at_the_given_recipe_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    start = default_start("lora", SPACE)
+    assert start == {"lr": pk.LoRA.default_lr, "r": 8}
+    study = tune("lora", SPACE, n_trials=2, storage=url, study_name="s", sampler_seed=0, start=start, **SMALL)
+    first, second = study.trials
+    assert first.params == start and first.user_attrs["origin"] == "start"
+    assert second.user_attrs["origin"] == "sampler" and second.params != start
+    assert list(trials_frame(study).origin) == ["start", "sampler"]
+    again = tune("lora", SPACE, n_trials=3, storage=url, study_name="s", start=start, **SMALL)  # no second start
+    assert [t.user_attrs["origin"] for t in again.trials] == ["start", "sampler", "sampler"]
+    for bad, match in (({"r": 64}, "not in the space"), ({"dropout": 0.1}, "not in the space"), ([8], "should be a dict")):
+        with pytest.raises(SpaceError, match=match):
+            tune("lora", SPACE, n_trials=1, storage=f"sqlite:///{tmp_path / 'other.db'}", start=bad, **SMALL)
+    assert not (tmp_path / "other.db").exists()  # refused before any study was created
 
 
 def test_a_trial_below_the_median_is_pruned_after_its_first_epoch():

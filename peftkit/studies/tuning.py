@@ -183,6 +183,40 @@ def suggest(trial: optuna.Trial, dims: dict) -> dict:
     return out
 
 
+def _fits(d, value) -> bool:
+    """Whether a searched dimension `d` (from parse_space) can take `value`."""
+    if d[0] == "fixed":
+        return False  # not searched: nothing to start from
+    if d[0] == "categorical":
+        return value in d[1]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return False
+    return (d[0] != "int" or float(value).is_integer()) and d[1] <= value <= d[2]
+
+
+def default_start(method: str = "lora", space: dict | None = None, **values) -> dict:
+    """The registry's recipe for `method` as the first trial of `tune(start=...)`: the family's default
+    rate (`Method.default_lr`), TrainConfig's batch size, its spec's default for every other searched
+    knob, and `values` over them (e.g. batch_size=8). Only knobs that `space` searches, at values
+    inside their range, are kept; the sampler draws the rest."""
+    dims = parse_space(space, method)
+    spec = METHODS[method]()
+    parts = [spec] + [getattr(spec, f.name) for f in dataclasses.fields(spec)
+                      if dataclasses.is_dataclass(getattr(spec, f.name))]  # a hybrid's halves
+    start = {"lr": METHODS[method].default_lr, "batch_size": TrainConfig().batch_size}
+    for key, knob in _searchable(method).items():
+        part = next((x for x in parts if hasattr(x, knob.field)), None)
+        if part is not None:
+            start[key] = getattr(part, knob.field)
+    start |= {k: v for k, v in values.items() if v is not None}
+    return {k: _as_dim(dims[k], v) for k, v in start.items() if k in dims and _fits(dims[k], v)}
+
+
+def _as_dim(d, value):
+    """`value` as the dimension's own type (alpha 16 -> 16.0 for a float range)."""
+    return float(value) if d[0] == "float" else int(value) if d[0] == "int" else value
+
+
 def resolve_storage(storage=None):
     """An Optuna storage from a URL (None: SQLite at runs/optuna.db; "memory": this process only)."""
     if isinstance(storage, optuna.storages.BaseStorage):
@@ -279,7 +313,7 @@ def tune(method: str = "lora", space: dict | None = None, n_trials: int = 20, st
          study_name: str | None = None, timeout: float | None = None, *, base: str = "minilm",
          domain: str = "movies", n_train: int | None = 2000, n_val: int | None = 500, epochs: int = 2,
          max_length: int = 128, seed: int = 0, sampler_seed: int | None = None, threads: int | None = None,
-         progress: bool = True) -> optuna.Study:
+         progress: bool = True, start: dict | None = None) -> optuna.Study:
     """Search `space` for `method` until the study holds `n_trials` finished trials (or `timeout`
     seconds pass); returns the Optuna study. Trials already in the study, from an earlier call or
     another worker, count towards n_trials: calling again continues, never repeats.
@@ -287,9 +321,19 @@ def tune(method: str = "lora", space: dict | None = None, n_trials: int = 20, st
     n_train / n_val: random subsets of the training and validation splits (None: all), drawn with
     `seed` exactly as `experiments.run` draws them, so `best_config` retrains on the same data.
     sampler_seed: seeds TPE (None: random, so parallel workers explore different points).
+    start: values for the first trial of a new study (Optuna's enqueue_trial), e.g. `default_start(method)`:
+    the search then begins at the recipe it has to beat, and its best is never below it on validation.
+    Ignored when the study already holds trials. The trials table's `origin` says which trial it was.
     """
 
     dims = parse_space(space, method)
+    if start is not None:  # checked before the study is created or touched
+        if not isinstance(start, dict):
+            raise SpaceError(f"start={start!r} should be a dict of knob -> value, like {default_start(method, space)}.")
+        outside = {k: v for k, v in start.items() if k not in dims or not _fits(dims[k], v)}
+        if outside:
+            raise SpaceError(f"start values {outside} are not in the space {space or default_space(method)}: "
+                             "start can only set knobs the space searches, inside their ranges.")
     if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
         raise ValueError(f"n_trials={n_trials!r} must be a positive integer (the study's target of finished trials).")
     if timeout is not None and not timeout > 0:
@@ -309,6 +353,9 @@ def tune(method: str = "lora", space: dict | None = None, n_trials: int = 20, st
         raise ValueError(f"study {study_name!r} was run with a different set-up (was, now): {diff}. Trials on "
                          "different data are not comparable: pass another study_name.")
     _fail_orphans(study)
+    if start and not study.trials:
+        study.enqueue_trial({k: _as_dim(dims[k], v) for k, v in start.items()}, user_attrs={"origin": "start"},
+                            skip_if_exists=True)
 
     if threads:
         torch.set_num_threads(threads)
@@ -353,6 +400,7 @@ def tune(method: str = "lora", space: dict | None = None, n_trials: int = 20, st
             break
         trial = study.ask()
         trial.set_user_attr("worker", _worker_id())
+        trial.set_user_attr("origin", trial.user_attrs.get("origin", "sampler"))
         # Two workers may ask at the same moment for the last slot: the later number stands down.
         if _count(study, FINISHED + (TrialState.RUNNING,), below=trial.number) >= n_trials:
             trial.set_user_attr("fail_reason", "surplus: the study reached n_trials while this trial was created")
