@@ -43,6 +43,7 @@ from .article_eval import (  # noqa: F401  (the article's names, importable from
     evaluate_model,
     train_and_compare,
 )
+from .search_space import build  # not .tuning: no optuna or sqlalchemy for this
 from .selection import ARTICLE_RULES, METHOD_LABELS, choose_method
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".pkl", ".ckpt")
@@ -223,8 +224,6 @@ def objective(trial, train_dataset=None, val_dataset=None, *, base: str = "minil
         if not isinstance(df, pd.DataFrame) or not {"text", "label"} <= set(df.columns):
             raise ArticleError(f"{name} must be a DataFrame with text and label columns (as peftkit.data.split "
                                f"gives), got {type(df).__name__}.")
-    from .tuning import build  # here: optuna and sqlalchemy take a third of a second to import
-
     method, cfg = build("lora", {"r": r, "lr": learning_rate, "batch_size": batch_size}, epochs=epochs, seed=seed)
     model, tok = load_base(base, num_labels=2, seed=seed)
     apply(model, method)
