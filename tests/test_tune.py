@@ -217,8 +217,8 @@ WORKER = textwrap.dedent("""
         time.sleep(0.05)
     # Each worker's first trial waits until the other has begun one, so both take part however
     # unevenly a busy machine schedules them (tiny trials would otherwise let one worker do all).
-    import peftkit.training.loop
-    real_fit, first = peftkit.training.loop.fit, [True]
+    import peftkit.studies.tuning  # tune calls the fit it imported: patch it there, not in training.loop
+    real_fit, first = peftkit.studies.tuning.fit, [True]
     def fit(*args, **kwargs):
         if first[0]:
             first[0] = False
@@ -226,7 +226,7 @@ WORKER = textwrap.dedent("""
             while not Path(f"{other}.trial").exists() and time.time() < deadline + 120:
                 time.sleep(0.05)
         return real_fit(*args, **kwargs)
-    peftkit.training.loop.fit = fit
+    peftkit.studies.tuning.fit = fit
     tune("lora", {"lr": (1e-4, 1e-2, "log"), "r": (2, 8), "batch_size": 8}, n_trials=n, storage=url,
          study_name="shared", base="tiny", n_train=24, n_val=16, epochs=2, progress=False)
 """)
@@ -243,6 +243,7 @@ def test_two_processes_share_one_sqlite_study_exactly(tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-2000:]
+    assert Path(f"{a}.trial").exists() and Path(f"{b}.trial").exists()  # the patched fit ran in both workers
     study = optuna.load_study(study_name="shared", storage=url)
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert len(finished) == n, json.dumps([(t.number, str(t.state)) for t in study.trials])
