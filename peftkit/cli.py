@@ -261,7 +261,7 @@ def _run(a) -> int:
     from .notebook.batch_run import NotebookFailed, run_all  # here: nbformat's import costs every other command a second
 
     try:
-        run_all(quick=a.quick, only=only, out=a.out)
+        run_all(quick=a.quick, only=only, out=a.out, solutions=a.solutions)
     except NotebookFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--quick", action="store_true", help="quick mode: small models and data (tests)")
     rn.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 02,04")
     rn.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
+    rn.add_argument("--solutions", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the exercises' solution cells (default: in full mode, not with --quick)")
     rn.set_defaults(func=_run)
     demo = sub.add_parser("demo", help="a short end-to-end LoRA run on the real MiniLM")
     demo.add_argument("--steps", type=POSITIVE_INT, default=5, help="training steps (default 5)")

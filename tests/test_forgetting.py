@@ -35,6 +35,20 @@ def test_every_method_of_a_seed_starts_from_the_same_model(study):
         assert g.correct.nunique() == 1  # epoch 0: the source-trained head, identical for every method
 
 
+def test_the_shared_scores_before_are_what_each_method_scores_at_init():
+    """The study scores the model before once and gives every method those epoch-0 scores; that is sound
+    because each method starts as the identity on it, which this checks item by item."""
+    import copy
+
+    from peftkit.studies.forgetting import _scores, _test_loaders, before_scores, source_model
+    model, tok = source_model("movies", seed=0, n_train=32, base="tiny", batch_size=16)
+    shared = before_scores(model, tok, n_eval=16)
+    tests = _test_loaders(tok, 16, 0, 128)
+    for method in (pk.LoRA(r=2, alpha=4), pk.Adapter(), pk.HeadOnly(), pk.FullFineTune()):
+        applied = pk.apply(copy.deepcopy(model), method).eval()
+        assert [s["correct"] for s in _scores(applied, tests, 0)] == [s["correct"] for s in shared], method.describe()
+
+
 def test_the_cache_returns_the_same_rows(study):
     df, kw = study
     again = forgetting_study(**kw)

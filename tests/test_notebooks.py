@@ -99,3 +99,31 @@ def test_runner_writes_report(tmp_path):
     assert json.loads((tmp_path / "timings.json").read_text())["quick"] is True
     with pytest.raises(ValueError, match="no notebook numbered"):
         notebooks(["99"])
+
+
+def test_quick_suite_can_leave_the_solutions_out_and_puts_them_back_unrun(tmp_path):
+    """`peftkit run --quick` leaves the exercises' solution cells out (this suite runs them, in the tests above);
+    the executed copy still holds them, in place and without outputs, and its metadata says they did not run."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"}})
+    params = nbformat.v4.new_code_cell("quick = False  # quick mode\nprogress = True  # bars")
+    params.metadata["tags"] = ["parameters"]
+    solution = nbformat.v4.new_code_cell("raise RuntimeError('the solution ran')")
+    solution.metadata.update(tags=["solution"], jupyter={"source_hidden": True})
+    nb.cells = [params, nbformat.v4.new_code_cell("x = 1"), solution, nbformat.v4.new_code_cell("print(x + 1)"),
+                nbformat.v4.new_markdown_cell("## Exercises"), nbformat.v4.new_code_cell("print('end')")]
+    nbformat.write(nb, tmp_path / "toy.ipynb")
+    (tmp_path / "out").mkdir()
+    out = nbformat.read(execute(tmp_path / "toy.ipynb", tmp_path / "out", quick=True, solutions=False), as_version=4)
+    sources = [c.source for c in out.cells]
+    assert sources.count(solution.source) == 1
+    at = sources.index(solution.source)
+    assert sources[at - 1] == "x = 1" and sources[at + 1] == "print(x + 1)"  # where it was
+    back = out.cells[at]
+    assert back.outputs == [] and back.execution_count is None and back.metadata["tags"] == ["solution"]
+    assert "".join(out.cells[at + 1].outputs[0]["text"]) == "2\n"  # the cells after it ran
+    assert out.metadata["peftkit"]["solutions_run"] is False
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["toy.ipynb"]  # the trimmed copy is gone
+    with pytest.raises(NotebookFailed, match="RuntimeError: the solution ran"):  # by default the solution runs
+        execute(tmp_path / "toy.ipynb", tmp_path / "out", quick=True)

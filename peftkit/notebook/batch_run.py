@@ -92,13 +92,52 @@ def _local_kernel_manager():
     return LocalKernelManager
 
 
-def execute(path: Path, out_dir: Path, quick: bool, parameters: dict | None = None, timeout: int = 3600) -> Path:
-    """Run one notebook with papermill into out_dir; raise NotebookFailed with the cell's error."""
+SOLUTION_TAG = "solution"  # the exercises' solution cells, hidden in JupyterLab (tests/test_notebook_verdicts.py)
+
+
+def without_solutions(path: Path, dest: Path) -> list[tuple[str | None, dict]]:
+    """Write `path` to `dest` without its solution cells; return them, each with the id of the cell before it."""
+    nb = nbformat.read(path, as_version=4)
+    kept, removed, before = [], [], None
+    for cell in nb.cells:
+        if cell.cell_type == "code" and SOLUTION_TAG in cell.metadata.get("tags", []):
+            removed.append((before, cell))
+        else:
+            kept.append(cell)
+            before = cell.get("id")
+    nb.cells = kept
+    nbformat.write(nb, dest)
+    return removed
+
+
+def restore_solutions(out: Path, removed: list[tuple[str | None, dict]]) -> None:
+    """Put the solution cells back into the executed notebook, unexecuted, where they were, and say so in its metadata."""
+    nb = nbformat.read(out, as_version=4)
+    for before, cell in removed:  # in order: each goes after its predecessor, or after the solutions put back before it
+        at = next((i + 1 for i, c in enumerate(nb.cells) if c.get("id") == before), 0)
+        while at < len(nb.cells) and nb.cells[at].get("id") in {c.get("id") for _, c in removed}:
+            at += 1
+        cell.outputs, cell.execution_count = [], None
+        nb.cells.insert(at, cell)
+    nb.metadata.setdefault("peftkit", {})["solutions_run"] = False
+    nbformat.write(nb, out)
+
+
+def execute(path: Path, out_dir: Path, quick: bool, parameters: dict | None = None, timeout: int = 3600,
+            solutions: bool = True) -> Path:
+    """Run one notebook with papermill into out_dir; raise NotebookFailed with the cell's error.
+
+    solutions=False leaves the exercises' solution cells out of the run (they stay in the executed copy, with
+    no outputs): the quick suite's default, since the test suite runs every solution in quick mode."""
     import papermill as pm  # heavy (it loads nbclient and a kernel manager): only batch runs need it
     params = {"quick": quick, "progress": False, **(parameters or {})}
     declared = declared_parameters(path)
     params = {k: v for k, v in params.items() if k in declared}
     out = out_dir / path.name
+    source, removed = path, []
+    if not solutions:
+        source = out_dir / f".{path.stem}.no-solutions.ipynb"
+        removed = without_solutions(path, source)
     env_quick, env_runs = os.environ.get("PEFTKIT_QUICK"), os.environ.get(RUNS_ENV)
     os.environ["PEFTKIT_QUICK"] = "1" if quick else "0"
     # the kernel runs in notebooks/: point its result cache and Optuna storage at the caller's runs/
@@ -110,7 +149,7 @@ def execute(path: Path, out_dir: Path, quick: bool, parameters: dict | None = No
     pm_level = pm_log.level
     pm_log.setLevel(logging.ERROR)
     try:
-        pm.execute_notebook(str(path), str(out), parameters=params, cwd=str(path.parent), kernel_name="python3",
+        pm.execute_notebook(str(source), str(out), parameters=params, cwd=str(path.parent), kernel_name="python3",
                             progress_bar=False, execution_timeout=timeout, log_output=False,
                             kernel_manager_class=_local_kernel_manager())
     except pm.PapermillExecutionError as e:
@@ -121,12 +160,16 @@ def execute(path: Path, out_dir: Path, quick: bool, parameters: dict | None = No
             raise NotebookFailed(f"{path.name} failed in {_failing_cell(out)}: {e}; the executed copy is at {out}.") from None
         raise
     finally:
+        if source != path:
+            source.unlink(missing_ok=True)
         pm_log.setLevel(pm_level)
         for name, value in (("PEFTKIT_QUICK", env_quick), (RUNS_ENV, env_runs)):
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+    if removed:
+        restore_solutions(out, removed)
     keep_records(out)  # the key results, also in the executed notebook's metadata
     return out
 
@@ -169,7 +212,8 @@ def to_html(nb_path: Path) -> Path:
     return out
 
 
-def write_report(out_dir: Path, timings: list[tuple[str, float]], cache=None, kept: dict | None = None) -> Path:
+def write_report(out_dir: Path, timings: list[tuple[str, float]], cache=None, kept: dict | None = None,
+                 solutions: bool = True) -> Path:
     """index.html: timings, each notebook's recorded key results, the summary table from the result
     cache, key figures, links."""
 
@@ -181,6 +225,10 @@ def write_report(out_dir: Path, timings: list[tuple[str, float]], cache=None, ke
         parts.append(f'<tr><td><a href="{stem}.html">{html.escape(stem)}</a> '
                      f'(<a href="{stem}.ipynb">ipynb</a>)</td><td>{secs:.0f}</td></tr>')
     parts.append("</table>")
+    if not solutions:
+        parts.append("<p>The exercises' solution cells were not run (the quick suite leaves them out; the test suite "
+                     "runs each of them in quick mode). <code>python -m peftkit run --quick --solutions</code> runs "
+                     "them too.</p>")
     if kept:
         parts.append("<h2>Key results, as each notebook recorded them</h2><table><tr><th>notebook</th><th>result</th>"
                      "<th>value</th><th>verdict</th><th>interval</th></tr>")
@@ -233,21 +281,24 @@ def screenshots_html(out_dir: Path, shots: Path | None = None) -> str:
 
 
 def run_all(quick: bool = False, only: list[str] | None = None, out: str | None = None,
-            parameters: dict | None = None) -> Path:
+            parameters: dict | None = None, solutions: bool | None = None) -> Path:
+    """Execute the notebooks in order and write the report. solutions: run the exercises' solution cells;
+    None runs them in full mode and leaves them out in quick mode (the test suite runs them, quick)."""
     paths = notebooks(only)
+    solutions = (not quick) if solutions is None else bool(solutions)
     out_dir = Path(out) if out else ROOT / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
     timings, kept, t_all = [], {}, time.perf_counter()
     for path in paths:
         t0 = time.perf_counter()
-        executed = execute(path, out_dir, quick, parameters)
+        executed = execute(path, out_dir, quick, parameters, solutions=solutions)
         kept[path.name] = records(executed)
         to_html(executed)
         timings.append((path.name, time.perf_counter() - t0))
         print(f"{path.name:32s} {timings[-1][1]:7.1f} s", flush=True)
-    (out_dir / "timings.json").write_text(json.dumps({"quick": quick, "notebooks": dict(timings),
+    (out_dir / "timings.json").write_text(json.dumps({"quick": quick, "solutions": solutions, "notebooks": dict(timings),
                                                       "total_seconds": time.perf_counter() - t_all}, indent=2))
     (out_dir / "records.json").write_text(json.dumps(kept, indent=2))
-    index = write_report(out_dir, timings, kept=kept)
+    index = write_report(out_dir, timings, kept=kept, solutions=solutions)
     print(f"all {len(paths)} notebooks in {time.perf_counter() - t_all:.0f} s; report: {index}")
     return index

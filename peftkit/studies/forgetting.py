@@ -96,27 +96,24 @@ def _head_state(model) -> dict:
 def forgetting_run(method: Method, source: str = "movies", target: str = "tweets", seed: int = 0,
                    n_train: int | None = 400, epochs: int = 2, n_eval: int | None = 200, split_seed: int = 0,
                    base: str = "minilm", batch_size: int = 32, max_length: int = 128, spectra: bool = False,
-                   _before=None, source_n_train: int | None = 1000) -> dict:
-    """One method, one seed: accuracy on every domain before training on `target` and after each epoch."""
+                   _before=None, source_n_train: int | None = 1000, _before_scores: list | None = None) -> dict:
+    """One method, one seed: accuracy on every domain before training on `target` and after each epoch.
+    _before_scores: the model before's epoch-0 scores (`before_scores`), when the caller has them already."""
     splits = {d: data.split(data.load_corpus(d), seed=split_seed) for d in data.FILES}
     model, tok = _before if _before is not None else source_model(source, seed, source_n_train, split_seed, base,
                                                                   batch_size, max_length)
+    scores = list(_before_scores) if _before_scores is not None else before_scores(model, tok, n_eval, split_seed,
+                                                                                    max_length)
     model = copy.deepcopy(model)
-    tests = {d: make_loaders(tok, {"test": data.sample_rows(s["test"], n_eval, split_seed)}, batch_size=64,
-                             max_length=max_length)["test"] for d, s in splits.items()}
+    tests = _test_loaders(tok, n_eval, split_seed, max_length)
     tgt = data.subset(splits[target], n_train, VAL_ITEMS, split_seed, target)  # val: only fit's per-epoch hook
     loaders = make_loaders(tok, tgt, batch_size=batch_size, max_length=max_length, seed=seed)
     w_before = _weights(model) if spectra else None
     apply(model, method)
 
-    scores = []
-
     def score(epoch):
-        for d, loader in tests.items():
-            m = evaluate(model, loader, num_labels=2, per_item=True)
-            scores.append({"epoch": epoch, "domain": d, "accuracy": m["accuracy"], "correct": m["correct"]})
+        scores.extend(_scores(model, tests, epoch))
 
-    score(0)
     cfg = TrainConfig(epochs=epochs, lr=method.default_lr, batch_size=batch_size, seed=seed, progress=False)
     fit(model, loaders["train"], loaders["val"], cfg, on_eval=lambda row: score(int(row["epoch"])))  # history epochs count from 1
     row = {"method": method.name, "label": method.describe(), "spec": method.to_dict(), "seed": seed,
@@ -125,6 +122,26 @@ def forgetting_run(method: Method, source: str = "movies", target: str = "tweets
     if spectra and method.name in ("lora", "full"):
         row["spectra"] = spectrum_row(w_before, _weights(model))
     return row
+
+
+def _test_loaders(tok, n_eval, split_seed: int, max_length: int) -> dict:
+    return {d: make_loaders(tok, {"test": data.sample_rows(data.split(data.load_corpus(d), seed=split_seed)["test"],
+                                                           n_eval, split_seed)},
+                            batch_size=64, max_length=max_length)["test"] for d in data.FILES}
+
+
+def _scores(model, tests: dict, epoch: int) -> list[dict]:
+    out = []
+    for d, loader in tests.items():
+        m = evaluate(model, loader, num_labels=2, per_item=True)
+        out.append({"epoch": epoch, "domain": d, "accuracy": m["accuracy"], "correct": m["correct"]})
+    return out
+
+
+def before_scores(model, tok, n_eval, split_seed: int = 0, max_length: int = 128) -> list[dict]:
+    """Epoch 0: the plain model before, scored on every domain's test items. Every method starts as the identity
+    on it (the test matrix checks each), so one scoring serves them all."""
+    return _scores(model, _test_loaders(tok, n_eval, split_seed, max_length), 0)
 
 
 def source_model(source: str, seed: int, n_train: int | None = 1000, split_seed: int = 0, base: str = "minilm",
@@ -178,7 +195,7 @@ def forgetting_study(methods=DEFAULT_METHODS, source: str = "movies", target: st
     else:
         before_id = {"lora_r8_n_train": source_n_train}
     cached = read_cache(cache) if cache else {}
-    rows, befores = [], {}
+    rows, befores, before_scored = [], {}, {}
     jobs = [(m, s) for s in seeds for m in methods]
     bar = tqdm(jobs, desc="forgetting", disable=not progress)
     for method, seed in bar:
@@ -194,8 +211,10 @@ def forgetting_study(methods=DEFAULT_METHODS, source: str = "movies", target: st
             if who not in befores:
                 befores = {who: adapter_model(adapter, base) if who is None
                            else source_model(source, seed, source_n_train, split_seed, base, batch_size)}
+                before_scored = {who: before_scores(*befores[who], n_eval, split_seed)}
             row = {"key": key, **forgetting_run(method, source, target, seed, n_train, epochs, n_eval, split_seed,
-                                                base, batch_size, spectra=spectra, _before=befores[who])}
+                                                base, batch_size, spectra=spectra, _before=befores[who],
+                                                _before_scores=before_scored[who])}
             if cache:
                 append_cache(row, cache)
         rows.append(row)
