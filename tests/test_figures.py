@@ -123,6 +123,25 @@ def test_tables_show_whole_reasons_and_readable_floats():
     assert "0.000443" in shown and "9.21" in shown and "0.0004430375" not in shown and "9.211957" not in shown
 
 
+def test_tables_show_integer_counts_with_thousands_separators_in_a_notebook():
+    from IPython.core.interactiveshell import InteractiveShell
+    shell = InteractiveShell.instance()
+    try:
+        nbutil.tables_for_people()
+        df = pd.DataFrame({"file bytes": [90867920, 45427972], "seed": [0, 1], "fits": [True, False],
+                           "acc": [0.5, 0.75]}, index=["fp32", "int8"])
+        data, _ = shell.display_formatter.format(df)
+    finally:
+        InteractiveShell.clear_instance()  # no shell left behind for the other tests
+    html = data["text/html"]
+    assert "90,867,920" in html and "45,427,972" in html and "90867920" not in html
+    assert ">0<" in html and ">True<" in html and ">0.75<" in html  # small ints, booleans and floats as before
+    assert "90867920" in data["text/plain"]  # the plain repr, and the frame itself, are unchanged
+    assert df["file bytes"].dtype.kind == "i"
+    twice = pd.DataFrame([[1234567, 7654321]], columns=["n", "n"])  # repeated names are formatted by position
+    assert "1,234,567" in nbutil.frame_html(twice) and "7,654,321" in nbutil.frame_html(twice)
+
+
 # --- the figures ----------------------------------------------------------------------------------
 
 def history(acc):

@@ -166,3 +166,21 @@ def test_claims_table_gives_holds_does_not_hold_or_cannot_tell():
     one = claims_table(pd.DataFrame(full[:1] + lora[:1])).set_index("method")
     assert one.loc["lora", "time claim"] == stats.CANNOT_TELL  # one run each: no interval, no verdict
     assert "cannot tell at this precision" in claims_text(one.reset_index())
+
+
+def test_accuracy_intervals_stay_inside_the_values_an_accuracy_can_take():
+    """Two seeds of 0.55 apart: the t-interval of the mean (t = 12.7) runs from below 0 to above 1, which no
+    accuracy can; the summary cuts it to [0, 1] (no coverage lost: the truth lies there) and says so, and a
+    difference of accuracies to [-1, 1]. An interval inside those bounds is left as it was."""
+    from peftkit.studies.summary import accuracy_difference, accuracy_interval
+    runs = pd.DataFrame({"seed": [0, 1], "accuracy": [0.27, 0.82], "n_test": [200, 200]})
+    raw = stats.mean_interval(runs.accuracy.to_numpy(), item_var=0.545 * 0.455, n_items=200)
+    assert raw.lo < 0 and raw.hi > 1
+    iv = accuracy_interval(runs)
+    assert (iv.lo, iv.hi, iv.estimate) == (0.0, 1.0, pytest.approx(0.545)) and "cut to [0, 1]" in iv.method
+    other = pd.DataFrame({"seed": [0, 1], "accuracy": [0.99, 0.30], "n_test": [200, 200]})
+    d, _ = accuracy_difference(other, runs)
+    assert d.lo >= -1.0 and d.hi <= 1.0 and d.lo < 0 < d.hi
+    narrow = pd.DataFrame({"seed": [0, 1], "accuracy": [0.70, 0.72], "n_test": [200, 200]})
+    kept = accuracy_interval(narrow)
+    assert "cut" not in kept.method and 0 < kept.lo < 0.70 and 0.72 < kept.hi < 1

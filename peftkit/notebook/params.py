@@ -97,6 +97,25 @@ def tables_for_people() -> None:
     0.000443, not 0.0004430375245218263; 9.21, not 9.211957)."""
     pd.set_option("display.max_colwidth", None)
     pd.set_option("display.float_format", fmt)
+    from IPython import get_ipython
+    shell = get_ipython()
+    if shell is not None:  # pandas has no display option for integers: counts and bytes read 90867920 without this
+        shell.display_formatter.formatters["text/html"].for_type(pd.DataFrame, frame_html)
+
+
+def frame_html(df: pd.DataFrame) -> str:
+    """A DataFrame's HTML with its integer columns as people read them (90,867,920 file bytes, 303,658
+    parameters); floats already follow `display.float_format`. The data itself is not changed."""
+    ints = [i for i, dt in enumerate(df.dtypes)
+            if pd.api.types.is_integer_dtype(dt) and not pd.api.types.is_bool_dtype(dt)]
+    if not ints or len(df) > (pd.get_option("display.max_rows") or len(df)):
+        return df._repr_html_()  # pandas' own (a long frame is cut to its head and tail there)
+    shown = df.copy()
+    shown.columns = range(df.shape[1])  # by position: column names may repeat
+    for i in ints:
+        shown[i] = shown[i].map(fmt)
+    shown.columns = df.columns
+    return shown._repr_html_()
 
 
 def _plain(value):

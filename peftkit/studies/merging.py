@@ -56,6 +56,8 @@ from ..layers.names import LORA_PREFIX
 
 HOWS = ("task_arithmetic", "ties", "dare", "cat", "svd")
 ADAPTER_HOWS = ("average", "task_arithmetic")
+MERGE_NAMES = {"task_arithmetic": "Task arithmetic", "ties": "TIES", "dare": "DARE", "cat": "Concatenation",
+               "svd": "SVD", "average": "Average"}  # each `how` as the papers and the notebooks' prose name it
 DEFAULT_WEIGHTS = {"task_arithmetic": "mean", "svd": "mean", "dare": "mean", "average": "mean",
                    "cat": "ones", "ties": "ones"}  # ties' disjoint mean already averages
 DEFAULT_DENSITY = {"ties": 0.2,  # TIES keeps the top 20% (k = 20 in Yadav et al.)

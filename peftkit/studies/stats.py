@@ -20,6 +20,7 @@ inside a claimed range (HOLDS), outside it (FAILS), or straddles its edge (CANNO
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -44,6 +45,15 @@ class Interval:
     n_seeds: int = 1
     n_items: int | None = None
     sd: float = math.nan       # the standard deviation over seeds (nan for one seed)
+
+    def within(self, lo: float, hi: float) -> "Interval":
+        """The interval cut to [lo, hi], the values the quantity can take (an accuracy's [0, 1], a difference of
+        accuracies' [-1, 1]). The true value lies there, so the cut loses no coverage; with two seeds the
+        t-interval of a mean can otherwise reach -0.5 to 1.6. `method` says when it was cut."""
+        cut_lo, cut_hi = max(self.lo, lo), min(self.hi, hi)
+        if (cut_lo, cut_hi) == (self.lo, self.hi) or math.isnan(self.lo) or math.isnan(self.hi):
+            return self
+        return dataclasses.replace(self, lo=cut_lo, hi=cut_hi, method=f"{self.method}, cut to [{lo:g}, {hi:g}]")
 
     def fmt(self, scale: float = 100, digits: int = 1, unit: str = "") -> str:
         """'80.3 [79.1, 81.5]' (values times `scale`); the bare estimate when the interval is unknown."""

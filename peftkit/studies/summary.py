@@ -73,9 +73,9 @@ def accuracy_interval(rows: pd.DataFrame, level: float = stats.LEVEL, col: str =
     values = rows[col].astype(float).to_numpy()
     items = _items(rows, domain)
     if items is not None:
-        return stats.mean_interval(values, items, level=level)
+        return stats.mean_interval(values, items, level=level).within(0.0, 1.0)
     n, p = _n_test(rows) if domain is None else None, float(np.mean(values))
-    return stats.mean_interval(values, item_var=p * (1 - p) if n else None, n_items=n, level=level)
+    return stats.mean_interval(values, item_var=p * (1 - p) if n else None, n_items=n, level=level).within(0.0, 1.0)
 
 
 def accuracy_difference(rows: pd.DataFrame, ref: pd.DataFrame, level: float = stats.LEVEL):
@@ -91,10 +91,12 @@ def accuracy_difference(rows: pd.DataFrame, ref: pd.DataFrame, level: float = st
             and ("test_items" not in a or set(a.test_items.astype(str)) == set(r.test_items.astype(str))))
     va, vr = a.accuracy.astype(float).to_numpy(), r.accuracy.astype(float).to_numpy()
     if same:
-        return stats.paired_difference(va, vr, ia, ir, level=level)
-    n, pa, pr = _n_test(a), float(va.mean()), float(vr.mean())
-    return stats.paired_difference(va, vr, a_var=pa * (1 - pa) if n else None, b_var=pr * (1 - pr) if n else None,
-                                   n_items=n, level=level)
+        iv, p = stats.paired_difference(va, vr, ia, ir, level=level)
+    else:
+        n, pa, pr = _n_test(a), float(va.mean()), float(vr.mean())
+        iv, p = stats.paired_difference(va, vr, a_var=pa * (1 - pa) if n else None,
+                                        b_var=pr * (1 - pr) if n else None, n_items=n, level=level)
+    return iv.within(-1.0, 1.0), p
 
 
 def paired_ratio(rows: pd.DataFrame, ref: pd.DataFrame, col: str, level: float = stats.LEVEL):
