@@ -316,3 +316,21 @@ def test_int8_with_calibration_round_trips_through_a_file(tmp_path):
         assert (logits(q, x) - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3
         path = C.save_int8(q, tmp_path / "s.safetensors")
         assert torch.equal(logits(C.load_int8(fresh("tiny"), path), x), logits(q, x))
+
+
+def test_the_pruning_study_prunes_the_encoder_and_leaves_the_pooler_and_head():
+    """Global magnitude pruning over every Linear wiped MiniLM's small-magnitude pooler first: a model that answers
+    one class. The study prunes the encoder's Linears only; the pooler and the head keep every weight."""
+    from peftkit.studies.compression_study import encoder_only
+    model = lora_model()
+    with torch.no_grad():
+        for p in model.bert.pooler.parameters():
+            p.mul_(0.01)  # as in MiniLM: the pooler's weights are the smallest in the model
+    assert C.sparsity_report(C.prune_unstructured(model, 0.6)).set_index("layer").loc["bert.pooler.dense", "sparsity"] == 1
+    keep = encoder_only(model)
+    assert keep == ["classifier", "bert.pooler"]
+    rep = C.sparsity_report(C.prune_unstructured(model, 0.6, skip=keep)).set_index("layer")
+    assert rep.loc["bert.pooler.dense", "sparsity"] == 0
+    assert "classifier" not in rep.index or rep.loc["classifier", "sparsity"] == 0
+    body = rep[~rep.index.isin(["TOTAL", "bert.pooler.dense", "classifier"])]
+    assert abs(body.zeros.sum() / body.params.sum() - 0.6) < 0.01

@@ -237,6 +237,17 @@ def test_learned_weights_start_from_the_mean_and_never_score_worse(loras):
     assert again == w  # seeded
 
 
+def test_a_small_budget_still_searches_by_the_examples(loras):
+    """With Optuna's default ten random start-up trials, a budget of 4 drew the same seeded weights whatever the
+    examples: notebook 10 'learned' identical weights for nyt and for tweets. Now only the first quarter is random,
+    so the later trials follow the examples' losses: opposite labels lead the search elsewhere."""
+    flipped = [(t, 1 - y) for t, y in EXAMPLES]
+    a = learn_merge_weights(loras[:2], EXAMPLES, budget=4, base="tiny", progress=False, l1=0.0)[1]
+    b = learn_merge_weights(loras[:2], flipped, budget=4, base="tiny", progress=False, l1=0.0)[1]
+    assert a.trials[0].params == b.trials[0].params  # the plain mean, enqueued
+    assert [t.params for t in a.trials[2:]] != [t.params for t in b.trials[2:]]
+
+
 @pytest.mark.parametrize("examples, budget, match", [
     (EXAMPLES[:3], 5, "give 5 to 512"),
     ([(t, 2) for t, _ in EXAMPLES], 5, "must be 0 .negative. or 1"),
@@ -284,4 +295,6 @@ def test_against_pairs_items_and_words_follow_the_interval():
     assert d.loc["better", "difference"] == pytest.approx(0.5) and d.loc["better", "direction"] == "higher"
     text = "\n".join(viz.merge_sentences(d.reset_index(), "the reference"))
     assert "**better** against the reference: higher on 1 domain (mean difference +50.0 points)" in text
-    assert viz.merge_heatmap(d.reset_index(), "t").data[0].y == ("ref", "same", "better")
+    heat = viz.merge_heatmap(d.reset_index(), "t").data[0]
+    assert heat.y == ("ref", "same", "better")
+    assert heat.text[2][0] == "100.0%<br>+50.0 pt" and heat.z[2][0] == pytest.approx(50)  # a difference in points

@@ -34,11 +34,11 @@ def merge_heatmap(diff: pd.DataFrame, title: str) -> go.Figure:
     order = dict(index=list(dict.fromkeys(diff.adapter)), columns=list(dict.fromkeys(diff.domain)))
     z = diff.pivot(index="adapter", columns="domain", values="difference").reindex(**order)
     acc = diff.pivot(index="adapter", columns="domain", values="accuracy").reindex(**order)
-    text = [[f"{a:.1%}<br>{d:+.1%}" for a, d in zip(ra, rd)] for ra, rd in zip(acc.values, z.values)]
-    lim = max(0.01, float(np.nanmax(np.abs(z.values))))
-    fig = go.Figure(go.Heatmap(z=z.values, x=list(z.columns), y=list(z.index), text=text, texttemplate="%{text}",
+    text = [[f"{a:.1%}<br>{100 * d:+.1f} pt" for a, d in zip(ra, rd)] for ra, rd in zip(acc.values, z.values)]  # points
+    lim = max(1.0, float(np.nanmax(np.abs(100 * z.values))))
+    fig = go.Figure(go.Heatmap(z=100 * z.values, x=list(z.columns), y=list(z.index), text=text, texttemplate="%{text}",
                                colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim,
-                               colorbar=dict(title="accuracy<br>difference")))
+                               colorbar=dict(title="difference<br>(points)")))
     return fig.update_layout(template=TEMPLATE, title=title, xaxis_title="test domain", yaxis_title="adapter",
                              height=120 + 45 * len(z.index))
 
