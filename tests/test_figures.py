@@ -226,6 +226,10 @@ def test_bars_go_log_when_sizes_span_orders_of_magnitude_and_show_readable_value
     close = pd.DataFrame({"model": ["a", "b"], "ms per batch": [9.211957, 12.5]})
     fig = bars(close, "model", "ms per batch", "latency")
     assert fig.layout.yaxis.type == "linear" and list(fig.data[0].text) == ["9.21", "12.5"]
+    pinned = bars(close, "model", "ms per batch", "latency", colors={"b": "#123456"})  # as another figure drew b
+    assert list(pinned.data[0].marker.color)[1] == "#123456"
+    hist = history_figure({"a": history(0.5), "b": history(0.6)}, colors={"b": "#123456"})
+    assert {t.name: t.line.color for t in hist.data}["b"] == "#123456"
     acc = pd.DataFrame({"recipe": ["a", "b"], "accuracy_pct": [46.0, 46.0]})
     lo, hi = bars(acc, "recipe", "accuracy_pct", "t").layout.yaxis.range
     assert 0 <= lo < 46 < hi <= 100
@@ -317,6 +321,9 @@ def test_variant_figures_keep_accuracy_axes_within_0_and_100_percent(tmp_path):
     for name, fig in figs.items():
         lo, hi = fig.layout.yaxis.range
         assert 0 <= lo < hi <= 100, (name, lo, hi)
+    lines = {t.name: t.line.color for t in figs["rank"].data}
+    assert lines["alpha/r (LoRA)"] == pk.LoRA.color and lines["alpha/sqrt(r) (rsLoRA)"] == P.variant_shade(pk.LoRA.color)
+    assert len(set(lines.values())) == 2  # LoRA's hue, two shades: not one colour for both
     lo, hi = lam.layout.yaxis.range
     assert 0 <= lo < hi <= 100
     # what the notebook's quick run drew (LoRA r=32 under alpha/sqrt(r): 55.0% [-51.6, 162.0] over two seeds)

@@ -162,7 +162,9 @@ def test_claims_table_gives_holds_does_not_hold_or_cannot_tell():
     assert t.loc["lora", "storage claim"] == stats.FAILS  # 0.02x is not 'extremely low' (< 0.01x); exact
     assert t.loc["adapter", "storage claim"] == stats.HOLDS
     assert t.loc["adapter", "time claim"] == stats.CANNOT_TELL
-    assert t.loc["full", "time claim"] == stats.HOLDS and t.loc["full", "seeds"] == 3
+    assert t.loc["full", ["time claim", "storage claim", "accuracy vs full"]].tolist() == ["reference"] * 3
+    assert t.loc["full", "seeds"] == 3
+    assert "- full: the reference every ratio below divides by" in claims_text(t.reset_index())
     one = claims_table(pd.DataFrame(full[:1] + lora[:1])).set_index("method")
     assert one.loc["lora", "time claim"] == stats.CANNOT_TELL  # one run each: no interval, no verdict
     assert "cannot tell at this precision" in claims_text(one.reset_index())

@@ -77,7 +77,7 @@ def setup(seed: int = 0, threads: int | None = None) -> dict:
             "quick": os.environ.get("PEFTKIT_QUICK") == "1"}
 
 
-def quick_banner(quick: bool, shrunk: dict) -> Markdown | None:
+def quick_banner(quick: bool, shrunk: dict, trains: str = "the real all-MiniLM-L6-v2") -> Markdown | None:
     """A visible note on a quick run: what was shrunk, and that its numbers are noisier.
     Display it right after the setup cell; returns None (nothing shown) on a full run."""
     if not quick:
@@ -85,7 +85,7 @@ def quick_banner(quick: bool, shrunk: dict) -> Markdown | None:
     items = "; ".join(f"{k}: {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k}: {v}"
                       for k, v in shrunk.items())
     return Markdown(f"> **Quick mode.** This run is shrunk to a fraction of the full run's time ({items}). "
-                    "It trains the real all-MiniLM-L6-v2 with the full run's code; the numbers below rest on "
+                    f"It trains {trains} with the full run's code; the numbers below rest on "
                     "fewer examples, steps and seeds, so they are noisier, and a conclusion of the full run may "
                     "not show here (the sentences under each result say what this run shows). Run with "
                     "`quick = False` (or `make run`) for the full ones.")

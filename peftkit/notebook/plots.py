@@ -34,17 +34,18 @@ def _errors(df: pd.DataFrame, col: str) -> dict:
                              arrayminus=(df[col] - df[lo]).tolist(), thickness=1.2, width=4))
 
 
-def history_figure(histories: dict) -> go.Figure:
+def history_figure(histories: dict, colors: dict | None = None) -> go.Figure:
     """Training loss and validation accuracy against step, one line per run.
 
     `histories` maps a label to a History DataFrame (or the dict-of-lists stored in a result row).
+    `colors` ({label: colour}) fixes some lines' colours, so that a notebook's other figures can match them.
     """
     fig = make_subplots(rows=1, cols=2, subplot_titles=("training loss", "validation accuracy"))
     accs = []
     for i, (label, h) in enumerate(histories.items()):
         h = pd.DataFrame(h)
         # a run named after a method ("LoRA r=8", "head only") takes the method's colour
-        c = color_for(label, QUANTITY_COLORS[i % len(QUANTITY_COLORS)])
+        c = (colors or {}).get(label) or color_for(label, QUANTITY_COLORS[i % len(QUANTITY_COLORS)])
         smooth = h["loss"].rolling(max(1, len(h) // 30), min_periods=1).mean()
         fig.add_trace(go.Scatter(x=h["step"], y=smooth, name=label, line=dict(color=c), legendgroup=label), 1, 1)
         if "val_accuracy" in h:
@@ -197,8 +198,10 @@ def ranking_figure(view: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def bars(df: pd.DataFrame, x: str, y: str, title: str, color: str | None = None, log_y: bool | None = None) -> go.Figure:
+def bars(df: pd.DataFrame, x: str, y: str, title: str, color: str | None = None, log_y: bool | None = None,
+         colors: dict | None = None) -> go.Figure:
     """Bars of `y` per `x` (grouped by `color`), each labelled with its value written for people.
+    `colors` ({value of x: colour}) fixes some bars' colours (the same runs in another figure).
 
     A bar named after a method takes the method's colour. `log_y=None` turns the log axis on by
     itself when the values span more than two orders of magnitude: on a linear axis a 300 KB
@@ -212,10 +215,10 @@ def bars(df: pd.DataFrame, x: str, y: str, title: str, color: str | None = None,
     fig = go.Figure()
     for i, (g, d) in enumerate(groups):
         if g is None:
-            colors = [color_for(v, QUANTITY_COLORS[0]) for v in d[x]]
+            marker = [(colors or {}).get(v) or color_for(v, QUANTITY_COLORS[0]) for v in d[x]]
         else:
-            colors = color_for(g, QUANTITY_COLORS[i % len(QUANTITY_COLORS)])
-        fig.add_trace(go.Bar(x=d[x], y=d[y], name=str(g) if g is not None else y, marker_color=colors,
+            marker = (colors or {}).get(g) or color_for(g, QUANTITY_COLORS[i % len(QUANTITY_COLORS)])
+        fig.add_trace(go.Bar(x=d[x], y=d[y], name=str(g) if g is not None else y, marker_color=marker,
                              text=[fmt(v) for v in d[y]], textposition="outside", cliponaxis=False,
                              hovertext=[f"{a}: {fmt(v)}" for a, v in zip(d[x], d[y])], hoverinfo="text",
                              showlegend=g is not None))

@@ -1,5 +1,5 @@
 """Notebook 11's figures: LoRA's variants against their claims. Colours are the registry's
-(`Method.color`): LoRA's blue for every LoRA configuration (rsLoRA dashed), DoRA's, the full
+(`Method.color`): LoRA's blue for every LoRA configuration (rsLoRA and PiSSA darker and dashed), DoRA's, the full
 fine-tune's and PEFT's for VeRA."""
 
 from __future__ import annotations
@@ -15,6 +15,13 @@ from ..studies.variants import ALPHA, LoRA, runs_of
 from ..style import TEMPLATE, accuracy_range
 
 C = {name: cls.color for name, cls in METHODS.items()}
+
+
+def variant_shade(color: str, amount: float = 0.45) -> str:
+    """The family's colour darkened toward black: a LoRA variant drawn beside plain LoRA in one figure keeps
+    LoRA's hue (one colour per method across the project) but is told apart by more than its dash."""
+    r, g, b = (int(color.lstrip("#")[i:i + 2], 16) for i in (0, 2, 4))
+    return "#" + "".join(f"{round(v * (1 - amount)):02x}" for v in (r, g, b))
 
 
 def _acc(rows, spec):
@@ -47,7 +54,7 @@ def rank_figure(rows: pd.DataFrame, ranks) -> go.Figure:
         shown |= set(have)
         pts = [_acc(rows, LoRA(r=r, alpha=ALPHA, rslora=rs)) for r in have]
         drawn.append(pts)
-        fig.add_trace(_trace(have, pts, name, C["lora"], dash))
+        fig.add_trace(_trace(have, pts, name, variant_shade(C["lora"]) if rs else C["lora"], dash))
     fig.update_xaxes(type="log", title="rank r", tickvals=sorted(shown))
     fig.update_layout(template=TEMPLATE, title=f"rsLoRA: accuracy against rank at alpha={ALPHA} (mean, 95% interval)",
                       yaxis_title="test accuracy (%)", yaxis_range=_percent_range(*drawn), height=380)
@@ -80,9 +87,10 @@ def loss_figure(pissa_rows: pd.DataFrame, steps: int = 100) -> go.Figure:
         n = min(len(x) for x in h)
         a = np.array([x[:n] for x in h])
         x = np.arange(1, n + 1)
-        fig.add_trace(go.Scatter(x=np.r_[x, x[::-1]], y=np.r_[a.max(0), a.min(0)[::-1]], fill="toself",
-                                 line=dict(width=0), fillcolor=C["lora"], opacity=0.15, showlegend=False, hoverinfo="skip"))
-        fig.add_trace(go.Scatter(x=x, y=a.mean(0), name=name, line=dict(color=C["lora"], dash=dash)))
+        color = variant_shade(C["lora"]) if spec.init == "pissa" else C["lora"]
+        fig.add_trace(go.Scatter(x=np.r_[x, x[::-1]], y=np.r_[a.max(0), a.min(0)[::-1]], fill="toself", legendgroup=name,
+                                 line=dict(width=0), fillcolor=color, opacity=0.15, showlegend=False, hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=x, y=a.mean(0), name=name, line=dict(color=color, dash=dash), legendgroup=name))
     fig.update_layout(template=TEMPLATE, title="PiSSA: training loss per step (mean over seeds, band: their range)",
                       xaxis_title="step", yaxis_title="training loss", height=380)
     return fig

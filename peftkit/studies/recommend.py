@@ -257,7 +257,7 @@ def recommend(results: pd.DataFrame, constraints: Constraints | dict | None = No
         d, lo, hi = diffs[chosen.name]
         reasons.append(f"{best['label']} is the most accurate at {100 * best.accuracy:.1f}%, but "
                        f"{chosen['label']} reaches {100 * chosen.accuracy:.1f}%: the difference, "
-                       f"{100 * d:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] (95%), is "
+                       f"{100 * d:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] (95%), reaches zero: "
                        f"{stats.CANNOT_TELL}, at {_cost(chosen, prefer)} against {_cost(best, prefer)}.")
     else:
         reasons.append(f"{best['label']} is the most accurate at {100 * best.accuracy:.1f}%, but "
