@@ -219,7 +219,7 @@ def format_summary(summary: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
     rows = []
     for r in summary.to_dict("records"):
         row = {"method": readable(r["label"]), "lr": f"{r['lr']:g}" if r.get("lr") == r.get("lr") and r.get("lr") else "",
-               "seeds": r["seeds"], "accuracy % [95%]": _pct(r["accuracy"], r["accuracy_lo"], r["accuracy_hi"], digits)}
+               "seed ids": r["seeds"], "accuracy % [95%]": _pct(r["accuracy"], r["accuracy_lo"], r["accuracy_hi"], digits)}
         if ref is not None:
             row[f"vs {readable(ref)} (points) [95%]"] = ("" if r.get("vs_reference") == "reference"
                                                else _pct(r.get("diff"), r.get("diff_lo"), r.get("diff_hi"), digits, sign=True))
