@@ -230,6 +230,7 @@ def test_bars_go_log_when_sizes_span_orders_of_magnitude_and_show_readable_value
     assert list(pinned.data[0].marker.color)[1] == "#123456"
     hist = history_figure({"a": history(0.5), "b": history(0.6)}, colors={"b": "#123456"})
     assert {t.name: t.line.color for t in hist.data}["b"] == "#123456"
+    assert (hist.layout.yaxis.title.text, hist.layout.yaxis2.title.text) == ("cross-entropy (smoothed)", "accuracy")
     acc = pd.DataFrame({"recipe": ["a", "b"], "accuracy_pct": [46.0, 46.0]})
     lo, hi = bars(acc, "recipe", "accuracy_pct", "t").layout.yaxis.range
     assert 0 <= lo < 46 < hi <= 100
@@ -302,6 +303,7 @@ def test_accuracy_bars_start_at_zero():
     fig = E.int8_figure(study)
     assert fig.layout.yaxis.range[0] == 0 and fig.layout.yaxis.range[1] <= 1
     assert_coloured_and_unique(fig)
+    assert [fig.layout[a].title.text for a in ("yaxis", "yaxis2", "yaxis3")] == ["accuracy", "speed-up (x)", "size (x fp32)"]
 
 
 def test_variant_figures_keep_accuracy_axes_within_0_and_100_percent(tmp_path):

@@ -269,4 +269,6 @@ def test_dashboard_shows_metrics_alerts_and_notes():
     names = {t.name for t in fig.data}
     assert {"rolling accuracy", "mean confidence", "PSI confidence", "degradation alert"} <= names
     assert any(a.text == "switched to tweets" for a in fig.layout.annotations)
+    titles = [fig.layout[f"yaxis{i if i > 1 else ''}"].title.text for i in range(1, 6)]
+    assert titles == ["accuracy", "share", "PSI", "words", "unknown %"]  # every panel says what it measures
     assert isinstance(Monitor().figure(), go.Figure)  # empty: no crash

@@ -54,7 +54,8 @@ def history_figure(histories: dict, colors: dict | None = None) -> go.Figure:
             fig.add_trace(go.Scatter(x=v["step"], y=v["val_accuracy"], name=label, mode="lines+markers",
                                      line=dict(color=c), legendgroup=label, showlegend=False), 1, 2)
     fig.update_xaxes(title_text="optimizer step")
-    fig.update_yaxes(range=accuracy_range(accs), tickformat=".0%", row=1, col=2)
+    fig.update_yaxes(title_text="cross-entropy (smoothed)", row=1, col=1)
+    fig.update_yaxes(range=accuracy_range(accs), tickformat=".0%", title_text="accuracy", row=1, col=2)
     fig.update_traces(hovertemplate="step %{x}<br>%{y:.3g}")
     fig.update_layout(template=TEMPLATE, height=380)
     return fig

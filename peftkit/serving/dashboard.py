@@ -87,8 +87,9 @@ def dashboard(monitor, title: str | None = None):
                            textangle=-90, xanchor="right", yanchor="bottom", font=dict(size=11, color="grey"))
     fig.update_yaxes(range=accuracy_range(df["accuracy"], monitor.min_accuracy,
                                           monitor.baseline - monitor.drop_tolerance if monitor.baseline is not None else None),
-                     tickformat=".0%", row=1, col=1)
-    fig.update_yaxes(range=[0, 1.02], row=2, col=1)
+                     tickformat=".0%", title_text="accuracy", row=1, col=1)
+    fig.update_yaxes(range=[0, 1.02], title_text="share", row=2, col=1)
+    fig.update_yaxes(title_text="PSI" if psi_mode else "KS p-value", row=3, col=1)
     fig.update_yaxes(title_text="words", row=4, col=1)
     fig.update_yaxes(title_text="unknown %", rangemode="tozero", row=4, col=1, secondary_y=True)
     fig.update_xaxes(title_text="examples served", row=4, col=1)

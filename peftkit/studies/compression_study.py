@@ -145,6 +145,8 @@ def precision_figure(study: dict):
                          text=sp["speed-up vs fp32"].round(2)), 1, 1)
     fig.add_trace(go.Bar(x=sp["what"], y=sp["worst drop on a domain (pt)"], showlegend=False, marker_color="#999",
                          text=sp["worst drop on a domain (pt)"].round(2)), 1, 2)
+    fig.update_yaxes(title_text="speed-up (x)", row=1, col=1)
+    fig.update_yaxes(title_text="points below fp32", row=1, col=2)
     fig.update_layout(template=template, height=420)
     return fig
 
@@ -277,7 +279,10 @@ def int8_figure(study: dict):
     sz = study["size"]
     fig.add_trace(go.Bar(x=sz.variant, y=sz["vs fp32"], showlegend=False, marker_color=[colour.get(m, NEUTRAL) for m in sz.variant],
                          text=[f"{v:.2f}x" for v in sz["vs fp32"]], hovertemplate="%{x}: %{y:.2f}x<extra></extra>"), 1, 3)
-    fig.update_yaxes(tickformat=".0%", range=accuracy_range(study["accuracy"].accuracy, bars=True), row=1, col=1)
+    fig.update_yaxes(tickformat=".0%", range=accuracy_range(study["accuracy"].accuracy, bars=True), title_text="accuracy",
+                     row=1, col=1)
+    fig.update_yaxes(title_text="speed-up (x)", row=1, col=2)
+    fig.update_yaxes(title_text="size (x fp32)", row=1, col=3)
     fig.update_layout(template=template, height=420, barmode="group")
     return fig
 
