@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +25,7 @@ from ..storage import RUNS_ENV, runs_dir
 from ..studies.experiments import DEFAULT_CACHE, read_cache, results_frame
 from .params import RECORD_MIME
 from .plots import pareto_figure
+from . import warm_kernel
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: peftkit/<layer>/<module>.py
 NOTEBOOKS = ROOT / "notebooks"
@@ -83,6 +85,14 @@ def _local_kernel_manager():
                 self._socket_dir = tempfile.mkdtemp(prefix="peftkit-kernel-")  # mode 0700
                 kwargs["ip"] = os.path.join(self._socket_dir, "ipc")
             super().__init__(**kwargs)
+
+        def format_kernel_cmd(self, extra_arguments=None):
+            """Python's own kernel is forked from a warm zygote (`warm_kernel`), any other starts as specified."""
+            cmd = super().format_kernel_cmd(extra_arguments)
+            if cmd[1:3] != ["-m", "ipykernel_launcher"] or os.path.realpath(cmd[0]) != os.path.realpath(sys.executable):
+                return cmd
+            zygote = warm_kernel.zygote()
+            return cmd if zygote is None else zygote.kernel_cmd(cmd[3:])
 
         async def _async_cleanup_resources(self, restart: bool = False) -> None:
             await super()._async_cleanup_resources(restart=restart)
