@@ -256,9 +256,25 @@ def test_nothing_feasible_with_two_ways_out_lists_both_smallest_first():
 def test_nothing_feasible_and_no_single_change_enough_lists_the_joint_change():
     ev = recommend(rows(), max_sec_per_step=0.2, max_adapter_bytes=1_000, min_accuracy=0.8)
     assert ev.relax["together"].all()
-    assert set(ev.relax["constraint"]) == {"max_sec_per_step", "max_adapter_bytes"}
-    assert ev.relax["admits"].nunique() == 1
-    assert "No single limit is enough" in ev.text()
+    first = ev.relax[ev.relax.option == 1]
+    assert set(first["constraint"]) == {"max_sec_per_step", "max_adapter_bytes"}
+    assert first["admits"].nunique() == 1
+    assert "no single limit is enough" in ev.text()
+
+
+def test_no_single_change_enough_offers_each_closest_run_with_its_changes_in_its_units():
+    """Every run breaks both limits: each is an option (a faster step against a lower accuracy), and the words give
+    accuracy in points and step time as a factor, as the table's `says` column does."""
+    df = rows()
+    ev = recommend(df, max_sec_per_step=0.5 * df.sec_per_step.min(), min_accuracy=df.accuracy.max() + 0.01)
+    assert ev.relax.option.nunique() == min(3, len(df)) and ev.relax.together.all()
+    assert (ev.relax.groupby("option").constraint.apply(set) == {"max_sec_per_step", "min_accuracy"}).all()
+    acc = ev.relax[ev.relax.constraint == "min_accuracy"]
+    assert all(s.endswith(" points") for s in acc.says)
+    assert all(s.endswith("x") for s in ev.relax[ev.relax.constraint == "max_sec_per_step"].says)
+    text = ev.text()
+    for label in ev.relax.admits.unique():
+        assert f"To admit {label}, relax " in text
 
 
 def test_an_unmeasured_value_cannot_meet_a_limit():

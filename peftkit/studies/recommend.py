@@ -234,6 +234,8 @@ def recommend(results: pd.DataFrame, constraints: Constraints | dict | None = No
 
     if feasible.empty:
         relax = _relaxations(df, active)
+        if not relax.empty:
+            relax["says"] = [_says(r) for r in relax.to_dict("records")]
         return Evidence(constraints, df, feasible, None, _relax_reasons(relax, len(df)), relax)
 
     front = pareto(feasible, criteria)
@@ -299,8 +301,10 @@ def _cost(row, col: str) -> str:
 
 def _relaxations(df: pd.DataFrame, active: dict) -> pd.DataFrame:
     """What to loosen. Each row is one limit's smallest change that admits a run when only that
-    limit moves (any one of them is enough). When no single change is enough: the changes the run
-    needing the fewest of them would need, all together (column `together`)."""
+    limit moves (any one of them is enough). When no single change is enough: for each of the (up to
+    three) runs needing the fewest and smallest changes, those changes, all together (column `together`;
+    `option` numbers the runs). `change` is relative to the limit ((needed - limit) / limit); `says`,
+    added by `recommend`, is its size as the reasons word it (points of accuracy, a factor, a percentage)."""
     rows = []
     for name, limit in active.items():
         col, sense, _ = LIMITS[name]
@@ -315,17 +319,29 @@ def _relaxations(df: pd.DataFrame, active: dict) -> pd.DataFrame:
     measured = df[[all(pd.notna(r[LIMITS[k][0]]) for k in r.violates) for _, r in df.iterrows()]]
     if measured.empty:
         return pd.DataFrame()
-    # the run needing the fewest changes, then the smallest ones (summed as log ratios)
+    # Every run needing the fewest changes is an option (up to three), the smallest changes first (summed as log
+    # ratios): which to take trades one limit against another, and only the reader knows which matters more.
     score = [(len(r.violates), sum(abs(math.log(max(r[LIMITS[k][0]], 1e-12) / max(active[k], 1e-12)))
                                    for k in r.violates)) for _, r in measured.iterrows()]
-    fewest = measured.iloc[min(range(len(score)), key=score.__getitem__)]
-    return pd.DataFrame([{"constraint": name, "limit": active[name], "needed": fewest[LIMITS[name][0]],
-                          "admits": fewest["label"], "change": _change(active[name], fewest[LIMITS[name][0]]),
-                          "together": True} for name in fewest.violates])
+    order = sorted(range(len(score)), key=score.__getitem__)
+    options = [i for i in order if score[i][0] == score[order[0]][0]][:3]
+    return pd.DataFrame([{"option": n + 1, "constraint": name, "limit": active[name],
+                          "needed": measured.iloc[i][LIMITS[name][0]], "admits": measured.iloc[i]["label"],
+                          "change": _change(active[name], measured.iloc[i][LIMITS[name][0]]), "together": True}
+                         for n, i in enumerate(options) for name in measured.iloc[i].violates])
 
 
 def _change(limit: float, needed: float) -> float:
     return (needed - limit) / limit if limit else math.inf
+
+
+def _says(r: dict) -> str:
+    """A relaxation's size as people read it: points of accuracy, a factor, or a percentage."""
+    if r["constraint"] == "min_accuracy":
+        return f"{100 * (r['needed'] - r['limit']):+.1f} points"
+    if not math.isfinite(r["change"]):
+        return ""
+    return f"{r['needed'] / r['limit']:.3g}x" if r["change"] >= 1 else f"{100 * r['change']:+.0f}%"
 
 
 def _relax_reasons(relax: pd.DataFrame, n: int) -> list[str]:
@@ -333,19 +349,20 @@ def _relax_reasons(relax: pd.DataFrame, n: int) -> list[str]:
         return [f"None of the {n} runs meets every constraint, and none has the measurements to say "
                 "how far to relax them."]
     together = bool(relax["together"].iloc[0])
-    lines = [f"None of the {n} runs meets every constraint. "
-             + (f"No single limit is enough: {relax['admits'].iloc[0]} needs all of these changes."
-                if together else "Any one of these changes admits a run:")]
-    for r in relax.to_dict("records"):
+
+    def step(r):
         fmt = LIMITS[r["constraint"]][2]
-        if r["constraint"] == "min_accuracy":
-            pct = f" ({100 * (r['needed'] - r['limit']):+.1f} points)"
-        elif not math.isfinite(r["change"]):
-            pct = ""
-        elif r["change"] > 1:
-            pct = f" ({r['needed'] / r['limit']:.3g}x)"
-        else:
-            pct = f" ({100 * r['change']:+.0f}%)"
-        lines.append(f"Relax {r['constraint']} from {fmt(r['limit'])} to {fmt(r['needed'])}{pct}"
-                     + ("." if together else f" to admit {r['admits']}."))
+        size = f" ({r['says']})" if r["says"] else ""
+        return f"{r['constraint']} from {fmt(r['limit'])} to {fmt(r['needed'])}{size}"
+
+    if not together:
+        return ([f"None of the {n} runs meets every constraint. Any one of these changes admits a run:"]
+                + [f"Relax {step(r)} to admit {r['admits']}." for r in relax.to_dict("records")])
+    options = list(relax.groupby("option", sort=True))
+    lines = [f"None of the {n} runs meets every constraint, and no single limit is enough: each run needs "
+             f"{len(options[0][1])} changes. " + ("The run needing the smallest ones:" if len(options) == 1 else
+                                                  f"The {len(options)} runs needing the smallest ones, a choice "
+                                                  "between the limits:")]
+    for _, g in options:
+        lines.append(f"To admit {g['admits'].iloc[0]}, relax " + " and ".join(step(r) for r in g.to_dict("records")) + ".")
     return lines
