@@ -164,7 +164,7 @@ def test_claims_table_gives_holds_does_not_hold_or_cannot_tell():
     assert t.loc["adapter", "time claim"] == stats.CANNOT_TELL
     assert t.loc["full", ["time claim", "storage claim", "accuracy vs full"]].tolist() == ["reference"] * 3
     assert t.loc["full", "seeds"] == 3
-    assert "- full: the reference every ratio below divides by" in claims_text(t.reset_index())
+    assert "- Full fine-tune: the reference every ratio below divides by" in claims_text(t.reset_index())
     one = claims_table(pd.DataFrame(full[:1] + lora[:1])).set_index("method")
     assert one.loc["lora", "time claim"] == stats.CANNOT_TELL  # one run each: no interval, no verdict
     assert "cannot tell at this precision" in claims_text(one.reset_index())

@@ -114,3 +114,14 @@ def test_interrupt_reaches_the_kernel_and_killing_the_launcher_ends_it(tmp_path)
     finally:
         kc.stop_channels()
         asyncio.run(km.shutdown_kernel(now=True))
+
+
+def test_an_edit_to_peftkit_restarts_the_zygote(monkeypatch):
+    """A forked kernel runs the code its zygote imported: after an edit to peftkit's source, the next kernel comes
+    from a new zygote, as a fresh kernel would import the edited code."""
+    first = warm_kernel.zygote()
+    assert warm_kernel.zygote() is first  # nothing changed: the same one
+    stamp = warm_kernel.source_stamp()
+    monkeypatch.setattr(warm_kernel, "source_stamp", lambda: (stamp[0], stamp[1] + 1))
+    second = warm_kernel.zygote()
+    assert second is not first and second.alive() and not first.alive()

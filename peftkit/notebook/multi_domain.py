@@ -103,12 +103,12 @@ def spectrum_figure(sp: pd.DataFrame) -> go.Figure:
     """Singular values of dW per layer (one line per layer, one panel per method), log scale."""
     colors = method_colors()
     methods = list(dict.fromkeys(sp.method))
-    fig = make_subplots(rows=1, cols=len(methods), subplot_titles=methods, shared_yaxes=True)
+    fig = make_subplots(rows=1, cols=len(methods), subplot_titles=[readable(m) for m in methods], shared_yaxes=True)
     for i, m in enumerate(methods, 1):
         for j, (layer, g) in enumerate(sp[sp.method == m].groupby("layer", sort=False)):
             fig.add_trace(go.Scatter(x=g["index"] + 1, y=g.singular_value, mode="lines", opacity=0.6,
-                                     line=dict(color=colors.get(m)), name=m, legendgroup=m, showlegend=j == 0,
-                                     hovertext=layer), row=1, col=i)
+                                     line=dict(color=colors.get(m)), name=readable(m), legendgroup=m,
+                                     showlegend=j == 0, hovertext=layer), row=1, col=i)
     fig.update_yaxes(type="log", title_text="singular value of dW", col=1)
     fig.update_xaxes(title_text="index")
     return fig.update_layout(template=TEMPLATE, title="Spectrum of each update dW (query and value, every layer)",
@@ -116,9 +116,9 @@ def spectrum_figure(sp: pd.DataFrame) -> go.Figure:
 
 
 def spectrum_table(sp: pd.DataFrame) -> pd.DataFrame:
-    """Per method: mean effective rank (singular values above 1% of the largest) and intruder
-    dimensions per layer (and their total)."""
-    per_layer = sp.drop_duplicates(["method", "layer"])
-    return per_layer.groupby("method").agg(layers=("layer", "count"), effective_rank=("rank_1pct", "mean"),
+    """Per method (by the name people read): mean effective rank (singular values above 1% of the largest)
+    and intruder dimensions per layer (and their total)."""
+    per_layer = sp.drop_duplicates(["method", "layer"]).assign(method=lambda d: d.method.map(readable))
+    return per_layer.groupby("method", sort=False).agg(layers=("layer", "count"), effective_rank=("rank_1pct", "mean"),
                                             intruders_per_layer=("intruders", "mean"),
                                             intruders_total=("intruders", "sum"))

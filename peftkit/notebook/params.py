@@ -118,6 +118,18 @@ def frame_html(df: pd.DataFrame) -> str:
     return shown._repr_html_()
 
 
+def as_percent(df: pd.DataFrame, columns=("accuracy",), digits: int = 1) -> pd.DataFrame:
+    """A copy to show: each of `columns` (fractions in [0, 1]) as percentages, named "<column> %", so a table
+    reads in the same unit as the sentences and the per-domain tables beside it. The data stays in fractions."""
+    missing = [c for c in columns if c not in df]
+    if missing:
+        raise KeyError(f"as_percent: no column {missing} in {list(df.columns)}.")
+    shown = df.copy()
+    for c in columns:
+        shown[c] = (100 * shown[c]).round(digits)
+    return shown.rename(columns={c: f"{c} %" for c in columns})
+
+
 def _plain(value):
     """value as JSON: numpy scalars become Python numbers, NaN becomes None."""
     if isinstance(value, dict):

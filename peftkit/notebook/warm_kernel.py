@@ -57,11 +57,20 @@ def comparable(env: dict) -> dict:
     return {k: v for k, v in env.items() if not k.startswith(PER_KERNEL)}
 
 
+def source_stamp() -> tuple[int, int]:
+    """peftkit's source as of now (how many .py files, the latest modification): a kernel forked from a zygote
+    runs the code the zygote imported, so an edit since then must restart it, as a fresh kernel would import
+    the edited code."""
+    times = [f.stat().st_mtime_ns for f in Path(__file__).resolve().parents[1].rglob("*.py")]
+    return len(times), max(times, default=0)
+
+
 class Zygote:
     """One warm process listening on a private Unix socket; `kernel_cmd` names the launcher that uses it."""
 
     def __init__(self):
         self.environ = dict(os.environ)
+        self.source = source_stamp()
         self._dir = tempfile.mkdtemp(prefix="peftkit-zygote-")  # mode 0700: only this user can connect
         self.socket_path = os.path.join(self._dir, "zygote.sock")
         self._log = tempfile.TemporaryFile(mode="w+")
@@ -102,13 +111,14 @@ STARTS = 0  # zygotes started by this process (a test checks that kernels reuse 
 
 
 def zygote() -> Zygote | None:
-    """This process's zygote, started on first use and restarted if it died or the environment changed;
-    None where kernels cannot be forked."""
+    """This process's zygote, started on first use and restarted if it died, the environment changed or
+    peftkit's source did; None where kernels cannot be forked."""
     global _ZYGOTE, STARTS
     if not available():
         return None
     with _LOCK:  # kernels started at once, from threads, share one
-        if _ZYGOTE is None or not _ZYGOTE.alive() or comparable(_ZYGOTE.environ) != comparable(dict(os.environ)):
+        if (_ZYGOTE is None or not _ZYGOTE.alive() or comparable(_ZYGOTE.environ) != comparable(dict(os.environ))
+                or _ZYGOTE.source != source_stamp()):
             if _ZYGOTE is not None:
                 _ZYGOTE.close()
             _ZYGOTE = Zygote()

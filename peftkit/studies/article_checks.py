@@ -32,6 +32,7 @@ from ..core.methods import Adapter, LoRA
 from ..core.surgery import adapter_layers, apply, find_head, lora_layers, merge, remove
 from ..layers.lora import LoRALinear
 from . import stats
+from ..style import readable
 from .summary import _frame, accuracy_difference, paired_ratio
 from .selection import (
     ARTICLE_CHOICES,
@@ -340,8 +341,9 @@ def claims_text(table: pd.DataFrame) -> str:
     """`claims_table` in sentences (Markdown list), every number and verdict read from the table."""
     lines = []
     for r in table.to_dict("records"):
+        name = readable(r["method"])  # "LoRA", not the key "lora"
         if r["time claim"] == REFERENCE:
-            lines.append(f"- {r['method']}: the reference every ratio below divides by; the article calls its training "
+            lines.append(f"- {name}: the reference every ratio below divides by; the article calls its training "
                          f"time '{r['claimed training time']}' and its storage '{r['claimed storage']}', which a "
                          "comparison with itself cannot test.")
             continue
@@ -349,9 +351,9 @@ def claims_text(table: pd.DataFrame) -> str:
         seeds = f"{n} seed{'s' * (n != 1)}"
         lo, hi = r["time lo"], r["time hi"]
         span = f" [{lo:g}, {hi:g}]" if lo == lo and hi == hi else " (no interval from one run)"
-        lines.append(f"- {r['method']}: '{r['claimed training time']}' training time ({TIME_WORDS_TEXT[r['claimed training time']]}) "
+        lines.append(f"- {name}: '{r['claimed training time']}' training time ({TIME_WORDS_TEXT[r['claimed training time']]}) "
                      f"**{r['time claim']}**: measured {r['step time vs full']:g}x the full fine-tune's step{span}, {seeds}.")
-        lines.append(f"- {r['method']}: '{r['claimed storage']}' storage ({STORAGE_WORDS_TEXT[r['claimed storage']]}) "
+        lines.append(f"- {name}: '{r['claimed storage']}' storage ({STORAGE_WORDS_TEXT[r['claimed storage']]}) "
                      f"**{r['storage claim']}**: its file is {r['storage vs full']:.3g}x the full fine-tune's (exact).")
     return "\n".join(lines)
 
