@@ -125,16 +125,16 @@ def test_dashboard_renders_fully_on_first_paint_and_follows_the_controls(tmp_pat
 
             # An answer changes the recommendation (the rules' table and the article's).
             before = text.inner_text()
-            assert "lora r=8" in before and "otherwise" in before  # the defaults reach the fallback rule
+            assert "LoRA r=8" in before and "otherwise" in before  # the defaults reach the fallback rule
             page.locator(".peftkit-tree-task-complexity select").select_option("high")
             page.locator(".peftkit-tree-deployment-constraints select").select_option("flexible")
-            wait_until(lambda: "Recommended: adapter" in text.inner_text(), 60,
+            wait_until(lambda: "Recommended: Adapter" in text.inner_text(), 60,
                        "the recommendation to become the adapter after task_complexity=high, deployment=flexible")
             after = text.inner_text()
             assert after != before and "complex-and-flexible" in after
             said = re.search(r"The article's tree, on its four inputs, says (.+?): it (agrees|disagrees)", after)
             assert said, after
-            assert (said.group(2) == "agrees") == said.group(1).startswith("adapter")
+            assert (said.group(2) == "agrees") == said.group(1).startswith("Adapter")
 
             # A limit changes the evidence: the highest accuracy floor leaves nothing feasible.
             evidence = page.locator(".peftkit-evidence-text")

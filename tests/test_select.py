@@ -6,6 +6,8 @@ import math
 import pandas as pd
 import pytest
 
+from peftkit.style import readable
+
 import peftkit as pk
 from peftkit.studies.selection import (ARTICLE_CHOICES, ARTICLE_RULES, ARTICLE_WORDS, QUESTIONS, RULES, AnswerError, Constraints,
                             Rule, choose_method, pareto, recommend, rules_frame, validate_answers, vocabulary_frame)
@@ -191,7 +193,7 @@ def rows(**overrides):
 def test_no_constraints_prefers_the_cheaper_of_two_runs_within_noise():
     ev = recommend(rows())
     assert ev.label == "lora r=8" and ev.method == pk.LoRA(r=8, alpha=16)
-    assert "adapter is the most accurate at 82.7%" in ev.text()
+    assert "Adapter is the most accurate at 82.7%" in ev.text()
     assert "0.33% trainable against 0.5% trainable" in ev.text()
     # full costs more on every count, but its accuracy is within the others' intervals (n = 1000):
     # noise alone never takes a run off the front
@@ -220,7 +222,7 @@ def test_a_tight_limit_excludes_and_the_reasons_cite_the_numbers():
     ev = recommend(rows(), max_sec_per_step=0.3)
     assert ev.label == "head_only"
     assert list(ev.table.loc[ev.table.label == "lora r=8", "violates"].item()) == ["max_sec_per_step"]
-    assert "lora r=8 is more accurate (82.5%) but is excluded: 0.49 s/step against the limit 0.3 s/step" in ev.text()
+    assert "LoRA r=8 is more accurate (82.5%) but is excluded: 0.49 s/step against the limit 0.3 s/step" in ev.text()
 
 
 def test_constraints_as_object_dict_or_keywords_agree():
@@ -242,15 +244,15 @@ def test_nothing_feasible_says_which_single_limit_to_relax_and_by_how_much():
     assert list(relax.index) == ["max_sec_per_step"]  # relaxing accuracy alone admits nothing
     assert relax.loc["max_sec_per_step", "needed"] == pytest.approx(0.47)
     assert relax.loc["max_sec_per_step", "admits"] == "adapter"
-    assert "Relax max_sec_per_step from 0.2 s/step to 0.47 s/step (2.35x) to admit adapter" in ev.text()
+    assert "Relax max_sec_per_step from 0.2 s/step to 0.47 s/step (2.35x) to admit Adapter" in ev.text()
 
 
 def test_nothing_feasible_with_two_ways_out_lists_both_smallest_first():
     ev = recommend(rows(), max_sec_per_step=0.45, min_accuracy=0.7)
     assert ev.relax["constraint"].tolist() == ["max_sec_per_step", "min_accuracy"]
     assert ev.relax["admits"].tolist() == ["adapter", "head_only"]
-    assert "from 0.45 s/step to 0.47 s/step (+4%) to admit adapter" in ev.text()
-    assert "from 70.0% accuracy to 65.4% accuracy (-4.6 points) to admit head_only" in ev.text()
+    assert "from 0.45 s/step to 0.47 s/step (+4%) to admit Adapter" in ev.text()
+    assert "from 70.0% accuracy to 65.4% accuracy (-4.6 points) to admit Head only" in ev.text()
 
 
 def test_nothing_feasible_and_no_single_change_enough_lists_the_joint_change():
@@ -274,7 +276,7 @@ def test_no_single_change_enough_offers_each_closest_run_with_its_changes_in_its
     assert all(s.endswith("x") for s in ev.relax[ev.relax.constraint == "max_sec_per_step"].says)
     text = ev.text()
     for label in ev.relax.admits.unique():
-        assert f"To admit {label}, relax " in text
+        assert f"To admit {readable(label)}, relax " in text  # the name people read; the table keeps the key
 
 
 def test_an_unmeasured_value_cannot_meet_a_limit():

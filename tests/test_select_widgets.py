@@ -16,7 +16,7 @@ def leaf_colors(fig):
 def test_chooser_starts_at_the_defaults_and_shows_both_tables():
     c = MethodChooser()
     assert c.recommendation == choose_method()
-    assert "Recommended: lora r=8" in c.text.value
+    assert "Recommended: LoRA r=8" in c.text.value
     assert c.article.rule.name == "otherwise"  # the article's default: LoRA
     assert "article's tree" in c.text.value and "it agrees" in c.text.value
 
@@ -63,7 +63,7 @@ def test_explorer_starts_with_every_run_feasible():
 def test_moving_sliders_changes_the_recommendation_and_the_chart():
     e = ConstraintExplorer(rows())
     e.sliders["max_sec_per_step"].value = 0.3
-    assert e.evidence.label == "head_only" and "Recommended: head_only" in e.text.value
+    assert e.evidence.label == "head_only" and "Recommended: Head only" in e.text.value
     assert any(t.name == "breaks a limit" for t in e.figure.data)
     e.sliders["min_accuracy"].value = 0.9
     assert e.evidence.chosen is None and "Nothing meets every limit" in e.text.value

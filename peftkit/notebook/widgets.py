@@ -151,12 +151,12 @@ def _esc(text: str) -> str:
 def recommendation_html(rec, article=None) -> str:
     """A Recommendation (and, optionally, the article's answer to the same inputs) as HTML."""
     path = " &rarr; ".join(f"<b>{_esc(s.rule)}</b>" if s.matched else _esc(s.rule) for s in rec.path)
-    parts = [f"<h4 class='peftkit-tree-answer'>Recommended: {_esc(rec.label)}</h4>",
+    parts = [f"<h4 class='peftkit-tree-answer'>Recommended: {_esc(rec.name)}</h4>",
              "<ul>" + "".join(f"<li>{_esc(r)}</li>" for r in rec.reasons) + "</ul>",
              f"<p>Path: {path}</p>"]
     if article is not None:
         verdict = "agrees" if article.method.name == rec.method.name else "<b>disagrees</b>"
-        parts.append(f"<p>The article's tree, on its four inputs, says {_esc(article.label)}: it {verdict}.</p>")
+        parts.append(f"<p>The article's tree, on its four inputs, says {_esc(article.name)}: it {verdict}.</p>")
     return "".join(parts)
 
 
@@ -204,7 +204,7 @@ class MethodChooser:
 
 
 def evidence_html(ev) -> str:
-    head = (f"<h4 class='peftkit-evidence-answer'>Recommended: {_esc(ev.label)}</h4>" if ev.chosen is not None
+    head = (f"<h4 class='peftkit-evidence-answer'>Recommended: {_esc(ev.name)}</h4>" if ev.chosen is not None
             else "<h4 class='peftkit-evidence-answer'>Nothing meets every limit</h4>")
     return head + "<ul>" + "".join(f"<li>{_esc(r)}</li>" for r in ev.reasons) + "</ul>"
 

@@ -14,12 +14,14 @@ numbers. When nothing is feasible, it says which limit to relax, and by how much
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from ..core.methods import Method
+from ..style import readable
 from . import stats
 from .summary import accuracy_difference, summarize
 
@@ -91,8 +93,13 @@ class Evidence:
             return None
         return Method.from_dict(self.chosen["spec"]["method"])
 
+    @property
+    def name(self) -> str | None:
+        """The chosen run as people read it ("LoRA r=8"; `label` is the key, "lora r=8")."""
+        return None if self.chosen is None else name_of(self.chosen["label"])
+
     def text(self) -> str:
-        head = f"Recommended: {self.label}." if self.chosen is not None else "Nothing meets every constraint."
+        head = f"Recommended: {self.name}." if self.chosen is not None else "Nothing meets every constraint."
         return "\n".join([head, *[f"- {r}" for r in self.reasons]])
 
     def __str__(self) -> str:
@@ -253,26 +260,26 @@ def recommend(results: pd.DataFrame, constraints: Constraints | dict | None = No
                + (f" ({', '.join(f'{k} = {LIMITS[k][2](v)}' for k, v in active.items())})" if active else
                   " (none set)") + f"; {len(front)} of those are on the Pareto front."]
     if chosen["label"] == best["label"]:
-        reasons.append(f"{chosen['label']} has the highest accuracy that meets them: "
+        reasons.append(f"{name_of(chosen['label'])} has the highest accuracy that meets them: "
                        f"{100 * chosen.accuracy:.1f}%.")
     elif tolerance == "interval":
         d, lo, hi = diffs[chosen.name]
-        reasons.append(f"{best['label']} is the most accurate at {100 * best.accuracy:.1f}%, but "
-                       f"{chosen['label']} reaches {100 * chosen.accuracy:.1f}%: the difference, "
+        reasons.append(f"{name_of(best['label'])} is the most accurate at {100 * best.accuracy:.1f}%, but "
+                       f"{name_of(chosen['label'])} reaches {100 * chosen.accuracy:.1f}%: the difference, "
                        f"{100 * d:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] (95%), reaches zero: "
                        f"{stats.CANNOT_TELL}, at {_cost(chosen, prefer)} against {_cost(best, prefer)}.")
     else:
-        reasons.append(f"{best['label']} is the most accurate at {100 * best.accuracy:.1f}%, but "
-                       f"{chosen['label']} reaches {100 * chosen.accuracy:.1f}%, within "
+        reasons.append(f"{name_of(best['label'])} is the most accurate at {100 * best.accuracy:.1f}%, but "
+                       f"{name_of(chosen['label'])} reaches {100 * chosen.accuracy:.1f}%, within "
                        f"{100 * tol:.1f} points (one standard error of the test accuracy"
                        f"{'' if tolerance == 'se' else ': the tolerance given'}), at "
                        f"{_cost(chosen, prefer)} against {_cost(best, prefer)}.")
     others = [c for c in costs if c != prefer and c in df and pd.notna(chosen.get(c))]
-    reasons.append(f"{chosen['label']} costs " + ", ".join(_cost(chosen, c) for c in [prefer, *others]) + ".")
+    reasons.append(f"{name_of(chosen['label'])} costs " + ", ".join(_cost(chosen, c) for c in [prefer, *others]) + ".")
     excluded = df[~df.feasible & (df.accuracy > chosen.accuracy)]
     for _, row in excluded.iterrows():
         why = "; ".join(f"{_fmt(row, k)} against the limit {LIMITS[k][2](active[k])}" for k in row["violates"])
-        reasons.append(f"{row['label']} is more accurate ({100 * row.accuracy:.1f}%) but is excluded: {why}.")
+        reasons.append(f"{name_of(row['label'])} is more accurate ({100 * row.accuracy:.1f}%) but is excluded: {why}.")
     return Evidence(constraints, df, front, chosen, reasons)
 
 
@@ -335,6 +342,16 @@ def _change(limit: float, needed: float) -> float:
     return (needed - limit) / limit if limit else math.inf
 
 
+_SUFFIX = re.compile(r"^(.*?)((?: \(lr [^)]*\))?(?: #\d+)?)$")
+
+
+def name_of(label: str) -> str:
+    """A result row's label as people read it (`style.readable`), keeping what `prepare` added to tell rows apart:
+    "lora r=8 (lr 0.005)" -> "LoRA r=8 (lr 0.005)", "adapter #2" -> "Adapter #2"."""
+    base, suffix = _SUFFIX.match(str(label)).groups()
+    return readable(base) + suffix
+
+
 def _says(r: dict) -> str:
     """A relaxation's size as people read it: points of accuracy, a factor, or a percentage."""
     if r["constraint"] == "min_accuracy":
@@ -357,12 +374,12 @@ def _relax_reasons(relax: pd.DataFrame, n: int) -> list[str]:
 
     if not together:
         return ([f"None of the {n} runs meets every constraint. Any one of these changes admits a run:"]
-                + [f"Relax {step(r)} to admit {r['admits']}." for r in relax.to_dict("records")])
+                + [f"Relax {step(r)} to admit {name_of(r['admits'])}." for r in relax.to_dict("records")])
     options = list(relax.groupby("option", sort=True))
     lines = [f"None of the {n} runs meets every constraint, and no single limit is enough: each run needs "
              f"{len(options[0][1])} changes. " + ("The run needing the smallest ones:" if len(options) == 1 else
                                                   f"The {len(options)} runs needing the smallest ones, a choice "
                                                   "between the limits:")]
     for _, g in options:
-        lines.append(f"To admit {g['admits'].iloc[0]}, relax " + " and ".join(step(r) for r in g.to_dict("records")) + ".")
+        lines.append(f"To admit {name_of(g['admits'].iloc[0])}, relax " + " and ".join(step(r) for r in g.to_dict("records")) + ".")
     return lines

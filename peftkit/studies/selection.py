@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from ..core.methods import Adapter, FullFineTune, Hybrid, LoRA, Method
+from ..style import readable
 from .recommend import Constraints, Evidence, pareto, recommend  # noqa: F401  (re-exported)
 
 # --- the questions ----------------------------------------------------------------------------
@@ -238,8 +239,13 @@ class Recommendation:
     def label(self) -> str:
         return self.method.describe()
 
+    @property
+    def name(self) -> str:
+        """The method as people read it ("LoRA r=8"; `label` is the key, "lora r=8")."""
+        return readable(self.label)
+
     def text(self) -> str:
-        lines = [f"Recommended: {self.label} (rule '{self.rule.name}').", *[f"- {r}" for r in self.reasons]]
+        lines = [f"Recommended: {self.name} (rule '{self.rule.name}').", *[f"- {r}" for r in self.reasons]]
         return "\n".join(lines)
 
     def __str__(self) -> str:
