@@ -126,7 +126,7 @@ def test_compare_runs_and_caches_a_peft_method(tmp_path):
     df = compare([m, pk.LoRA(r=4)], **kw)
     assert list(df.method) == ["peft", "lora"] and df.trainable.iloc[0] < df.trainable.iloc[1]
     from peftkit.studies.recommend import recommend
-    assert "peft vera r=4" in str(recommend(df))  # the evidence weighs it beside LoRA
+    assert "PEFT VeRA r=4" in str(recommend(df))  # the evidence weighs it beside LoRA (by the name people read)
     again = compare([m], **kw)
     assert again.key.iloc[0] == df.key.iloc[0] and len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
 
