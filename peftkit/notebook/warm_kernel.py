@@ -224,15 +224,23 @@ def serve(path: str) -> int:
     import importlib
 
     # Listen first: the first launcher connects at once and waits in the queue while the imports run.
+    import select
+
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(8)
-    threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
     for name in WARM_IMPORTS:
         importlib.import_module(name)
     mine = comparable(dict(os.environ))
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # kernels are reaped as they exit
+    # One thread only, so that a fork copies no lock another thread holds: the end of the batch run (end of file
+    # on stdin, read from the descriptor, not through sys.stdin's buffer) is watched here, beside the socket.
     while True:
+        ready, _, _ = select.select([listener, 0], [], [])
+        if 0 in ready:
+            if not os.read(0, 4096):
+                return 0
+            continue
         conn, _ = listener.accept()
         fds: list[int] = []
         try:
