@@ -101,10 +101,12 @@ def test_interrupt_reaches_the_kernel_and_killing_the_launcher_ends_it(tmp_path)
         while reply["parent_header"].get("msg_id") != msg_id:  # kernel_info's reply, from wait_for_ready
             reply = kc.get_shell_msg(timeout=30)
         assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["ename"] == "KeyboardInterrupt"
-        out = []
-        kc.execute_interactive("import os; print(os.getpid())", timeout=30,
-                               output_hook=lambda m: out.append(m["content"].get("text", "")))
-        kernel_pid = int("".join(out).split()[0])
+        # the pid from the reply itself (user_expressions), not from printed output, which may come after the reply
+        asked = kc.execute("import os", user_expressions={"pid": "os.getpid()"})
+        reply = kc.get_shell_msg(timeout=30)
+        while reply["parent_header"].get("msg_id") != asked:
+            reply = kc.get_shell_msg(timeout=30)
+        kernel_pid = int(reply["content"]["user_expressions"]["pid"]["data"]["text/plain"])
         assert kernel_pid != km.provisioner.process.pid  # forked by the zygote, not the launcher itself
         os.kill(km.provisioner.process.pid, signal.SIGKILL)
         deadline = time.monotonic() + 20
