@@ -57,7 +57,7 @@ def test_explorer_starts_with_every_run_feasible():
     e = ConstraintExplorer(rows())
     assert e.evidence.table.feasible.all()
     assert e.evidence.label == recommend(rows()).label == "lora r=8"
-    assert any(t.name == "chosen: lora r=8" for t in e.figure.data)
+    assert any(t.name == "chosen: LoRA r=8" for t in e.figure.data)
 
 
 def test_moving_sliders_changes_the_recommendation_and_the_chart():

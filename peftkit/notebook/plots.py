@@ -309,7 +309,7 @@ def evidence_figure(evidence) -> go.Figure:
     if evidence.chosen is not None:
         ch = evidence.chosen
         fig.add_trace(go.Scatter(x=[ch.trainable_fraction], y=[ch.accuracy], mode="markers",
-                                 name=f"chosen: {ch.label}",
+                                 name=f"chosen: {evidence.name}",
                                  marker=dict(symbol="star", size=22, color=colors.get(ch.get("method"), NEUTRAL),
                                              line=dict(color="black", width=1.5))))
     # one tick per decade, written as a percentage ("0.01%", not plotly's "100μ")

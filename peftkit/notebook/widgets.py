@@ -17,7 +17,7 @@ import plotly.io as pio
 from IPython.display import display
 
 from ..studies.principles import adapter_params, linear_params, lora_params
-from ..studies.recommend import prepare, recommend
+from ..studies.recommend import name_of, prepare, recommend
 from ..studies.selection import (
     ARTICLE_INPUTS,
     ARTICLE_RULES,
@@ -222,7 +222,7 @@ def evidence_table_html(ev) -> str:
         if hasattr(r, "accuracy_lo") and not math.isnan(getattr(r, "accuracy_lo", math.nan)):
             acc += f" [{100 * r.accuracy_lo:.1f}, {100 * r.accuracy_hi:.1f}]"
         limits = "meets all" if r.feasible else "breaks " + ", ".join(r.violates)
-        cells = [_esc(r.label), acc, f"{fmt(100 * r.trainable_fraction)}%",
+        cells = [_esc(name_of(r.label)), acc, f"{fmt(100 * r.trainable_fraction)}%",
                  fmt(getattr(r, "sec_per_step", math.nan)), fmt(getattr(r, "peak_mem_mib", math.nan)),
                  _bytes(getattr(r, "adapter_bytes", math.nan)), _esc(limits)]
         style = " style='font-weight:bold'" if r.label == chosen else ("" if r.feasible else " style='color:#888'")
