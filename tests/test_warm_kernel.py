@@ -92,7 +92,9 @@ def test_interrupt_reaches_the_kernel_and_killing_the_launcher_ends_it(tmp_path)
     try:
         kc = BlockingKernelClient(connection_file=km.connection_file)
         kc.load_connection_file()
-        kc.start_channels()
+        # No heartbeat channel: a client that no kernel manager owns calls the kernel dead once a ping goes unanswered
+        # for a second, and the first kernel of a new zygote waits for the zygote's imports (seconds) before it answers.
+        kc.start_channels(hb=False)
         kc.wait_for_ready(timeout=60)
         msg_id = kc.execute("import time; time.sleep(60)")
         time.sleep(1)

@@ -134,11 +134,13 @@ def restore_solutions(out: Path, removed: list[tuple[str | None, dict]]) -> None
 
 
 def execute(path: Path, out_dir: Path, quick: bool, parameters: dict | None = None, timeout: int = 3600,
-            solutions: bool = True) -> Path:
+            solutions: bool = True, save_each_cell: bool = False) -> Path:
     """Run one notebook with papermill into out_dir; raise NotebookFailed with the cell's error.
 
     solutions=False leaves the exercises' solution cells out of the run (they stay in the executed copy, with
-    no outputs): the quick suite's default, since the test suite runs every solution in quick mode."""
+    no outputs): the quick suite's default, since the test suite runs every solution in quick mode.
+    save_each_cell=True has papermill rewrite the executed copy as each cell starts and ends (its default), to
+    watch a long run's progress in the file; by default the copy is written once, when the run ends or fails."""
     import papermill as pm  # heavy (it loads nbclient and a kernel manager): only batch runs need it
     params = {"quick": quick, "progress": False, **(parameters or {})}
     declared = declared_parameters(path)
@@ -161,7 +163,7 @@ def execute(path: Path, out_dir: Path, quick: bool, parameters: dict | None = No
     try:
         pm.execute_notebook(str(source), str(out), parameters=params, cwd=str(path.parent), kernel_name="python3",
                             progress_bar=False, execution_timeout=timeout, log_output=False,
-                            kernel_manager_class=_local_kernel_manager())
+                            request_save_on_cell_execute=save_each_cell, kernel_manager_class=_local_kernel_manager())
     except pm.PapermillExecutionError as e:
         raise NotebookFailed(f"{path.name} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); "
                              f"the executed copy is kept at {out}.") from None

@@ -40,10 +40,12 @@ LAUNCHER = Path(__file__).with_name("_kernel_launch.py")
 # What a kernel manager or a batch run sets per kernel, and what no module reads on import: a launcher
 # may differ from the zygote in these and still be forked.
 PER_KERNEL = ("JPY_", "PYDEVD_", "KERNEL_", "PEFTKIT_QUICK", SOCKET_ENV)
-# The imports every kernel inherits: what the notebooks' first cells import.
+# The imports every kernel inherits: what the notebooks' first cells import. plotly.io loads its renderers
+# lazily, on first use, and they import nbformat and jsonschema: 1.2 s of every kernel's start, until listed here.
 WARM_IMPORTS = ("torch", "numpy", "pandas", "transformers", "transformers.models.bert.modeling_bert",
-                "plotly.graph_objects", "plotly.io", "ipywidgets", "IPython", "ipykernel.kernelapp", "tqdm.auto",
-                "peftkit", "peftkit.notebook.params", "peftkit.notebook.prose", "peftkit.studies.experiments")
+                "plotly.graph_objects", "plotly.io", "plotly.io._renderers", "ipywidgets", "IPython",
+                "ipykernel.kernelapp", "tqdm.auto", "peftkit", "peftkit.notebook.params", "peftkit.notebook.prose",
+                "peftkit.studies.experiments")
 
 
 def available() -> bool:
