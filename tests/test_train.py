@@ -224,6 +224,29 @@ def test_cpu_bf16_trains_under_autocast_with_fp32_state_and_is_keyed_only_when_s
         TrainConfig(cpu_bf16="yes")
 
 
+def test_validate_false_skips_the_validation_pass_trains_the_same_and_is_keyed_only_when_set(small):
+    """validate=False: no evaluation on the validation loader (no val_* columns), the same weights as a run
+    that validates (evaluation draws no random numbers), its own cache key, and no checkpoint record change
+    at the default."""
+    from peftkit.studies.experiments import config_key, make_spec
+    from peftkit.training.loop import run_record
+    few = {"train": small["train"].head(48), "val": small["val"].head(16)}
+    weights = []
+    for validate in (True, False):
+        model, tok = tiny_lora()
+        loaders = make_loaders(tok, few, batch_size=16, max_length=64)
+        hist = fit(model, loaders["train"], loaders["val"], TrainConfig(epochs=2, progress=False, validate=validate))
+        assert any(c.startswith("val_") for c in hist) is validate
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+    spec = make_spec(pk.LoRA(), "tiny", cfg=TrainConfig())
+    assert "validate" not in spec["train"]  # the default keeps older cache keys
+    assert config_key(spec) != config_key(make_spec(pk.LoRA(), "tiny", cfg=TrainConfig(validate=False)))
+    assert "validate" not in run_record(TrainConfig(), None, 3, None, {}, None)["config"]  # older checkpoints resume
+    with pytest.raises(ValueError, match="validate=False evaluates nothing"):
+        TrainConfig(validate=False, patience=2)
+
+
 def test_cpu_bf16_warns_where_the_cpu_would_emulate_it(monkeypatch):
     import peftkit.training.loop as T
     monkeypatch.setattr(T, "cpu_has_bf16", lambda: False)

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository: peftkit/<layer>/<m
 # runs/results.jsonl relative to the working directory (or under $PEFTKIT_RUNS), as the CLI's --cache
 DEFAULT_CACHE = runs_dir() / "results.jsonl"
 _NOT_IN_KEY = ("progress", "checkpoint_dir", "checkpoint_every", "device")
-_KEYED_WHEN_SET = {"attention_dropout": None, "cpu_bf16": False, "fast_dropout": False}  # field -> its default
+_KEYED_WHEN_SET = {"attention_dropout": None, "cpu_bf16": False, "fast_dropout": False, "validate": True}  # field -> its default
 
 
 def config_key(spec: dict) -> str:

@@ -61,7 +61,10 @@ def run_record(cfg, sampler, batches_per_epoch: int, val_loader, named: dict, sp
     val = getattr(val_loader, "dataset", None)
     if val is not None and hasattr(val, "__len__"):
         data["val_examples"] = len(val)
-    record = {"config": {k: v for k, v in asdict(cfg).items() if k not in _NOT_COMPARED}, "data": data,
+    config = {k: v for k, v in asdict(cfg).items() if k not in _NOT_COMPARED}
+    if config.get("validate") is True:  # added later: absent at its default, so older checkpoints still resume
+        config.pop("validate")
+    record = {"config": config, "data": data,
               "method": spec, "trainable": {n: list(p.shape) for n, p in named.items()}}
     return json.loads(json.dumps(record, default=str))  # as it reads back from state.json
 
@@ -112,6 +115,8 @@ class TrainConfig:
     grad_clip: float | None = 1.0   # max global grad norm; None turns clipping off
     grad_accumulation: int = 1      # micro-batches per optimizer step
     eval_every: int | None = None   # optimizer steps between evaluations; None: each epoch
+    validate: bool = True           # False: never evaluate on the validation loader (no val_* columns), for runs
+                                    # that choose nothing on it: an evaluation pass costs about a sixth of a quick run
     patience: int | None = None     # evaluations without improvement before stopping
     monitor: str = "f1_macro"       # the validation metric patience watches (higher is better)
     seed: int = 0
@@ -141,6 +146,9 @@ class TrainConfig:
             (self.attention_dropout is None or 0 <= self.attention_dropout < 1, "attention_dropout must be in [0, 1) or None"),
             (isinstance(self.cpu_bf16, bool), "cpu_bf16 must be True or False"),
             (isinstance(self.fast_dropout, bool), "fast_dropout must be True or False"),
+            (isinstance(self.validate, bool), "validate must be True or False"),
+            (self.validate or (self.patience is None and self.eval_every is None),
+             "validate=False evaluates nothing, so patience and eval_every must stay None"),
         ]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
@@ -299,7 +307,7 @@ def fit(model, train_loader, val_loader=None, cfg: TrainConfig | None = None, re
             dist.barrier()
 
     def run_eval(row):
-        if val_loader is None:
+        if val_loader is None or not cfg.validate:
             return
         m = evaluate(model, val_loader, device)
         row.update({f"val_{k}": v for k, v in m.items() if k != "confusion"})
