@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run each method once per seed, e.g. 0,1,2 (default: --seed alone); prints intervals over them")
     cp.add_argument("--lr-seeds", type=_seeds_arg, default=None, help="with --lr val: the seeds the rates are chosen with (default: --seeds)")
     cp.add_argument("--in-process", action="store_true",
-                    help="train in this process (faster to start; peak memory then mixes runs)")
+                    help="train in this process (faster to start; each run's peak memory then counts what the process holds)")
     _add_method_args(cp)
     _add_train_args(cp)
     cp.set_defaults(func=_compare)

@@ -6,6 +6,8 @@ same way. Imports nothing from peftkit.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import platform
 import resource
@@ -96,10 +98,49 @@ def environment(device: str | torch.device = "cpu") -> dict:
             "python": platform.python_version(), "machine": platform.machine()}
 
 
+_HWM_RESET = False  # whether reset_peak_memory began a window here: /proc's VmHWM then holds its peak
+
+
+def reset_peak_memory(device: str = "cpu") -> bool:
+    """Begin a new peak window: from here `peak_memory_mib` reports the peak since this call, so runs one after
+    another in one process (a notebook's) each get their own. CUDA: the allocator's peak statistics. CPU on Linux:
+    the resident set's high-water mark, which writing 5 to /proc/self/clear_refs resets to the current resident
+    set. Returns False where it cannot (another OS, a kernel that refuses): the peak is then the process's so far."""
+    global _HWM_RESET
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    gc.collect()  # an earlier run's model, if a reference cycle still holds it
+    _trim_heap()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    _HWM_RESET = True
+    return True
+
+
+def _trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim), so that memory an earlier run freed
+    does not stay in the resident set the next run's peak starts from. A no-op elsewhere."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory_mib(device: str = "cpu") -> float:
-    """Peak memory of this process so far: CUDA allocations, or the resident set on CPU."""
+    """Peak memory of this process since `reset_peak_memory` (else since it started): CUDA allocations, or the
+    resident set on CPU."""
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
+    if _HWM_RESET:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 

@@ -28,6 +28,22 @@ def test_run_returns_a_full_row(tmp_path):
     assert (tmp_path / "adapter.safetensors").exists() and json.loads((tmp_path / "metrics.json").read_text())["key"] == row["key"]
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the resident peak resets through Linux's /proc")
+def test_runs_in_one_process_each_measure_their_own_peak_memory():
+    """A notebook trains its quick runs in its own process, one after another. Each row's peak is its run's (from
+    the run's start), not the process's so far: before, every later run repeated the largest earlier peak."""
+    from peftkit.runtime import peak_memory_mib
+    big = torch.ones(150_000_000)  # 600 MB resident, as an earlier, larger run would have left the process's peak
+    big.add_(1)
+    del big
+    process_peak = peak_memory_mib("cpu")
+    rows = compare([pk.LoRA(r=2, alpha=4), pk.HeadOnly()], base="tiny", domain="tweets", n_train=32, cfg=CFG, cache=None,
+                   eval_domains=False, n_eval=16, fresh_process=False, progress=False)
+    assert rows.peak_mem_scope.tolist() == ["run", "run"]
+    assert (rows.peak_mem_mib < process_peak - 400).all(), (rows.peak_mem_mib.tolist(), process_peak)
+    assert rows.peak_mem_mib.gt(0).all()
+
+
 def test_compare_caches_rows_and_keys_on_the_whole_config(tmp_path):
     cache = tmp_path / "results.jsonl"
     methods = [pk.HeadOnly(), pk.LoRA(r=2, alpha=4)]

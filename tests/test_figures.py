@@ -269,6 +269,19 @@ def test_selection_figures_draw_methods_in_their_registry_colours():
     assert colours[rec.method.name] in leaves
 
 
+def test_close_points_labels_part_instead_of_meeting_between_them():
+    """The dashboard's evidence chart: LoRA (0.33% trainable, 73%) sat just above the adapter (0.50%, 69%), and LoRA's
+    label below its point met the adapter's above it. Now the lower of two close points is labelled below."""
+    from peftkit.notebook.plots import label_positions
+    x = pd.Series([3.4e-5, 3.3e-3, 5.0e-3, 1.0], index=[10, 11, 12, 13])
+    y = pd.Series([0.535, 0.730, 0.688, 0.740], index=x.index)
+    assert label_positions(x, y) == {10: "top center", 11: "top center", 12: "bottom center", 13: "top center"}
+    tie = label_positions(pd.Series([0.01, 0.012]), pd.Series([0.7, 0.7]))
+    assert sorted(tie.values()) == ["bottom center", "top center"]  # equal accuracy: still apart
+    fig = evidence_figure(recommend(rows()))
+    assert fig.layout.legend.y < -0.25  # below the x axis's title
+
+
 def test_pareto_figure_hover_formats_numbers():
     ev = recommend(rows())
     fig = pareto_figure(ev.table, x="trainable_fraction")

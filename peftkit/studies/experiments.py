@@ -36,7 +36,7 @@ from ..core.methods import Method
 from ..core.surgery import apply, trainable_fraction
 from ..data.loaders import make_loaders
 from ..files.adapter_file import adapter_bytes, load_adapter, save_adapter
-from ..runtime import environment, peak_memory_mib, resolve_device
+from ..runtime import environment, peak_memory_mib, reset_peak_memory, resolve_device
 from ..storage import append_lines, read_jsonl, runs_dir
 from ..training.loop import TrainConfig, fit
 from ..training.metrics import evaluate
@@ -97,6 +97,7 @@ def run(method: Method, base: str = "minilm", domain: str = "movies", n_train: i
     cfg = cfg or TrainConfig(lr=method.default_lr)
     spec = make_spec(method, base, domain, n_train, cfg, max_length, eval_domains, n_eval, base_bits, split_seed)
     splits = data.subset(data.split(data.load_corpus(domain), seed=split_seed), n_train, n_eval, split_seed, domain)
+    own_peak = reset_peak_memory(str(resolve_device(cfg.device)))  # this run's peak, not earlier runs' in this process
     model, tok = _base(base, cfg.seed, base_bits)
     apply(model, method)
     loaders = make_loaders(tok, splits, batch_size=cfg.batch_size, max_length=max_length, seed=cfg.seed)
@@ -116,7 +117,8 @@ def run(method: Method, base: str = "minilm", domain: str = "movies", n_train: i
            "epochs": cfg.epochs, "lr": cfg.lr, "steps": int(hist.step.iloc[-1]),
            "train_seconds": train_time,
            "sec_per_step": float(step_secs.median()) if len(step_secs) else train_time / len(hist),
-           "peak_mem_mib": peak_memory_mib(device), "adapter_bytes": adapter_bytes(model),
+           "peak_mem_mib": peak_memory_mib(device), "peak_mem_scope": "run" if own_peak else "process",
+           "adapter_bytes": adapter_bytes(model),
            "final_loss": float(hist.loss.tail(10).mean())}
     test = evaluate(model, loaders["test"], num_labels=2, per_item=True)
     row.update(accuracy=test["accuracy"], f1_macro=test["f1_macro"], test_loss=test["loss"], confusion=test["confusion"],
@@ -208,7 +210,9 @@ def compare(methods, base: str = "minilm", domain: str = "movies", n_train: int 
 
     Each trained adapter is saved under `runs/adapters/<key>/` (next to the cache), and the row's
     `adapter_dir` names it. need_adapters=True retrains a cached row whose adapter folder is gone.
-    fresh_process=False runs in this process: faster to start, but peak memory then mixes runs.
+    fresh_process=False runs in this process: faster to start. Each run's peak memory is then measured from its
+    own start (`runtime.reset_peak_memory`), over what the process already holds; where the peak cannot be reset
+    (not Linux) it is the process's so far, and the row's `peak_mem_scope` says "process" instead of "run".
     """
     methods = list(methods)
     base_cfg = cfg or TrainConfig()
