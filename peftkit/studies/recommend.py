@@ -256,9 +256,10 @@ def recommend(results: pd.DataFrame, constraints: Constraints | dict | None = No
         tol = accuracy_se(best) if tolerance == "se" else float(tolerance)
         close = front[front.accuracy >= best.accuracy - tol - 1e-12]
     chosen = close.loc[close[prefer].idxmin()]
-    reasons = [f"{len(feasible)} of {len(df)} runs meet the constraints"
-               + (f" ({', '.join(f'{k} = {LIMITS[k][2](v)}' for k, v in active.items())})" if active else
-                  " (none set)") + f"; {len(front)} of those are on the Pareto front."]
+    limits = ", ".join(f"{'at most' if LIMITS[k][1] == 'max' else 'at least'} {LIMITS[k][2](v)}"
+                       + (" adapter" if k == "max_adapter_bytes" else "") for k, v in active.items())
+    reasons = [f"{len(feasible)} of {len(df)} runs meet the limits" + (f" ({limits})" if active else " (none set)")
+               + f"; {len(front)} of those are on the Pareto front."]
     if chosen["label"] == best["label"]:
         reasons.append(f"{name_of(chosen['label'])} has the highest accuracy that meets them: "
                        f"{100 * chosen.accuracy:.1f}%.")
