@@ -356,3 +356,6 @@ def test_magnitude_direction_figure_gives_each_method_its_own_panel_and_colour()
     assert [t.name for t in fig.data] == list(colors)
     assert len({t.xaxis for t in fig.data}) == 3 and len({t.yaxis for t in fig.data}) == 3  # one panel each
     assert [t.marker.color for t in fig.data] == list(colors.values())
+    titles = [fig.layout[a].title.text for a in fig.layout if a.startswith(("xaxis", "yaxis"))]
+    assert not any("_j" in (t or "") for t in titles), titles  # subscripts drawn, not typed as W_j
+    assert any("W<sub>0,j</sub>" in (t or "") for t in titles)

@@ -109,9 +109,9 @@ def spectrum_figure(sp: pd.DataFrame) -> go.Figure:
             fig.add_trace(go.Scatter(x=g["index"] + 1, y=g.singular_value, mode="lines", opacity=0.6,
                                      line=dict(color=colors.get(m)), name=readable(m), legendgroup=m,
                                      showlegend=j == 0, hovertext=layer), row=1, col=i)
-    fig.update_yaxes(type="log", title_text="singular value of dW", col=1)
+    fig.update_yaxes(type="log", title_text="singular value of ΔW", col=1)
     fig.update_xaxes(title_text="index")
-    return fig.update_layout(template=TEMPLATE, title="Spectrum of each update dW (query and value, every layer)",
+    return fig.update_layout(template=TEMPLATE, title="Spectrum of each update ΔW (query and value, every layer)",
                              height=420)
 
 

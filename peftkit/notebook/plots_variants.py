@@ -107,8 +107,8 @@ def magnitude_direction_figure(md: pd.DataFrame, colors: dict[str, str]) -> go.F
         d = md[md.method == label]
         fig.add_trace(go.Scattergl(x=d.dD, y=d.dM, mode="markers", name=label,
                                    marker=dict(color=colors.get(label, "#7f7f7f"), size=3, opacity=0.5)), row=1, col=i)
-        fig.update_xaxes(title_text="ΔD = 1 − cos(W_j, W0_j)", row=1, col=i)
-    fig.update_yaxes(title_text="ΔM = |‖W_j‖ − ‖W0_j‖|", row=1, col=1)
+        fig.update_xaxes(title_text="ΔD = 1 − cos(W<sub>j</sub>, W<sub>0,j</sub>)", row=1, col=i)
+    fig.update_yaxes(title_text="ΔM = |‖W<sub>j</sub>‖ − ‖W<sub>0,j</sub>‖|", row=1, col=1)
     fig.update_xaxes(exponentformat="e")  # 2e-04, not plotly's SI "200μ" (a micro sign on a cosine distance)
     fig.update_yaxes(exponentformat="e")
     fig.update_layout(template=TEMPLATE, title="Magnitude against direction, per output unit of every query and value weight",
