@@ -1,5 +1,6 @@
 """Experiments, the result cache and the command line."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -239,6 +240,10 @@ def test_lr_val_chooses_each_familys_rate_on_validation(tmp_path):
     assert compare(methods, cfg=CFG, cache=cache, lr={"head_only": 1e-2}, **TINY).lr.iloc[0] == 1e-2
     with pytest.raises(ValueError, match="no rate for"):
         compare([pk.LoRA()], cfg=CFG, cache=cache, lr={"head_only": 1e-2}, **TINY)
+    lines = cache.read_text()
+    with pytest.raises(ValueError, match="validate=False"):  # refused before anything trains
+        compare([pk.LoRA()], cfg=dataclasses.replace(CFG, validate=False), cache=cache, lr="val", **TINY)
+    assert cache.read_text() == lines
 
 
 def test_every_registered_grid_holds_its_default_rate():

@@ -41,6 +41,10 @@ def lr_search(methods, seeds=(0,), grid: dict | None = None, **compare_kw) -> LR
     (`method.name`) is trained at every rate of `grid[family]` (default: its registry grid) for
     every seed; compare_kw go to `compare` (base, domain, n_train, cfg, n_eval, cache, ...)."""
     seeds = as_seeds(seeds)
+    cfg = compare_kw.get("cfg")
+    if cfg is not None and not getattr(cfg, "validate", True):
+        raise ValueError("lr='val' chooses each rate on validation accuracy, but cfg has validate=False, so no run "
+                         "would evaluate on the validation split. Drop validate=False, or give fixed rates (lr=...).")
     reps = {}
     for m in methods:
         reps.setdefault(m.name, m)
