@@ -34,6 +34,28 @@ def test_the_app_lays_out_chooser_and_limits_beside_the_evidence_with_details_co
     assert "Quick mode" in d.widget.children[0].value
 
 
+def test_the_quick_note_says_when_peaks_were_measured_inside_the_notebooks_kernels():
+    import pandas as pd
+    small = pd.DataFrame({"n_train": [480, 480], "own_process": [False, True]})
+    note = app.quick_note(small)
+    assert "480 training snippets" in note and "inside the notebooks' kernels" in note
+    assert "kernels" not in app.quick_note(small.assign(own_process=True))
+    assert "kernels" not in app.quick_note(small.drop(columns="own_process"))  # rows cached before it was recorded
+    assert app.quick_note(small.assign(n_train=8454)) is None  # the full comparison: no banner
+
+
+def test_compare_records_whether_each_run_had_a_process_of_its_own(tmp_path):
+    import peftkit as pk
+    from peftkit.studies.experiments import compare, read_cache
+    from peftkit.training.loop import TrainConfig
+    cache = tmp_path / "results.jsonl"
+    kw = dict(base="tiny", domain="tweets", n_train=32, n_eval=16, eval_domains=False, cache=cache, progress=False,
+              cfg=TrainConfig(batch_size=16, progress=False))
+    assert compare([pk.HeadOnly()], fresh_process=False, **kw).own_process.tolist() == [False]
+    assert compare([pk.LoRA(r=2, alpha=4)], fresh_process=True, **kw).own_process.tolist() == [True]
+    assert sorted(r["own_process"] for r in read_cache(cache).values()) == [False, True]
+
+
 def test_the_evidence_table_follows_the_limits():
     d = build()
     assert d.explorer.table.value == evidence_table_html(d.explorer.evidence)

@@ -144,16 +144,25 @@ class Dashboard:
         display(self.widget)
 
 
+def quick_note(results) -> str | None:
+    """The banner's words when the evidence is quick mode's (None otherwise): how small it is, and, when its runs
+    trained inside the notebooks' kernels, that their peak memory counts what each kernel held."""
+    if results["n_train"].max() > QUICK["n_train"]:
+        return None
+    note = (f"This evidence is small ({fmt(results['n_train'].max())} training snippets, one epoch per run), so "
+            "its intervals are wide and its ordering may change.")
+    if "own_process" in results and results["own_process"].eq(False).any():
+        note += (" Its runs trained inside the notebooks' kernels, so each peak memory also counts what its kernel "
+                 "held (a full run trains each in a process of its own).")
+    return note + " Run notebook 04 (or `make run`) to fill the cache with the full comparison; the app then reads that."
+
+
 def main(quick: bool | None = None, domain: str = "movies", progress: bool = True, threads: int | None = None):
     """Build the app (what apps/dashboard.ipynb calls): the evidence, the environment, the layout."""
     quick = os.environ.get("PEFTKIT_QUICK") == "1" if quick is None else quick
     env = nbutil.setup(0, threads)
     results, prov = load_evidence(domain, quick=quick, progress=progress, threads=threads)
-    note = None
-    if results["n_train"].max() <= QUICK["n_train"]:
-        note = (f"This evidence is small ({fmt(results['n_train'].max())} training snippets, one epoch per run), so "
-                "its intervals are wide and its ordering may change. Run notebook 04 (or `make run`) to fill the "
-                "cache with the full comparison; the app then reads that.")
+    note = quick_note(results)
     env["quick"] = quick
     env = {k: fmt(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for k, v in env.items()}
     return Dashboard(results, prov, env, note)

@@ -247,6 +247,7 @@ def compare(methods, base: str = "minilm", domain: str = "movies", n_train: int 
         else:
             row = run(method, base, domain, n_train, quiet, max_length, eval_domains, out=out, n_eval=n_eval,
                       base_bits=base_bits, split_seed=split_seed)
+        row["own_process"] = bool(fresh_process)  # False: its peak memory also counts what this process held
         if cache:
             append_cache(row, cache)
         rows.append({**row, "cached": False})
