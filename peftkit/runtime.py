@@ -134,23 +134,24 @@ def peak_memory_mib(device: str = "cpu") -> float:
     resident set on CPU."""
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    if _HWM_RESET:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
+    if _HWM_RESET and (hwm := _status_mib("VmHWM")) is not None:
+        return hwm
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
 def current_rss_mib() -> float:
     """This process's resident memory now (Linux /proc; elsewhere the peak so far)."""
+    rss = _status_mib("VmRSS")
+    return peak_memory_mib("cpu") if rss is None else rss
+
+
+def _status_mib(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM: in kB) in MiB; None where there is no such file."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return peak_memory_mib("cpu")
+    return None
