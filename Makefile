@@ -39,16 +39,18 @@ chromium:
 	@test -x /usr/bin/chromium || (command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || echo "apt-get unavailable: the browser test will skip")
 
 # First every test but the notebook passes, on two workers (pytest-xdist; each test uses one torch thread,
-# and a worker takes whole files, so a module's fixture is built once). Then the notebook passes alone, one
-# at a time: each notebook's kernel trains on every core, and two beside each other are several times
-# slower. Every notebook runs twice, both in quick mode and sharing runs/ (each quick MiniLM run trains
-# once): first under papermill (tests/test_notebooks.py, which also checks each notebook's words against
-# its numbers), which trains the runs, then with Run All in JupyterLab in Chromium (tests/test_browser.py),
-# which finds them cached. tests/conftest.py marks and orders them. A plain `pytest` runs it all in order.
+# and a worker takes whole files, so a module's fixture is built once). Then the notebook passes, also on two
+# workers, two notebooks at a time with each kernel on one torch thread (PEFTKIT_THREADS=1; two one-thread
+# kernels get more done than one kernel on two threads and leave none idle). Every notebook runs twice, both
+# in quick mode and sharing runs/ (each quick MiniLM run trains once, whichever worker needs it first:
+# `compare` locks each run's key): first under papermill (tests/test_notebooks.py, which also checks each
+# notebook's words against its numbers), which trains the runs, then with Run All in JupyterLab in Chromium
+# (tests/test_browser.py), on the same worker, which finds them cached. tests/conftest.py marks, orders and
+# groups them. A plain `pytest` runs it all in order, one at a time.
 test: $(STAMP) data chromium
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not notebook_pass" --durations=15
-	$(PY) -m pytest -q -m notebook_pass --durations=15
+	PEFTKIT_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup -m notebook_pass --durations=15
 
 # The notebooks run in notebooks/; PEFTKIT_RUNS points their result cache at the repository's runs/.
 lab: $(STAMP)

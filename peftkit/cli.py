@@ -261,7 +261,7 @@ def _run(a) -> int:
     from .notebook.batch_run import NotebookFailed, run_all  # here: nbformat's import costs every other command a second
 
     try:
-        run_all(quick=a.quick, only=only, out=a.out, solutions=a.solutions)
+        run_all(quick=a.quick, only=only, out=a.out, solutions=a.solutions, jobs=a.jobs)
     except NotebookFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -285,11 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog="python -m peftkit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     rn = sub.add_parser("run", help="execute every notebook with papermill and write an HTML report")
-    rn.add_argument("--quick", action="store_true", help="quick mode: small models and data (tests)")
+    rn.add_argument("--quick", action="store_true", help="quick mode: the real MiniLM on small subsets, fewer steps "
+                    "and seeds (noisier numbers, minutes instead of the better part of an hour)")
     rn.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 02,04")
     rn.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
     rn.add_argument("--solutions", action=argparse.BooleanOptionalAction, default=None,
                     help="run the exercises' solution cells (default: in full mode, not with --quick)")
+    rn.add_argument("--jobs", type=POSITIVE_INT, default=None,
+                    help="notebooks run at once, each kernel on cores/jobs torch threads; a run two notebooks need "
+                         "trains once (default: 2 with --quick on 2 or more cores, else 1; --jobs 1 times each "
+                         "notebook alone)")
     rn.set_defaults(func=_run)
     demo = sub.add_parser("demo", help="a short end-to-end LoRA run on the real MiniLM")
     demo.add_argument("--steps", type=POSITIVE_INT, default=5, help="training steps (default 5)")

@@ -31,6 +31,36 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+THREADS_ENV = "PEFTKIT_THREADS"  # the most torch threads a notebook's kernel may use (set by batch runs of several at once)
+
+
+def thread_cap() -> int | None:
+    """PEFTKIT_THREADS as a positive int, or None when unset. Two notebooks run side by side on a 2-core machine
+    each get one thread: two one-thread processes train 1.3x more per second than one two-thread process on these
+    small matrices, where two two-thread processes thrash."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{THREADS_ENV}={raw!r}: give a positive number of threads (e.g. 1), or unset it.")
+    return int(raw)
+
+
+def capped_threads(threads: int | None) -> int | None:
+    """`threads` lowered to PEFTKIT_THREADS where that is set (None: the cap, or None without one)."""
+    cap = thread_cap()
+    return min(threads, cap) if threads and cap else threads or cap
+
+
+def set_threads(threads: int | None) -> int:
+    """torch.set_num_threads(threads), lowered to PEFTKIT_THREADS where that is set (None: the cap, or leave
+    torch's count). Returns the count now in force."""
+    want = capped_threads(threads)
+    if want:
+        torch.set_num_threads(want)
+    return torch.get_num_threads()
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without it torch
     emulates bf16 and autocast runs slower than fp32. (Tests monkeypatch this one function.)"""

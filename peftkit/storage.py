@@ -14,6 +14,8 @@ sits beside runtime.py, below every folder, and imports nothing from peftkit.
 - `append_lines(path, lines)` / `read_jsonl(path)`: one locked (fcntl) append per batch of lines,
   each batch starting on a fresh line even after a torn last line; reading skips and counts every
   line that is not a JSON object (torn, hand-edited, invalid UTF-8).
+- `exclusive(path)`: one process at a time inside the block, for work that two processes (two notebooks
+  side by side, `make test`'s two workers) would otherwise both do, such as training the same cached run.
 - `runs_dir()`: where results go by default: `runs/` relative to the working directory, or the
   folder named by the environment variable PEFTKIT_RUNS. The result cache (runs/results.jsonl)
   and the Optuna storage (runs/optuna.db) both live there.
@@ -175,6 +177,21 @@ def append_lines(path, lines: list[str], fsync: bool = False) -> int:
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
     return len(lines)
+
+
+@contextlib.contextmanager
+def exclusive(path):
+    """Hold an exclusive lock (fcntl) on the file `path` (created, with its folder) for the block; a second
+    process waits at the door until the first leaves. The lock goes with the process, so a killed holder never
+    leaves it taken; the empty file stays, for the next holder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_jsonl(path) -> tuple[list[dict], int]:

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,6 +78,15 @@ def minilm():
     return model.eval(), tok
 
 
+@pytest.fixture(scope="session")
+def pw():
+    """One Playwright driver per test process, shared by the browser tests (test_browser's JupyterLab, which lives
+    for the session, and test_dashboard's Voila): its sync API allows one driver at a time in a process."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        yield p
+
+
 def perturb(model, seed: int = 1, std: float = 0.05):
     """Give every adapter tensor non-zero values so an identity init cannot hide a bug."""
     g = torch.Generator().manual_seed(seed)
@@ -113,3 +123,23 @@ def pytest_collection_modifyitems(session, config, items):
     for item in items:
         if item.path.name in rank:
             item.add_marker(pytest.mark.notebook_pass)
+            # `make test` runs the notebook passes on two workers too (-n 2 --dist loadgroup), two notebooks at a
+            # time, each kernel on one torch thread (PEFTKIT_THREADS=1). A notebook's papermill run and its
+            # JupyterLab run form one group, which one worker runs in this order, so the browser finds the runs
+            # cached; the dashboard goes with notebook 04, whose comparison it reads. Two notebooks that need the
+            # same run train it once: `compare` locks each run's key.
+            group = _notebook_of(item)
+            if group:
+                item.add_marker(pytest.mark.xdist_group(name=group))
+
+
+def _notebook_of(item) -> str | None:
+    """The notebook number a notebook-pass test executes ("04"), or None for the others."""
+    if item.path.name == "test_dashboard.py":
+        return "04"
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    run_tests = ("test_notebook_runs_in_quick_mode", "test_notebook_runs_in_jupyterlab_clean_and_its_widgets_answer")
+    if item.originalname not in run_tests:
+        return None
+    target = params.get("path", params.get("notebook"))
+    return Path(str(target)).name[:2] if target is not None else None

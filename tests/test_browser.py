@@ -257,12 +257,12 @@ def move_first_control(page) -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """One JupyterLab (on copies of the notebooks) and one Chromium for every notebook."""
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory, pw):
+    """One JupyterLab (on copies of the notebooks) and one Chromium for every notebook (of this worker: under
+    `make test`'s two workers, a worker runs a notebook's papermill test and then this one, so the fixture
+    outlives the switches between the two modules)."""
     chromium = chromium_or_skip()
-    from playwright.sync_api import sync_playwright
-
     tmp = tmp_path_factory.mktemp("browser")
     nb_dir = tmp / "notebooks"
     nb_dir.mkdir()
@@ -270,8 +270,8 @@ def lab(tmp_path_factory):
         shutil.copy(ROOT / "notebooks" / name, nb_dir / name)
     token = os.urandom(16).hex()
     SHOTS.mkdir(parents=True, exist_ok=True)
-    with jupyter_lab(nb_dir, tmp / "home", token) as (url, server_log), sync_playwright() as p:
-        ctx = launch(p, chromium, tmp / "chromium-profile")
+    with jupyter_lab(nb_dir, tmp / "home", token) as (url, server_log):
+        ctx = launch(pw, chromium, tmp / "chromium-profile")
         try:
             yield {"ctx": ctx, "url": url, "token": token, "log": server_log, "dir": nb_dir}
         finally:

@@ -70,13 +70,11 @@ def check_sliders_on_first_paint(page) -> None:
         assert r["x"] + r["width"] <= page_width, f"slider {name}: the readout is cut off at the page's edge"
 
 
-def test_dashboard_renders_fully_on_first_paint_and_follows_the_controls(tmp_path):
+def test_dashboard_renders_fully_on_first_paint_and_follows_the_controls(tmp_path, pw):
     chromium = chromium_or_skip()
-    from playwright.sync_api import sync_playwright
-
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    with voila(tmp_path / "home") as (url, server_log), sync_playwright() as p:
-        ctx = launch(p, chromium, tmp_path / "chromium-profile", width=1480, height=1100)
+    with voila(tmp_path / "home") as (url, server_log):
+        ctx = launch(pw, chromium, tmp_path / "chromium-profile", width=1480, height=1100)
         try:
             page = ctx.pages[0] if ctx.pages else ctx.new_page()
             page.set_default_timeout(30_000)

@@ -258,3 +258,58 @@ def test_cli_compare_with_seeds_prints_intervals(tmp_path, capsys):
                      "--cache", str(tmp_path / "r.jsonl")])
     out = capsys.readouterr().out
     assert code == 0 and "mean over seeds with 95% intervals" in out and "t over 2 seeds and 420 test items" in out
+
+
+_TWIN = """
+import json, sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+import peftkit as pk
+from peftkit.studies.experiments import compare
+from peftkit.training.loop import TrainConfig
+go = Path(sys.argv[1])
+Path(sys.argv[2]).touch()  # ready
+while not go.exists():
+    time.sleep(0.01)
+df = compare([pk.LoRA(r=2, alpha=4)], base="tiny", domain="tweets", n_train=96, eval_domains=False, progress=False,
+             cfg=TrainConfig(epochs=2, lr=1e-3, batch_size=8, progress=False), cache=sys.argv[3], fresh_process=False)
+print(json.dumps({"cached": bool(df.cached.iloc[0]), "accuracy": float(df.accuracy.iloc[0])}))
+"""
+
+
+def test_two_processes_asking_for_one_run_train_it_once(tmp_path):
+    """Two notebooks side by side (`peftkit run --jobs 2`, or two in JupyterLab) that need the same run: one trains
+    it, the other waits at the run's lock and takes the cached row, the same numbers."""
+    cache, go = tmp_path / "results.jsonl", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _TWIN, str(go), str(tmp_path / f"ready{i}"), str(cache)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT)) for i in range(2)]
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+    go.touch()  # both start compare at once
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(o["cached"] for o in outs) == [False, True]
+    assert outs[0]["accuracy"] == outs[1]["accuracy"]
+    assert len(cache.read_text().splitlines()) == 1  # one row: trained once
+    assert len(list((tmp_path / "adapters").iterdir())) == 1
+
+
+def test_the_thread_cap_lowers_every_request_and_refuses_nonsense(monkeypatch):
+    from peftkit import runtime
+    monkeypatch.delenv(runtime.THREADS_ENV, raising=False)
+    assert runtime.capped_threads(2) == 2 and runtime.capped_threads(None) is None
+    monkeypatch.setenv(runtime.THREADS_ENV, "1")
+    assert runtime.capped_threads(2) == 1 and runtime.capped_threads(None) == 1 and runtime.capped_threads(1) == 1
+    before = torch.get_num_threads()
+    try:
+        assert runtime.set_threads(2) == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    for bad in ("0", "-1", "two", "1.5"):
+        monkeypatch.setenv(runtime.THREADS_ENV, bad)
+        with pytest.raises(ValueError, match="PEFTKIT_THREADS"):
+            runtime.thread_cap()

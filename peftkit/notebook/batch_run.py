@@ -26,6 +26,7 @@ from ..studies.experiments import DEFAULT_CACHE, read_cache, results_frame
 from .params import RECORD_MIME
 from .plots import pareto_figure
 from . import warm_kernel
+from .lanes import default_jobs, in_lanes, longest_first
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: peftkit/<layer>/<module>.py
 NOTEBOOKS = ROOT / "notebooks"
@@ -93,6 +94,16 @@ def _local_kernel_manager():
                 return cmd
             zygote = warm_kernel.zygote()
             return cmd if zygote is None else zygote.kernel_cmd(cmd[3:])
+
+        async def _async_interrupt_kernel(self) -> None:
+            # jupyter_client interrupts a kernel before it asks it to shut down. papermill shuts a kernel down when
+            # its last cell has ended, idle, and the SIGINT only had ipykernel print "KeyboardInterrupt caught in
+            # kernel" to the run's terminal (two notebooks at a time: most of them). A kernel still busy gets the
+            # shutdown request, then SIGTERM, then SIGKILL, as before; an interrupt asked for at any other time
+            # goes through.
+            if self.shutting_down:
+                return
+            await super()._async_interrupt_kernel()
 
         async def _async_cleanup_resources(self, restart: bool = False) -> None:
             await super()._async_cleanup_resources(restart=restart)
@@ -225,7 +236,7 @@ def to_html(nb_path: Path) -> Path:
 
 
 def write_report(out_dir: Path, timings: list[tuple[str, float]], cache=None, kept: dict | None = None,
-                 solutions: bool = True) -> Path:
+                 solutions: bool = True, jobs: int = 1, lane_threads: int | None = None) -> Path:
     """index.html: timings, each notebook's recorded key results, the summary table from the result
     cache, key figures, links."""
 
@@ -237,6 +248,11 @@ def write_report(out_dir: Path, timings: list[tuple[str, float]], cache=None, ke
         parts.append(f'<tr><td><a href="{stem}.html">{html.escape(stem)}</a> '
                      f'(<a href="{stem}.ipynb">ipynb</a>)</td><td>{secs:.0f}</td></tr>')
     parts.append("</table>")
+    if jobs > 1:
+        parts.append(f"<p>{jobs} notebooks ran at once, each kernel on {lane_threads or 'its share of the'} "
+                     "torch thread(s): the seconds above, and the timings and step times inside the notebooks, were taken "
+                     "beside another notebook's work, so they are noisier than a run of one at a time "
+                     "(<code>--jobs 1</code>).</p>")
     if not solutions:
         parts.append("<p>The exercises' solution cells were not run (the quick suite leaves them out; the test suite "
                      "runs each of them in quick mode). <code>python -m peftkit run --quick --solutions</code> runs "
@@ -293,24 +309,44 @@ def screenshots_html(out_dir: Path, shots: Path | None = None) -> str:
 
 
 def run_all(quick: bool = False, only: list[str] | None = None, out: str | None = None,
-            parameters: dict | None = None, solutions: bool | None = None) -> Path:
-    """Execute the notebooks in order and write the report. solutions: run the exercises' solution cells;
-    None runs them in full mode and leaves them out in quick mode (the test suite runs them, quick)."""
+            parameters: dict | None = None, solutions: bool | None = None, jobs: int | None = None) -> Path:
+    """Execute the notebooks and write the report. solutions: run the exercises' solution cells; None runs them in
+    full mode and leaves them out in quick mode (the test suite runs them, quick).
+
+    jobs: notebooks run at once; None: `default_jobs(quick)`, two in quick mode, one in full. Above 1, each kernel
+    gets cpu_count // jobs torch threads (PEFTKIT_THREADS), the longest notebooks (by the last runs' timings, else
+    LONGEST_FIRST) start first, and two notebooks that need the same cached run train it once (`compare` locks each
+    run's key). Timings and step times measured inside a notebook are then taken beside another notebook's work:
+    noisier, as the report and each notebook's quick banner say."""
+    jobs = default_jobs(quick) if jobs is None else jobs
+    if not (isinstance(jobs, int) and not isinstance(jobs, bool) and jobs >= 1):
+        raise ValueError(f"jobs must be a positive number of notebooks to run at once, got {jobs!r}.")
     paths = notebooks(only)
     solutions = (not quick) if solutions is None else bool(solutions)
     out_dir = Path(out) if out else ROOT / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
-    timings, kept, t_all = [], {}, time.perf_counter()
-    for path in paths:
+    jobs = min(jobs, len(paths))
+    kept, took, t_all = {}, {}, time.perf_counter()
+
+    def one(path: Path) -> None:
         t0 = time.perf_counter()
         executed = execute(path, out_dir, quick, parameters, solutions=solutions)
         kept[path.name] = records(executed)
         to_html(executed)
-        timings.append((path.name, time.perf_counter() - t0))
-        print(f"{path.name:32s} {timings[-1][1]:7.1f} s", flush=True)
-    (out_dir / "timings.json").write_text(json.dumps({"quick": quick, "solutions": solutions, "notebooks": dict(timings),
+        took[path.name] = time.perf_counter() - t0
+        print(f"{path.name:32s} {took[path.name]:7.1f} s", flush=True)
+
+    lane_threads = None
+    if jobs == 1:
+        for path in paths:
+            one(path)
+    else:
+        lane_threads = in_lanes(one, longest_first(paths, quick, out_dir.parent), jobs, quick)
+    timings = [(p.name, took[p.name]) for p in paths]  # the report keeps the notebooks' order
+    (out_dir / "timings.json").write_text(json.dumps({"quick": quick, "solutions": solutions, "jobs": jobs,
+                                                      "notebooks": dict(timings),
                                                       "total_seconds": time.perf_counter() - t_all}, indent=2))
-    (out_dir / "records.json").write_text(json.dumps(kept, indent=2))
-    index = write_report(out_dir, timings, kept=kept, solutions=solutions)
+    (out_dir / "records.json").write_text(json.dumps({p.name: kept[p.name] for p in paths}, indent=2))
+    index = write_report(out_dir, timings, kept=kept, solutions=solutions, jobs=jobs, lane_threads=lane_threads)
     print(f"all {len(paths)} notebooks in {time.perf_counter() - t_all:.0f} s; report: {index}")
     return index

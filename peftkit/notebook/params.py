@@ -20,6 +20,7 @@ import torch
 import transformers
 from IPython.display import Markdown, display
 
+from .. import runtime
 from ..style import fmt
 
 # Quick runs train the real MiniLM, small: 480 movie snippets in batches of 8 is 60 optimizer steps,
@@ -66,8 +67,7 @@ def setup(seed: int = 0, threads: int | None = None) -> dict:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if threads:
-        torch.set_num_threads(threads)
+    runtime.set_threads(threads)  # at most PEFTKIT_THREADS, where a batch run of several notebooks set it
     # JupyterLab renders the mimetype bundle; the "notebook" part adds HTML with plotly.js inlined,
     # so figures survive nbconvert's HTML export (the batch report) and need no network to view.
     pio.renderers.default = "plotly_mimetype+notebook"
@@ -88,7 +88,17 @@ def quick_banner(quick: bool, shrunk: dict, trains: str = "the real all-MiniLM-L
                     f"It trains {trains} with the full run's code; the numbers below rest on "
                     "fewer examples, steps and seeds, so they are noisier, and a conclusion of the full run may "
                     "not show here (the sentences under each result say what this run shows). Run with "
-                    "`quick = False` (or `make run`) for the full ones.")
+                    "`quick = False` (or `make run`) for the full ones." + _beside_note())
+
+
+def _beside_note() -> str:
+    """A sentence for a kernel capped by PEFTKIT_THREADS (`peftkit run --jobs`, `make test`), else nothing."""
+    cap = runtime.thread_cap()
+    if cap is None:
+        return ""
+    return (f" This kernel ran on at most {cap} torch thread{'s' if cap > 1 else ''} (PEFTKIT_THREADS, which "
+            "`peftkit run --jobs` sets to run notebooks side by side), so its timings may have been taken beside "
+            "another notebook's work.")
 
 
 def tables_for_people() -> None:

@@ -39,7 +39,7 @@ SOCKET_ENV = "PEFTKIT_KERNEL_ZYGOTE"  # the zygote's socket, in the launcher's e
 LAUNCHER = Path(__file__).with_name("_kernel_launch.py")
 # What a kernel manager or a batch run sets per kernel, and what no module reads on import: a launcher
 # may differ from the zygote in these and still be forked.
-PER_KERNEL = ("JPY_", "PYDEVD_", "KERNEL_", "PEFTKIT_QUICK", SOCKET_ENV)
+PER_KERNEL = ("JPY_", "PYDEVD_", "KERNEL_", "PEFTKIT_QUICK", "PEFTKIT_THREADS", SOCKET_ENV)
 # The imports every kernel inherits: what the notebooks' first cells import. plotly.io loads its renderers
 # lazily, on first use, and they import nbformat and jsonschema: 1.2 s of every kernel's start, until listed here.
 WARM_IMPORTS = ("torch", "numpy", "pandas", "transformers", "transformers.models.bert.modeling_bert",

@@ -16,6 +16,7 @@ can pair methods item by item. `lr="val"` chooses each family's learning rate on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -36,8 +37,8 @@ from ..core.methods import Method
 from ..core.surgery import apply, trainable_fraction
 from ..data.loaders import make_loaders
 from ..files.adapter_file import adapter_bytes, load_adapter, save_adapter
-from ..runtime import environment, peak_memory_mib, reset_peak_memory, resolve_device
-from ..storage import append_lines, read_jsonl, runs_dir
+from ..runtime import capped_threads, environment, peak_memory_mib, reset_peak_memory, resolve_device
+from ..storage import append_lines, exclusive, read_jsonl, runs_dir
 from ..training.loop import TrainConfig, fit
 from ..training.metrics import evaluate
 from . import forkserver
@@ -175,6 +176,7 @@ def append_cache(row: dict, path=DEFAULT_CACHE) -> None:
 
 def _run_in_subprocess(spec: dict, threads: int | None) -> dict:
     """One run in a process of its own: forked from the warm server where fork is safe (Linux), else a new interpreter."""
+    threads = capped_threads(threads)  # at most PEFTKIT_THREADS
     if forkserver.available():
         try:
             return forkserver.server(threads).run(spec)
@@ -227,6 +229,7 @@ def compare(methods, base: str = "minilm", domain: str = "movies", n_train: int 
         lr = search.rates
     rates = [rate_for(m, lr, cfg) for m in methods]  # every rate checked before anything trains
     cached = read_cache(cache) if cache else {}
+    stamp = _cache_stamp(cache) if cache else None
     rows = []
     jobs = [(m, r, s) for m, r in zip(methods, rates) for s in seeds]
     bar = tqdm(jobs, desc="compare", disable=not progress)
@@ -239,23 +242,53 @@ def compare(methods, base: str = "minilm", domain: str = "movies", n_train: int 
         if hit is not None and not (need_adapters and not _has_adapter(hit)):
             rows.append({**hit, "cached": True})
             continue
-        quiet = dataclasses.replace(mcfg, progress=False)
-        out = str((Path(cache).parent / "adapters" / key).resolve()) if cache else None  # the worker runs in ROOT
-        if fresh_process:
-            row = _run_in_subprocess({**spec, "cfg": dataclasses.asdict(quiet), "out": out, "split_seed": split_seed},
-                                     threads)
-        else:
-            row = run(method, base, domain, n_train, quiet, max_length, eval_domains, out=out, n_eval=n_eval,
-                      base_bits=base_bits, split_seed=split_seed)
-        row["own_process"] = bool(fresh_process)  # False: its peak memory also counts what this process held
-        if cache:
-            append_cache(row, cache)
-        rows.append({**row, "cached": False})
+        # Another process (a notebook beside this one, a second test worker) may be training this very run:
+        # one trains it, the other waits at the key's lock and then finds the row in the cache.
+        with (exclusive(_lock_path(cache, key)) if cache else contextlib.nullcontext()):
+            if cache and (seen := _cache_stamp(cache)) != stamp:
+                cached, stamp = read_cache(cache), seen
+                hit = cached.get(key)
+                if hit is not None and not (need_adapters and not _has_adapter(hit)):
+                    rows.append({**hit, "cached": True})
+                    continue
+            rows.append({**_train_one(method, spec, mcfg, cache, key, fresh_process, threads, base, domain, n_train,
+                                      max_length, eval_domains, n_eval, base_bits, split_seed), "cached": False})
     df = results_frame(rows)
     if search is not None:
         df["lr_chosen_by"] = "validation"
         df.attrs["lr_search"] = search
     return df
+
+
+def _train_one(method, spec, mcfg, cache, key, fresh_process, threads, base, domain, n_train, max_length,
+               eval_domains, n_eval, base_bits, split_seed) -> dict:
+    """Train and score one run of `compare`, append its row to the cache, and return it."""
+    quiet = dataclasses.replace(mcfg, progress=False)
+    out = str((Path(cache).parent / "adapters" / key).resolve()) if cache else None  # the worker runs in ROOT
+    if fresh_process:
+        row = _run_in_subprocess({**spec, "cfg": dataclasses.asdict(quiet), "out": out, "split_seed": split_seed},
+                                 threads)
+    else:
+        row = run(method, base, domain, n_train, quiet, max_length, eval_domains, out=out, n_eval=n_eval,
+                  base_bits=base_bits, split_seed=split_seed)
+    row["own_process"] = bool(fresh_process)  # False: its peak memory also counts what this process held
+    if cache:
+        append_cache(row, cache)
+    return row
+
+
+def _lock_path(cache, key: str) -> Path:
+    """The lock file of one run's key, beside the cache (`runs/.locks/`)."""
+    return Path(cache).parent / ".locks" / f"{key}.lock"
+
+
+def _cache_stamp(cache) -> tuple | None:
+    """The cache file's size and change time: when they moved, another process appended rows."""
+    try:
+        st = os.stat(cache)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def as_seeds(seeds, default: int = 0) -> tuple[int, ...]:

@@ -47,6 +47,7 @@ from .. import data
 from ..bases.models import load_base
 from ..core.surgery import apply
 from ..data.loaders import make_loaders
+from ..runtime import set_threads
 from ..storage import runs_dir
 from ..training.loop import fit
 # the search space lives in search_space.py; its public names stay importable from here
@@ -202,7 +203,7 @@ def tune(method: str = "lora", space: dict | None = None, n_trials: int = 20, st
                             skip_if_exists=True)
 
     if threads:
-        torch.set_num_threads(threads)
+        set_threads(threads)  # at most PEFTKIT_THREADS
     splits = data.split(data.load_corpus(domain), seed=seed)
     train, val = splits["train"], splits["val"]
     for name, df, n in (("n_train", train, n_train), ("n_val", val, n_val)):
