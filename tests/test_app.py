@@ -82,6 +82,28 @@ def test_cached_comparison_takes_the_setup_with_most_default_methods(tmp_path):
     assert "result cache" in prov["evidence"] and prov["training snippets per run"] == "8,454"
 
 
+@pytest.mark.parametrize("order", ["default first", "default last"])
+def test_cached_comparison_takes_the_default_runs_not_others_of_the_same_label(tmp_path, order):
+    """"lora r=8" also labels LoRA on every projection, at alpha 8, or on a 4-bit base (notebooks 03, 05 and 08
+    cache them); two notebooks at a time write rows in either order. The app takes the default spec, seed 0."""
+    import peftkit as pk
+    runs = rows().replace({"label": {"adapter": "adapter pfeiffer simple m=d/16"}})
+    lines = [{**r, "key": r["label"], "n_train": 480, "seed": 0, "split_seed": 0,
+              "spec": {**r["spec"], "eval_domains": True}} for r in runs.to_dict("records")]
+    lora = next(x for x in lines if x["label"] == "lora r=8")
+    others = [{**lora, "key": "all-projections", "accuracy": 0.54,
+               "spec": {"method": pk.LoRA(r=8, alpha=16, targets=("query", "key", "value", "dense")).to_dict()}},
+              {**lora, "key": "alpha8", "accuracy": 0.50, "spec": {"method": pk.LoRA(r=8, alpha=8).to_dict()}},
+              {**lora, "key": "4bit", "accuracy": 0.51, "spec": {**lora["spec"], "base_bits": 4}},
+              {**lora, "key": "seed1", "accuracy": 0.52, "seed": 1},
+              {**lora, "key": "one-domain", "accuracy": 0.53, "spec": {**lora["spec"], "eval_domains": False}}]
+    lines = lines + others if order == "default first" else others + lines
+    cache = tmp_path / "results.jsonl"
+    cache.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    got = app.cached_comparison(cache=cache).set_index("label")
+    assert len(got) == 4 and got.loc["lora r=8", "accuracy"] == lora["accuracy"] == 0.825
+
+
 @pytest.mark.parametrize("path", ["apps/dashboard.ipynb"])
 def test_the_app_notebook_only_starts_the_package_app(path):
     from pathlib import Path
