@@ -61,6 +61,13 @@ def test_longest_first_uses_the_last_timings_of_the_same_mode_else_the_measured_
     (tmp_path / "run3").mkdir()
     (tmp_path / "run3" / "timings.json").write_text("{torn")  # skipped
     assert [p.name[:2] for p in L.longest_first(paths, quick=True, timings_under=tmp_path)] == ["11", "10", "06", "01"]
+    (tmp_path / "run4").mkdir()  # a later warm run: the longest time each took still decides
+    (tmp_path / "run4" / "timings.json").write_text(json.dumps(
+        {"quick": True, "notebooks": {"06_b.ipynb": 2.0, "11_d.ipynb": 3.0, "01_a.ipynb": 9.0, "10_c.ipynb": 40.0}}))
+    for i, run in enumerate(("run1", "run2", "run3", "run4")):  # written in this order
+        os.utime(tmp_path / run / "timings.json", (1_000_000 + i, 1_000_000 + i))
+    assert [p.name[:2] for p in L.longest_first(paths, quick=True, timings_under=tmp_path)] == ["11", "10", "06", "01"]
+    assert [p.name[:2] for p in L.longest_first(paths, quick=True, timings_under=tmp_path, recent=1)] == ["10", "01", "11", "06"]
 
 
 @pytest.mark.parametrize("jobs", [0, -1, 1.5, True, "2"])

@@ -17,13 +17,13 @@ from peftkit.notebook.batch_run import _local_kernel_manager
 
 pytestmark = pytest.mark.skipif(not warm_kernel.available(), reason="kernels are forked on Linux only")
 
-PROBE = ("import os, sys\n"
+PROBE = ("import gc, os, sys\n"
          "warm = 'torch' in sys.modules and 'transformers' in sys.modules\n"
          "from peftkit.training import loop\n"
          "import tqdm.notebook, plotly.io as pio\n"
          "print(json.dumps({'warm': warm, 'widget_bars': issubclass(loop.tqdm, tqdm.notebook.tqdm_notebook),\n"
          "                  'renderer': pio.renderers.default, 'cwd': os.getcwd(), 'probe': os.environ.get('PEFTKIT_QUICK'),\n"
-         "                  'pid': os.getpid()}))")
+         "                  'pid': os.getpid(), 'frozen': gc.get_freeze_count(), 'cap': os.environ.get('PEFTKIT_THREADS')}))")
 
 
 def _run(cells, cwd):
@@ -48,9 +48,11 @@ def test_kernels_start_warm_and_behave_as_fresh_ones(tmp_path, monkeypatch):
     first = _probe(_run(["import json", PROBE], tmp_path))
     assert first == {**first, "warm": True, "widget_bars": True, "renderer": "plotly_mimetype",
                      "cwd": str(tmp_path.resolve()), "probe": "1"}
+    assert first["frozen"] > 100_000  # the zygote's imports are out of the collector's sight (gc.freeze)
     monkeypatch.setenv("PEFTKIT_QUICK", "0")  # per kernel: the same zygote serves
+    monkeypatch.setenv("PEFTKIT_THREADS", "1")  # so does a kernel capped by `peftkit run --jobs`
     second = _probe(_run(["import json", PROBE], tmp_path))
-    assert second["warm"] and second["probe"] == "0" and second["pid"] != first["pid"]
+    assert second["warm"] and second["probe"] == "0" and second["pid"] != first["pid"] and second["cap"] == "1"
     assert warm_kernel.STARTS == starts + 1
 
 

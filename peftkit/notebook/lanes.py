@@ -33,19 +33,26 @@ def default_jobs(quick: bool) -> int:
 LONGEST_FIRST = ("10", "11", "04", "05", "08", "03", "02", "07", "01", "09", "06")
 
 
-def longest_first(paths: list[Path], quick: bool, timings_under: Path | None = None) -> list[Path]:
-    """`paths`, the longest first: by the latest batch runs' timings in the same mode (runs/*/timings.json, or
-    under `timings_under`), else in LONGEST_FIRST's order. Longest first keeps the lanes even at the end."""
-    last = {}
-    for f in sorted(Path(timings_under or ROOT / "runs").glob("*/timings.json"), key=lambda f: f.stat().st_mtime):
+def longest_first(paths: list[Path], quick: bool, timings_under: Path | None = None, recent: int = 5) -> list[Path]:
+    """`paths`, the longest first: by the longest each took in the last `recent` batch runs of the same mode
+    (runs/*/timings.json, or under `timings_under`), else in LONGEST_FIRST's order. The longest, not the latest:
+    a run that trains (cold) decides the order, not one that found every run cached. Longest first keeps the
+    lanes even at the end."""
+    found = []
+    for f in Path(timings_under or ROOT / "runs").glob("*/timings.json"):
         try:
             t = json.loads(f.read_text())
         except (OSError, ValueError):
             continue
         if isinstance(t, dict) and t.get("quick") == quick and isinstance(t.get("notebooks"), dict):
-            last.update({k: float(v) for k, v in t["notebooks"].items() if isinstance(v, (int, float))})
+            found.append((f.stat().st_mtime, t["notebooks"]))
+    longest: dict[str, float] = {}
+    for _, times in sorted(found, key=lambda x: x[0])[-recent:]:
+        for k, v in times.items():
+            if isinstance(v, (int, float)):
+                longest[k] = max(longest.get(k, 0.0), float(v))
     rank = {n: i for i, n in enumerate(LONGEST_FIRST)}
-    return sorted(paths, key=lambda p: (-last.get(p.name, -1.0), rank.get(p.name[:2], len(rank))))
+    return sorted(paths, key=lambda p: (-longest.get(p.name, -1.0), rank.get(p.name[:2], len(rank))))
 
 
 def in_lanes(one, paths: list[Path], jobs: int, quick: bool) -> int:

@@ -24,6 +24,7 @@ kernels start as usual.
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import signal
@@ -233,6 +234,11 @@ def serve(path: str) -> int:
     listener.listen(8)
     for name in WARM_IMPORTS:
         importlib.import_module(name)
+    # The imports' ~450,000 objects live as long as the kernel: move them out of the collector's sight. Every full
+    # collection in a kernel (each in-process run opens with one, `runtime.reset_peak_memory`) then walks only what
+    # the kernel made itself: 0.24 s before, well under 0.01 s after, measured with these imports. Forked children
+    # also stop writing to the pages they share with the zygote when the collector marks objects.
+    gc.freeze()
     mine = comparable(dict(os.environ))
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # kernels are reaped as they exit
     # One thread only, so that a fork copies no lock another thread holds: the end of the batch run (end of file

@@ -21,6 +21,7 @@ PEFTKIT_FORKSERVER=0, `compare` starts one interpreter per run as before.
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import subprocess
@@ -146,6 +147,7 @@ def serve() -> int:
     replies = os.fdopen(os.dup(1), "w")  # the reply channel: the original stdout
     os.dup2(2, 1)  # anything else printed goes to stderr
     from . import experiments  # noqa: F401 - the imports every child inherits
+    gc.freeze()  # the imports outlive every child: full collections in a child walk only the child's objects
     for line in sys.stdin:
         if not line.strip():
             continue
