@@ -123,3 +123,23 @@ def test_a_kernel_is_not_interrupted_on_its_way_to_shutting_down(monkeypatch):
     finally:
         shutil.rmtree(km._socket_dir, ignore_errors=True)
     assert calls == [False]
+
+
+def test_ctrl_c_stops_the_lanes_taking_more_notebooks(monkeypatch):
+    import signal
+    import time
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    ran, both = [], threading.Barrier(2, timeout=30)
+
+    def one(path):
+        ran.append(path.name)
+        both.wait()  # a and b run side by side
+        if path.name == "a":
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, while the main thread waits for the lanes
+        time.sleep(1.0)
+
+    with pytest.raises(KeyboardInterrupt):
+        L.in_lanes(one, _paths("a", "b", "c", "d"), 2, quick=True)
+    time.sleep(2.0)  # a and b end after 1 s; without the stop, the lanes would take c and d then
+    assert sorted(ran) == ["a", "b"] and THREADS_ENV not in os.environ

@@ -85,10 +85,14 @@ def in_lanes(one, paths: list[Path], jobs: int, quick: bool) -> int:
 
     try:
         threads = [threading.Thread(target=lane, name=f"lane-{i}") for i in range(jobs)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        except KeyboardInterrupt:  # Ctrl-C: no lane takes another notebook; the ones running finish first
+            failures.append(KeyboardInterrupt())
+            raise
     finally:
         for k, v in saved.items():
             if v is None:
