@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import ipywidgets as W
+import pandas as pd
 import pytest
 
 from peftkit.notebook import app
@@ -100,8 +101,9 @@ def test_cached_comparison_takes_the_default_runs_not_others_of_the_same_label(t
     lines = lines + others if order == "default first" else others + lines
     cache = tmp_path / "results.jsonl"
     cache.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    got = app.cached_comparison(cache=cache).set_index("label")
-    assert len(got) == 4 and got.loc["lora r=8", "accuracy"] == lora["accuracy"] == 0.825
+    got = app.cached_comparison(cache=cache)
+    assert list(got.label) == [m.describe() for m, _ in app.DEFAULT_RUNS]  # one order, whatever the cache's
+    assert got.set_index("label").loc["lora r=8", "accuracy"] == lora["accuracy"] == 0.825
 
 
 @pytest.mark.parametrize("path", ["apps/dashboard.ipynb"])
@@ -112,3 +114,27 @@ def test_the_app_notebook_only_starts_the_package_app(path):
     assert "parameters" in code[0]["metadata"].get("tags", [])
     assert "main(" in "".join(code[-1]["source"]) and all(not c.get("outputs") for c in code)
     assert not [c for c in nb["cells"] if c["cell_type"] == "markdown"]  # Voila would show it above the app
+
+
+def test_with_nothing_cached_the_app_trains_notebook_04s_quick_runs(tmp_path, monkeypatch):
+    """`make dashboard` on a fresh clone trains the quick comparison itself: the quick recipe (480 snippets in 60
+    steps of 8 at its rates), so it learns (16 steps of 32 left LoRA at chance) and 04 reuses the runs."""
+    from peftkit.notebook import params as nbutil
+    asked = []
+
+    def fake_compare(methods, **kw):
+        (m,) = methods
+        asked.append((m.name, kw))
+        row = rows().iloc[0].to_dict()
+        return pd.DataFrame([{**row, "label": m.describe(), "method": m.name, "n_train": kw["n_train"],
+                              "lr": kw["cfg"].lr, "own_process": not kw["fresh_process"]}])
+
+    monkeypatch.setattr(app, "compare", fake_compare)
+    results, prov = app.load_evidence(cache=tmp_path / "results.jsonl", quick=True)
+    q = nbutil.QUICK_RUN
+    assert [name for name, _ in asked] == ["full", "lora", "adapter", "head_only"]
+    for name, kw in asked:
+        assert (kw["n_train"], kw["n_eval"], kw["cfg"].batch_size, kw["cfg"].epochs, kw["cfg"].lr, kw["cfg"].seed) == \
+            (q["n_train"], q["n_eval"], q["batch_size"], q["epochs"], q["lr"][name], 0)
+        assert kw["split_seed"] == 0 and kw.get("eval_domains", True) and not kw["fresh_process"]
+    assert "trained when this app first started (quick sizes)" in prov["evidence"]
